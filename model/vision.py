@@ -1,0 +1,205 @@
+"""The IDEFICS vision tower: a CLIP-style ViT with the parameter names of transformers' checkpoints."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import IdeficsVisionConfig
+from .posemb import resample_patch_posemb
+
+CHUNK_ELEMENTS = 1 << 24  # scores held at once by the observed attention: 16M floats, 64 MB in fp32
+
+
+class AttentionObserver(Protocol):
+    """Receives each layer's attention chunk by chunk from a forward pass that never builds an N×N matrix."""
+
+    def observe_layer(self, layer: int, query: torch.Tensor, key: torch.Tensor, scale: float) -> None:
+        """Called once per layer with the projected (B, heads, N, head_dim) queries and keys."""
+
+    def observe_chunk(self, layer: int, start: int, scores: torch.Tensor, lse: torch.Tensor, probs: torch.Tensor) -> None:
+        """Called per block of query rows: scaled scores and probs (B, heads, rows, N), log-sum-exp (B, heads, rows)."""
+
+
+@dataclass
+class VisionOutput:
+    last_hidden_state: torch.Tensor  # (B, N, D), before post_layernorm
+    pooler_output: torch.Tensor  # (B, D): post_layernorm(token 0), projected when the checkpoint has `proj`
+    hidden_states: tuple[torch.Tensor, ...] | None = None  # embeddings after pre-norm, then every layer's output
+    attentions: tuple[torch.Tensor, ...] | None = None  # (B, heads, N, N) per layer, only when asked for
+
+    def to_tuple(self) -> tuple:
+        return tuple(v for v in (self.last_hidden_state, self.pooler_output, self.hidden_states, self.attentions)
+                     if v is not None)
+
+
+def quick_gelu(x: torch.Tensor) -> torch.Tensor:
+    return x * torch.sigmoid(1.702 * x)
+
+
+ACTIVATION_FNS = {
+    "gelu": F.gelu,
+    "quick_gelu": quick_gelu,
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "relu": F.relu,
+}
+
+
+class IdeficsVisionEmbeddings(nn.Module):
+    def __init__(self, config: IdeficsVisionConfig):
+        super().__init__()
+        self.config = config
+        dim = config.hidden_size
+        self.class_embedding = nn.Parameter(torch.randn(dim))
+        self.patch_embedding = nn.Conv2d(config.num_channels, dim, config.patch_size, config.patch_size,
+                                         bias=config.patch_bias)
+        if config.num_register_tokens:
+            self.register_tokens = nn.Parameter(torch.zeros(1, config.num_register_tokens, dim))
+        self.num_positions = config.native_grid ** 2 + 1
+        self.position_embedding = nn.Embedding(self.num_positions, dim)
+        self.register_buffer("position_ids", torch.arange(self.num_positions).expand((1, -1)), persistent=False)
+
+    def position_table(self, grid_h: int, grid_w: int) -> torch.Tensor:
+        """(1, 1 + grid_h * grid_w, D) position embeddings, resampled when the grid is not the native one."""
+        table = self.position_embedding(self.position_ids)
+        if grid_h * grid_w == self.num_positions - 1 and grid_h == grid_w:
+            return table
+        patches = resample_patch_posemb(table[:, 1:], grid_h, grid_w, self.config.pos_interpolation)
+        return torch.cat([table[:, :1], patches], dim=1)
+
+    def forward(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
+        batch, _, height, width = pixel_values.shape
+        size = self.config.image_size
+        if not interpolate_pos_encoding and (height != size or width != size):
+            raise ValueError(f"input is {height}x{width} but the model expects {size}x{size}; "
+                             "pass interpolate_pos_encoding=True for other sizes")
+        patches = self.patch_embedding(pixel_values.to(self.patch_embedding.weight.dtype))  # (B, D, grid_h, grid_w)
+        grid_h, grid_w = patches.shape[-2:]
+        patches = patches.flatten(2).transpose(1, 2)  # (B, grid_h * grid_w, D)
+        cls = self.class_embedding.expand(batch, 1, -1)
+        tokens = torch.cat([cls, patches], dim=1) + self.position_table(grid_h, grid_w)
+        if self.config.num_register_tokens:
+            registers = self.register_tokens.expand(batch, -1, -1)
+            tokens = torch.cat([tokens[:, :1], registers, tokens[:, 1:]], dim=1)
+        return tokens
+
+
+class IdeficsVisionAttention(nn.Module):
+    def __init__(self, config: IdeficsVisionConfig, layer_idx: int):
+        super().__init__()
+        dim = config.hidden_size
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.head_dim
+        self.scale = self.head_dim ** -0.5
+        self.q_proj = nn.Linear(dim, dim)
+        self.k_proj = nn.Linear(dim, dim)
+        self.v_proj = nn.Linear(dim, dim)
+        self.out_proj = nn.Linear(dim, dim)
+
+    def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
+        batch, tokens, _ = x.shape
+        return x.view(batch, tokens, self.num_heads, self.head_dim).transpose(1, 2)  # (B, heads, N, head_dim)
+
+    def forward(self, x: torch.Tensor, output_attentions: bool = False,
+                observer: AttentionObserver | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        batch, tokens, dim = x.shape
+        q, k, v = (self._split_heads(proj(x)) for proj in (self.q_proj, self.k_proj, self.v_proj))
+        weights = None
+        if observer is not None:
+            out = self._observed_attention(q, k, v, observer)
+        elif output_attentions:
+            weights = torch.softmax(torch.matmul(q, k.transpose(-1, -2)) * self.scale, dim=-1)  # (B, heads, N, N)
+            out = torch.matmul(weights, v)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
+        out = out.transpose(1, 2).reshape(batch, tokens, dim)
+        return self.out_proj(out), weights
+
+    def _observed_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                            observer: AttentionObserver) -> torch.Tensor:
+        """Exact attention in blocks of query rows, each block shown to the observer before it is dropped."""
+        batch, heads, tokens, _ = q.shape
+        observer.observe_layer(self.layer_idx, q, k, self.scale)
+        rows = max(1, CHUNK_ELEMENTS // (batch * heads * tokens))
+        out = torch.empty_like(q)
+        key_t = k.transpose(-1, -2)
+        for start in range(0, tokens, rows):
+            scores = torch.matmul(q[:, :, start:start + rows], key_t).mul_(self.scale)  # (B, heads, rows, N)
+            lse = torch.logsumexp(scores, dim=-1)
+            probs = torch.exp(scores - lse.unsqueeze(-1))
+            out[:, :, start:start + rows] = torch.matmul(probs, v)
+            observer.observe_chunk(self.layer_idx, start, scores, lse, probs)
+        return out
+
+
+class IdeficsVisionMLP(nn.Module):
+    def __init__(self, config: IdeficsVisionConfig):
+        super().__init__()
+        self.activation = ACTIVATION_FNS[config.hidden_act]
+        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.activation(self.fc1(x)))
+
+
+class IdeficsVisionEncoderLayer(nn.Module):
+    def __init__(self, config: IdeficsVisionConfig, layer_idx: int):
+        super().__init__()
+        self.self_attn = IdeficsVisionAttention(config, layer_idx)
+        self.layer_norm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.mlp = IdeficsVisionMLP(config)
+        self.layer_norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+    def forward(self, x: torch.Tensor, output_attentions: bool = False,
+                observer: AttentionObserver | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        attn, weights = self.self_attn(self.layer_norm1(x), output_attentions, observer)
+        x = x + attn
+        x = x + self.mlp(self.layer_norm2(x))
+        return x, weights
+
+
+class IdeficsVisionEncoder(nn.Module):
+    def __init__(self, config: IdeficsVisionConfig):
+        super().__init__()
+        self.layers = nn.ModuleList(IdeficsVisionEncoderLayer(config, i) for i in range(config.num_hidden_layers))
+
+
+class IdeficsVisionTransformer(nn.Module):
+    """CLIP-style ViT: patch conv + class token + position embeddings, pre-norm layers, post-norm on token 0."""
+
+    def __init__(self, config: IdeficsVisionConfig):
+        super().__init__()
+        self.config = config
+        self.embeddings = IdeficsVisionEmbeddings(config)
+        self.pre_layrnorm = (nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+                             if config.use_pre_layernorm else nn.Identity())
+        self.encoder = IdeficsVisionEncoder(config)
+        self.post_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        if config.projection_dim:
+            self.proj = nn.Parameter(torch.zeros(config.hidden_size, config.projection_dim))
+
+    def forward(self, pixel_values: torch.Tensor, output_attentions: bool = False,
+                output_hidden_states: bool = False, interpolate_pos_encoding: bool = False,
+                return_dict: bool = True, observer: AttentionObserver | None = None) -> VisionOutput | tuple:
+        """Runs the tower; `observer`, when given, sees every layer's attention without N×N matrices being kept."""
+        x = self.pre_layrnorm(self.embeddings(pixel_values, interpolate_pos_encoding))  # (B, N, D)
+        hidden_states = [x] if output_hidden_states else None
+        attentions = [] if output_attentions else None
+        for layer in self.encoder.layers:
+            x, weights = layer(x, output_attentions, observer)
+            if hidden_states is not None:
+                hidden_states.append(x)
+            if attentions is not None:
+                attentions.append(weights)
+        pooled = self.post_layernorm(x[:, 0])
+        if self.config.projection_dim:
+            pooled = pooled @ self.proj
+        output = VisionOutput(x, pooled, tuple(hidden_states) if hidden_states is not None else None,
+                              tuple(attentions) if attentions is not None else None)
+        return output if return_dict else output.to_tuple()
