@@ -11,17 +11,51 @@ from torch import nn
 from .config import IdeficsVisionConfig
 from .posemb import resample_patch_posemb
 
-CHUNK_ELEMENTS = 1 << 24  # scores held at once by the observed attention: 16M floats, 64 MB in fp32
+CHUNK_ELEMENTS = 1 << 24  # scores held at once by the chunked fallback: 16M floats, 64 MB in fp32
 
 
 class AttentionObserver(Protocol):
-    """Receives each layer's attention chunk by chunk from a forward pass that never builds an N×N matrix."""
+    """Receives what each layer's attention needs to be recomputed row by row, never an N×N matrix."""
 
-    def observe_layer(self, layer: int, query: torch.Tensor, key: torch.Tensor, scale: float) -> None:
-        """Called once per layer with the projected (B, heads, N, head_dim) queries and keys."""
+    def observe_layer(self, layer: int, query: torch.Tensor, key: torch.Tensor, lse: torch.Tensor,
+                      scale: float) -> None:
+        """query, key: (B, heads, N, head_dim) projections; lse: (B, heads, N) fp32 log-sum-exp of each score row."""
 
-    def observe_chunk(self, layer: int, start: int, scores: torch.Tensor, lse: torch.Tensor, probs: torch.Tensor) -> None:
-        """Called per block of query rows: scaled scores and probs (B, heads, rows, N), log-sum-exp (B, heads, rows)."""
+
+def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact softmax attention plus the fp32 log-sum-exp of every score row, without an N×N matrix.
+
+    Uses the fused kernels that return the log-sum-exp (CPU flash attention, CUDA memory-efficient attention);
+    elsewhere falls back to exact attention in blocks of query rows.
+    """
+    try:
+        if q.device.type == "cpu":
+            out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, scale=scale)[:2]
+            return out, lse.float()
+        if q.device.type == "cuda":
+            out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(
+                q, k, v, None, True, scale=scale)[:2]
+            return out, lse[..., :q.shape[-2]].float()
+    except (RuntimeError, NotImplementedError):  # an op missing from this build or dtype: use the exact fallback
+        pass
+    return chunked_attention_with_lse(q, k, v, scale)
+
+
+def chunked_attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                               scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference path of `attention_with_lse`: blocks of query rows, softmax in fp32."""
+    batch, heads, tokens, _ = q.shape
+    rows = max(1, CHUNK_ELEMENTS // (batch * heads * k.shape[-2]))
+    out = torch.empty_like(q)
+    lse = torch.empty(batch, heads, tokens, dtype=torch.float32, device=q.device)
+    key_t = k.transpose(-1, -2)
+    for start in range(0, tokens, rows):
+        scores = torch.matmul(q[:, :, start:start + rows], key_t).float().mul_(scale)  # (B, heads, rows, N)
+        lse[:, :, start:start + rows] = torch.logsumexp(scores, dim=-1)
+        probs = torch.softmax(scores, dim=-1)
+        out[:, :, start:start + rows] = torch.matmul(probs.to(v.dtype), v)
+    return out, lse
 
 
 @dataclass
@@ -111,7 +145,8 @@ class IdeficsVisionAttention(nn.Module):
         q, k, v = (self._split_heads(proj(x)) for proj in (self.q_proj, self.k_proj, self.v_proj))
         weights = None
         if observer is not None:
-            out = self._observed_attention(q, k, v, observer)
+            out, lse = attention_with_lse(q, k, v, self.scale)
+            observer.observe_layer(self.layer_idx, q, k, lse, self.scale)
         elif output_attentions:
             weights = torch.softmax(torch.matmul(q, k.transpose(-1, -2)) * self.scale, dim=-1)  # (B, heads, N, N)
             out = torch.matmul(weights, v)
@@ -119,22 +154,6 @@ class IdeficsVisionAttention(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
         out = out.transpose(1, 2).reshape(batch, tokens, dim)
         return self.out_proj(out), weights
-
-    def _observed_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                            observer: AttentionObserver) -> torch.Tensor:
-        """Exact attention in blocks of query rows, each block shown to the observer before it is dropped."""
-        batch, heads, tokens, _ = q.shape
-        observer.observe_layer(self.layer_idx, q, k, self.scale)
-        rows = max(1, CHUNK_ELEMENTS // (batch * heads * tokens))
-        out = torch.empty_like(q)
-        key_t = k.transpose(-1, -2)
-        for start in range(0, tokens, rows):
-            scores = torch.matmul(q[:, :, start:start + rows], key_t).mul_(self.scale)  # (B, heads, rows, N)
-            lse = torch.logsumexp(scores, dim=-1)
-            probs = torch.exp(scores - lse.unsqueeze(-1))
-            out[:, :, start:start + rows] = torch.matmul(probs, v)
-            observer.observe_chunk(self.layer_idx, start, scores, lse, probs)
-        return out
 
 
 class IdeficsVisionMLP(nn.Module):

@@ -1,0 +1,139 @@
+"""One forward pass → everything the explorer draws, holding O(layers × tokens × width) memory."""
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from PIL import Image
+
+from model import ImageGeometry, LoadedModel
+
+from . import hidden
+from .record import AttentionRecord, fuse_heads
+from .rollout import rollout
+from .stats import DEFAULT_STAT_QUERIES, HeadStatistics, head_statistics
+
+logger = logging.getLogger(__name__)
+Progress = Callable[[float, str], None]
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class Analysis:
+    """The result of one image at one resolution; every view is derived from it without rerunning the model."""
+
+    model_name: str
+    geometry: ImageGeometry
+    num_prefix_tokens: int
+    record: AttentionRecord
+    hidden_states: torch.Tensor  # (layers + 1, N, D): embeddings, then each layer's output
+    cls_attention: np.ndarray  # (layers, heads, N): the class token's row, every layer and head
+    statistics: HeadStatistics
+    token_norms: np.ndarray  # (layers + 1, N)
+    dtype: str = "float32"
+    _rollouts: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def num_layers(self) -> int:
+        return self.record.num_layers
+
+    @property
+    def num_heads(self) -> int:
+        return self.record.num_heads
+
+    @property
+    def nbytes(self) -> int:
+        return (self.record.nbytes + self.hidden_states.numel() * self.hidden_states.element_size()
+                + self.cls_attention.nbytes + self.token_norms.nbytes)
+
+    def to_grid(self, values: "np.ndarray | torch.Tensor") -> np.ndarray:
+        """(..., N) over all tokens → (..., grid_h, grid_w) over the patches."""
+        if isinstance(values, torch.Tensor):
+            values = values.float().cpu().numpy()
+        g = self.geometry
+        return values[..., self.num_prefix_tokens:].reshape(*values.shape[:-1], g.grid_h, g.grid_w)
+
+    def token_at(self, row: int, col: int) -> int:
+        """Token index of patch (row, col)."""
+        return self.num_prefix_tokens + row * self.geometry.grid_w + col
+
+    def cls_maps(self, layer: int) -> np.ndarray:
+        """The class token's attention to every patch for each head of `layer`: (heads, grid_h, grid_w)."""
+        return self.to_grid(self.cls_attention[layer])
+
+    def cls_map(self, layer: int, head: "int | str") -> np.ndarray:
+        """One head's class-token map, or the heads fused ("mean", "max", "min"): (grid_h, grid_w)."""
+        return self.to_grid(fuse_heads(torch.from_numpy(self.cls_attention[layer]), head))
+
+    def rollout_map(self, fusion: str = "mean", discard_ratio: float = 0.0, last_layer: int | None = None,
+                    progress: Callable[[float], None] | None = None) -> np.ndarray:
+        """Attention rollout of the class token up to `last_layer` (default: all), cached: (grid_h, grid_w)."""
+        last = self.num_layers - 1 if last_layer is None else int(last_layer)
+        key = (fusion, round(float(discard_ratio), 6), last)
+        if key not in self._rollouts:
+            self._rollouts[key] = rollout(self.record, fusion, discard_ratio, last, progress=progress)
+        return self.to_grid(self._rollouts[key])
+
+    def query_map(self, token: int, layer: int, head: "int | str", direction: str = "row") -> np.ndarray:
+        """What `token` attends to (direction "row") or what attends to it ("column"): (grid_h, grid_w)."""
+        if direction == "row":
+            probs = self.record.probs(layer, slice(token, token + 1))[:, 0]
+        elif direction == "column":
+            probs = self.record.column(layer, token)
+        else:
+            raise ValueError(f"direction must be 'row' or 'column', got {direction!r}")
+        return self.to_grid(fuse_heads(probs, head))
+
+    def norm_map(self, layer: int) -> tuple[np.ndarray, np.ndarray]:
+        """Token norms after `layer` (layer -1: the embeddings) and the outlier mask: two (grid_h, grid_w)."""
+        norms = torch.from_numpy(self.token_norms[layer + 1])
+        patch_norms = norms[self.num_prefix_tokens:]
+        return self.to_grid(norms), self.to_grid(
+            torch.cat([torch.zeros(self.num_prefix_tokens, dtype=torch.bool), hidden.norm_outliers(patch_norms)]))
+
+    def pca_map(self, layer: int) -> np.ndarray:
+        """PCA of the patch features after `layer` as RGB in [0, 1]: (grid_h, grid_w, 3)."""
+        rgb = hidden.pca_rgb(self.hidden_states[layer + 1, self.num_prefix_tokens:])
+        g = self.geometry
+        return rgb.cpu().numpy().reshape(g.grid_h, g.grid_w, 3)
+
+    def similarity_map(self, layer: int, token: int) -> np.ndarray:
+        """Cosine similarity of every patch's features after `layer` to those of `token`: (grid_h, grid_w)."""
+        return self.to_grid(hidden.cosine_similarity(self.hidden_states[layer + 1], token))
+
+
+def _resolve_dtype(loaded: LoadedModel, dtype: str | None) -> torch.dtype:
+    name = dtype or "float32"
+    if name not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {name!r}")
+    if DTYPES[name] != torch.float32 and loaded.device.type != "cuda":
+        raise ValueError("half precision is offered on GPU only; on CPU the analysis runs in float32")
+    return DTYPES[name]
+
+
+@torch.inference_mode()
+def analyze(loaded: LoadedModel, image: Image.Image, long_side: int, dtype: str | None = None,
+            max_stat_queries: int | None = DEFAULT_STAT_QUERIES, progress: Progress | None = None) -> Analysis:
+    """Runs the model once on `image` resized to about `long_side` px and derives every drawn quantity."""
+    report = progress or (lambda fraction, desc: None)
+    torch_dtype = _resolve_dtype(loaded, dtype)
+    pixels, geometry = loaded.preprocessing(image, long_side)
+    layers = loaded.config.num_hidden_layers
+    record = AttentionRecord(on_layer=lambda i: report(0.7 * (i + 1) / layers, f"layer {i + 1}/{layers}"))
+    model = loaded.model.to(torch_dtype)
+    report(0.0, f"running the model at {geometry.input_h}×{geometry.input_w}")
+    output = model(pixels.to(loaded.device, torch_dtype), output_hidden_states=True,
+                   interpolate_pos_encoding=True, observer=record)
+    hidden_states = torch.stack(output.hidden_states)[:, 0]  # (layers + 1, N, D)
+    del output
+    num_prefix = loaded.config.num_prefix_tokens
+    cls_attention = torch.stack([record.probs(layer, slice(0, 1))[:, 0] for layer in range(layers)])
+    statistics = head_statistics(record, num_prefix, geometry.grid_w, max_stat_queries,
+                                 progress=lambda f: report(0.7 + 0.3 * f, "head statistics"))
+    report(1.0, "done")
+    return Analysis(loaded.name, geometry, num_prefix, record, hidden_states,
+                    cls_attention.cpu().numpy(), statistics, hidden.token_norms(hidden_states).cpu().numpy(),
+                    dtype=str(torch_dtype).removeprefix("torch."))

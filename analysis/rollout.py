@@ -1,0 +1,100 @@
+"""Attention rollout (Abnar & Zuidema 2020), streamed over blocks of query rows: no N×N matrix is kept."""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import torch
+
+from .record import AttentionRecord, fuse_heads
+
+HIGH_BITS = 15  # the k-th smallest value is found from two histograms of the float's bit pattern
+
+
+def rollout(record: AttentionRecord, fusion: str = "mean", discard_ratio: float = 0.0,
+            last_layer: int | None = None, token: int = 0,
+            progress: Callable[[float], None] | None = None) -> torch.Tensor:
+    """Row `token` of Â_last ··· Â_0, where Â = rownorm(drop(fuse(A)) + I), as vit-explain defines it.
+
+    drop() zeroes the `discard_ratio` fraction of smallest entries of the fused matrix, never entry (0, 0).
+    Returns (N,) fp32. Unlike vit-explain, rows are normalised by their own sums (its broadcast divides by
+    the sum of the row with the column's index).
+    """
+    if not 0.0 <= discard_ratio < 1.0:
+        raise ValueError(f"discard_ratio must be in [0, 1), got {discard_ratio}")
+    last = record.num_layers - 1 if last_layer is None else last_layer
+    n = record.num_tokens
+    weights = torch.zeros(n, device=record.lse[0].device)
+    weights[token] = 1.0
+    for step, layer in enumerate(range(last, -1, -1)):
+        threshold = discard_threshold(record, layer, fusion, discard_ratio)
+        weights = _propagate(record, layer, fusion, threshold, weights)
+        if progress is not None:
+            progress((step + 1) / (last + 1))
+    return weights
+
+
+def _propagate(record: AttentionRecord, layer: int, fusion: str, threshold: float | None,
+               weights: torch.Tensor) -> torch.Tensor:
+    """weights · Â_layer, computing only the row blocks whose weight is not zero."""
+    out = torch.zeros_like(weights)
+    step = record.block_rows()
+    for start in range(0, record.num_tokens, step):
+        w = weights[start:start + step]
+        if not torch.any(w):
+            continue
+        fused = _fused_block(record, layer, fusion, start, step, threshold)
+        rows = torch.arange(fused.shape[0], device=fused.device)
+        fused[rows, start + rows] += 1.0
+        fused /= fused.sum(-1, keepdim=True)
+        out += w @ fused
+    return out
+
+
+def _fused_block(record: AttentionRecord, layer: int, fusion: str, start: int, step: int,
+                 threshold: float | None) -> torch.Tensor:
+    fused = fuse_heads(record.probs(layer, slice(start, start + step)), fusion)  # (rows, N)
+    if threshold is not None:
+        keep_cls = start == 0
+        cls_value = fused[0, 0].clone() if keep_cls else None
+        fused[fused <= threshold] = 0.0
+        if keep_cls:
+            fused[0, 0] = cls_value
+    return fused
+
+
+def discard_threshold(record: AttentionRecord, layer: int, fusion: str, discard_ratio: float) -> float | None:
+    """The value at or below which entries are dropped: the k-th smallest of the fused N×N matrix."""
+    n = record.num_tokens
+    k = int(n * n * discard_ratio)
+    if k == 0:
+        return None
+
+    def blocks() -> Iterator[torch.Tensor]:
+        step = record.block_rows()
+        for start in range(0, n, step):
+            yield _fused_block(record, layer, fusion, start, step, None)
+
+    return kth_smallest(blocks, k)
+
+
+def kth_smallest(blocks: Callable[[], Iterator[torch.Tensor]], k: int) -> float:
+    """Exact k-th smallest (1-based) of non-negative floats streamed in blocks, in two passes.
+
+    A non-negative float32's bit pattern orders like the float: the first pass counts its high bits,
+    the second counts the low bits of the values that share the chosen high bits.
+    """
+    high_counts = None
+    for block in blocks():
+        bits = block.float().contiguous().view(torch.int32).flatten()
+        counts = torch.bincount(bits >> HIGH_BITS, minlength=1 << (31 - HIGH_BITS))
+        high_counts = counts if high_counts is None else high_counts + counts
+    cumulative = high_counts.cumsum(0)
+    high = int(torch.searchsorted(cumulative, torch.tensor(k, device=cumulative.device)))
+    below = int(cumulative[high - 1]) if high > 0 else 0
+    low_counts = torch.zeros(1 << HIGH_BITS, dtype=torch.int64, device=cumulative.device)
+    for block in blocks():
+        bits = block.float().contiguous().view(torch.int32).flatten()
+        low_counts += torch.bincount(bits[(bits >> HIGH_BITS) == high] & ((1 << HIGH_BITS) - 1),
+                                     minlength=1 << HIGH_BITS)
+    low = int(torch.searchsorted(low_counts.cumsum(0), torch.tensor(k - below, device=cumulative.device)))
+    return torch.tensor([(high << HIGH_BITS) | low], dtype=torch.int32).view(torch.float32).item()

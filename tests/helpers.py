@@ -1,0 +1,56 @@
+"""Tiny models and dense references shared by the tests."""
+from __future__ import annotations
+
+import torch
+from PIL import Image
+
+from model import IdeficsVisionConfig, IdeficsVisionTransformer, LoadedModel, Preprocessing
+
+
+def tiny_config(**overrides) -> IdeficsVisionConfig:
+    values = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                  image_size=32, patch_size=8)
+    values.update(overrides)
+    return IdeficsVisionConfig(**values)
+
+
+def tiny_loaded(seed: int = 0, **overrides) -> LoadedModel:
+    """A random tiny tower with sharpened attention (larger q/k weights) so maps are not near-uniform."""
+    torch.manual_seed(seed)
+    model = IdeficsVisionTransformer(tiny_config(**overrides)).eval()
+    with torch.no_grad():
+        for layer in model.encoder.layers:
+            layer.self_attn.q_proj.weight.mul_(4.0)
+            layer.self_attn.k_proj.weight.mul_(4.0)
+    return LoadedModel(model, Preprocessing(model.config.patch_size), "tiny")
+
+
+def random_image(height: int, width: int, seed: int = 0) -> Image.Image:
+    generator = torch.Generator().manual_seed(seed)
+    pixels = torch.randint(0, 256, (height, width, 3), generator=generator, dtype=torch.uint8)
+    return Image.fromarray(pixels.numpy())
+
+
+def dense_attentions(loaded: LoadedModel, pixels: torch.Tensor) -> list[torch.Tensor]:
+    """Every layer's full (heads, N, N) attention from the eager path."""
+    with torch.no_grad():
+        out = loaded.model(pixels, output_attentions=True, interpolate_pos_encoding=True)
+    return [a[0] for a in out.attentions]
+
+
+def dense_rollout(attentions: list[torch.Tensor], fusion: str, discard_ratio: float, last_layer: int) -> torch.Tensor:
+    """vit-explain's rollout on full matrices (rows normalised by their own sums)."""
+    n = attentions[0].shape[-1]
+    result = torch.eye(n, dtype=torch.float64)
+    for attention in attentions[:last_layer + 1]:
+        fused = {"mean": attention.mean(0), "max": attention.amax(0), "min": attention.amin(0)}[fusion].double()
+        flat = fused.flatten().clone()
+        k = int(flat.numel() * discard_ratio)
+        if k:
+            _, indices = flat.topk(k, largest=False)
+            indices = indices[indices != 0]
+            flat[indices] = 0
+        a = flat.view(n, n) + torch.eye(n, dtype=torch.float64)
+        a = a / a.sum(-1, keepdim=True)
+        result = a @ result
+    return result[0]

@@ -1,0 +1,152 @@
+"""The analysis engine against dense references computed from full attention matrices."""
+import numpy as np
+import pytest
+import torch
+
+from analysis import analyze, head_statistics, rollout
+from analysis.rollout import kth_smallest
+from analysis.stats import patch_distances
+from model.vision import attention_with_lse, chunked_attention_with_lse
+from tests.helpers import dense_attentions, dense_rollout, random_image, tiny_loaded
+
+TOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def case():
+    loaded = tiny_loaded(num_register_tokens=0)
+    image = random_image(45, 70)  # non-square: grid 5 × 8 at long side 64
+    analysis = analyze(loaded, image, long_side=64, max_stat_queries=None)
+    pixels, _ = loaded.preprocessing(image, 64)
+    return loaded, analysis, dense_attentions(loaded, pixels)
+
+
+def test_geometry_is_non_square(case):
+    _, analysis, attentions = case
+    assert (analysis.geometry.grid_h, analysis.geometry.grid_w) == (5, 8)
+    assert attentions[0].shape == (4, 41, 41)
+
+
+def test_cls_attention_matches_dense(case):
+    _, analysis, attentions = case
+    for layer, attention in enumerate(attentions):
+        expected = attention[:, 0, 1:].reshape(4, 5, 8).numpy()
+        np.testing.assert_allclose(analysis.cls_maps(layer), expected, atol=TOL)
+        np.testing.assert_allclose(analysis.cls_map(layer, "max"), expected.max(0), atol=TOL)
+        assert analysis.cls_attention[layer, :, 0] == pytest.approx(attention[:, 0, 0].numpy(), abs=TOL)
+
+
+@pytest.mark.parametrize("fusion", ["mean", "max", "min"])
+@pytest.mark.parametrize("discard_ratio", [0.0, 0.5, 0.9])
+def test_rollout_matches_dense(case, fusion, discard_ratio):
+    _, analysis, attentions = case
+    for last_layer in (0, 2):
+        expected = dense_rollout(attentions, fusion, discard_ratio, last_layer)
+        got = rollout(analysis.record, fusion, discard_ratio, last_layer)
+        np.testing.assert_allclose(got.numpy(), expected.numpy(), atol=TOL)
+    np.testing.assert_allclose(analysis.rollout_map(fusion, discard_ratio),
+                               expected[1:].reshape(5, 8).numpy(), atol=TOL)
+
+
+@pytest.mark.parametrize("head", [0, 3, "mean", "max", "min"])
+def test_query_rows_and_columns_match_dense(case, head):
+    _, analysis, attentions = case
+    fuse = {"mean": lambda a: a.mean(0), "max": lambda a: a.amax(0), "min": lambda a: a.amin(0)}
+    for layer in range(3):
+        for row, col in [(0, 0), (2, 5), (4, 7)]:
+            token = analysis.token_at(row, col)
+            dense = attentions[layer]
+            rows = dense[:, token] if isinstance(head, str) else dense[head, token]
+            cols = dense[:, :, token] if isinstance(head, str) else dense[head, :, token]
+            if isinstance(head, str):
+                rows, cols = fuse[head](rows), fuse[head](cols)
+            np.testing.assert_allclose(analysis.query_map(token, layer, head, "row"),
+                                       rows[1:].reshape(5, 8).numpy(), atol=TOL)
+            np.testing.assert_allclose(analysis.query_map(token, layer, head, "column"),
+                                       cols[1:].reshape(5, 8).numpy(), atol=TOL)
+
+
+def dense_statistics(attentions, grid_w, num_prefix=1):
+    layers, heads = len(attentions), attentions[0].shape[0]
+    num_patches = attentions[0].shape[-1] - num_prefix
+    rows = torch.arange(num_prefix, num_prefix + num_patches)
+    distances = patch_distances(rows, num_prefix, grid_w, num_patches).double()
+    out = {k: np.zeros((layers, heads)) for k in ("cls_entropy", "mean_entropy", "mean_distance", "cls_mass")}
+    for layer, a in enumerate(attentions):
+        a = a.double()
+        entropy = -(a * torch.log(a.clamp_min(1e-300))).sum(-1)  # (heads, N)
+        out["cls_entropy"][layer] = entropy[:, 0].numpy()
+        out["mean_entropy"][layer] = entropy[:, num_prefix:].mean(-1).numpy()
+        patch = a[:, num_prefix:, num_prefix:]
+        out["mean_distance"][layer] = ((patch * distances).sum(-1) / patch.sum(-1)).mean(-1).numpy()
+        out["cls_mass"][layer] = a[:, num_prefix:, 0].mean(-1).numpy()
+    return out
+
+
+def test_head_statistics_match_dense(case):
+    _, analysis, attentions = case
+    expected = dense_statistics(attentions, grid_w=8)
+    assert analysis.statistics.num_queries == 40
+    for name, values in analysis.statistics.as_dict().items():
+        np.testing.assert_allclose(values, expected[name], atol=TOL, err_msg=name)
+
+
+def test_sampled_statistics_use_spread_queries(case):
+    _, analysis, attentions = case
+    sampled = head_statistics(analysis.record, 1, 8, max_queries=10)
+    assert sampled.num_queries == 10
+    exact = analysis.statistics.mean_distance
+    assert np.abs(sampled.mean_distance - exact).max() < 0.25 * exact.max()
+    np.testing.assert_allclose(sampled.cls_entropy, analysis.statistics.cls_entropy, atol=TOL)
+
+
+def test_kth_smallest_is_exact():
+    torch.manual_seed(1)
+    values = torch.rand(1000, 37) ** 3
+    for k in (1, 17, 5000, 36999, 37000):
+        blocks = lambda: iter(values.split(128))
+        assert kth_smallest(blocks, k) == torch.kthvalue(values.flatten(), k).values.item()
+
+
+def test_fused_lse_attention_matches_chunked_reference():
+    torch.manual_seed(2)
+    q, k, v = (torch.randn(1, 3, 77, 16) for _ in range(3))
+    out, lse = attention_with_lse(q, k, v, 0.25)
+    ref_out, ref_lse = chunked_attention_with_lse(q, k, v, 0.25)
+    np.testing.assert_allclose(out.numpy(), ref_out.numpy(), atol=TOL)
+    np.testing.assert_allclose(lse.numpy(), torch.logsumexp(q @ k.transpose(-1, -2) * 0.25, -1).numpy(), atol=TOL)
+    np.testing.assert_allclose(ref_lse.numpy(), lse.numpy(), atol=TOL)
+
+
+def test_registers_are_prefix_tokens():
+    loaded = tiny_loaded(num_register_tokens=2)
+    with torch.no_grad():
+        loaded.model.embeddings.register_tokens.normal_()
+    analysis = analyze(loaded, random_image(40, 40), long_side=32)
+    assert analysis.num_prefix_tokens == 3
+    assert analysis.cls_maps(0).shape == (4, 4, 4)
+    pixels, _ = loaded.preprocessing(random_image(40, 40), 32)
+    dense = dense_attentions(loaded, pixels)
+    np.testing.assert_allclose(analysis.cls_maps(1), dense[1][:, 0, 3:].reshape(4, 4, 4).numpy(), atol=TOL)
+
+
+def test_hidden_state_views(case):
+    loaded, analysis, _ = case
+    norms, outliers = analysis.norm_map(1)
+    assert norms.shape == outliers.shape == (5, 8)
+    expected = analysis.hidden_states[2, 1:].norm(dim=-1).reshape(5, 8).numpy()
+    np.testing.assert_allclose(norms, expected, rtol=1e-5)
+    rgb = analysis.pca_map(2)
+    assert rgb.shape == (5, 8, 3) and rgb.min() >= 0 and rgb.max() <= 1 and rgb.std() > 0.05
+    token = analysis.token_at(3, 4)
+    similarity = analysis.similarity_map(0, token)
+    assert similarity[3, 4] == pytest.approx(1.0, abs=1e-5)
+    assert similarity.max() <= 1 + 1e-5
+
+
+def test_outlier_flags_planted_high_norm_token():
+    from analysis.hidden import norm_outliers
+    norms = torch.full((100,), 10.0) + torch.rand(100)
+    norms[37] = 80.0
+    flags = norm_outliers(norms)
+    assert flags.nonzero().flatten().tolist() == [37]
