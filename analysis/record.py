@@ -12,27 +12,29 @@ FUSIONS = ("mean", "max", "min")
 
 @dataclass
 class AttentionRecord:
-    """Per layer: queries and keys (heads, N, head_dim) and each score row's log-sum-exp (heads, N).
+    """Per layer, augmented queries [q·scale, −lse] and keys [k, 1], each (heads, N, head_dim + 1).
 
-    Row i of head h of layer l is exp(q_i · K^T · scale − lse_i): the exact softmax, rebuilt on demand.
+    Their product is exactly the log-softmax, so row i of a head is exp(q̃_i · K̃ᵀ): the attention
+    probabilities rebuilt by one matrix product, without any reduction over the row.
     """
 
     queries: list[torch.Tensor] = field(default_factory=list)
     keys: list[torch.Tensor] = field(default_factory=list)
-    lse: list[torch.Tensor] = field(default_factory=list)
-    scale: float = 1.0
     on_layer: Callable[[int], None] | None = None  # progress hook, called as each layer is recorded
 
     def observe_layer(self, layer: int, query: torch.Tensor, key: torch.Tensor, lse: torch.Tensor,
                       scale: float) -> None:
         if query.shape[0] != 1:
             raise ValueError("the analysis records one image at a time")
-        self.queries.append(query[0].contiguous())
-        self.keys.append(key[0].contiguous())
-        self.lse.append(lse[0].float())
-        self.scale = scale
+        query, key = query[0].float(), key[0].float()  # (heads, N, head_dim)
+        self.queries.append(torch.cat([query * scale, -lse[0].float().unsqueeze(-1)], dim=-1))
+        self.keys.append(torch.cat([key, torch.ones_like(key[..., :1])], dim=-1))
         if self.on_layer is not None:
             self.on_layer(layer)
+
+    @property
+    def device(self) -> torch.device:
+        return self.queries[0].device
 
     @property
     def num_layers(self) -> int:
@@ -48,19 +50,20 @@ class AttentionRecord:
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (*self.queries, *self.keys, *self.lse))
+        return sum(t.numel() * t.element_size() for t in (*self.queries, *self.keys))
+
+    def log_probs(self, layer: int, rows: torch.Tensor | slice) -> torch.Tensor:
+        """Log attention probabilities of the given query rows: (heads, rows, N), fp32."""
+        return torch.matmul(self.queries[layer][:, rows], self.keys[layer].transpose(-1, -2))
 
     def probs(self, layer: int, rows: torch.Tensor | slice) -> torch.Tensor:
         """Attention probabilities of the given query rows: (heads, rows, N), fp32."""
-        q = self.queries[layer][:, rows]
-        scores = torch.matmul(q, self.keys[layer].transpose(-1, -2)).float().mul_(self.scale)
-        return scores.sub_(self.lse[layer][:, rows].unsqueeze(-1)).exp_()
+        return self.log_probs(layer, rows).exp_()
 
     def column(self, layer: int, token: int) -> torch.Tensor:
         """How much every query attends to `token`: (heads, N), fp32."""
-        k = self.keys[layer][:, token:token + 1]  # (heads, 1, head_dim)
-        scores = torch.matmul(self.queries[layer], k.transpose(-1, -2))[..., 0].float().mul_(self.scale)
-        return scores.sub_(self.lse[layer]).exp_()
+        key = self.keys[layer][:, token:token + 1]  # (heads, 1, head_dim + 1)
+        return torch.matmul(self.queries[layer], key.transpose(-1, -2))[..., 0].exp_()
 
     def block_rows(self) -> int:
         return max(1, BLOCK_ELEMENTS // (self.num_heads * self.num_tokens))

@@ -23,7 +23,7 @@ def rollout(record: AttentionRecord, fusion: str = "mean", discard_ratio: float 
         raise ValueError(f"discard_ratio must be in [0, 1), got {discard_ratio}")
     last = record.num_layers - 1 if last_layer is None else last_layer
     n = record.num_tokens
-    weights = torch.zeros(n, device=record.lse[0].device)
+    weights = torch.zeros(n, device=record.device)
     weights[token] = 1.0
     for step, layer in enumerate(range(last, -1, -1)):
         threshold = discard_threshold(record, layer, fusion, discard_ratio)

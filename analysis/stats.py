@@ -9,7 +9,7 @@ import torch
 
 from .record import AttentionRecord
 
-DEFAULT_STAT_QUERIES = 1024  # query rows averaged per layer; every row when the image has fewer patches
+DEFAULT_STAT_QUERIES = 512  # patch queries averaged per layer (evenly spread); every one when there are fewer
 
 STAT_LABELS = {
     "cls_entropy": "entropy of the class token's row (nats)",
@@ -54,7 +54,7 @@ def head_statistics(record: AttentionRecord, num_prefix: int, grid_w: int,
                     progress: Callable[[float], None] | None = None) -> HeadStatistics:
     """Entropy, attention distance (Dosovitskiy et al. 2021, fig. 7) and class-token mass for every head."""
     num_patches = record.num_tokens - num_prefix
-    device = record.lse[0].device
+    device = record.device
     rows = stat_query_rows(num_prefix, num_patches, max_queries).to(device)
     layers, heads = record.num_layers, record.num_heads
     sums = {name: torch.zeros(layers, heads, device=device) for name in ("mean_entropy", "mean_distance", "cls_mass")}
@@ -65,8 +65,9 @@ def head_statistics(record: AttentionRecord, num_prefix: int, grid_w: int,
         cls_entropy[layer] = torch.special.entr(cls_row).sum(-1)
         for start in range(0, len(rows), step):
             block = rows[start:start + step]
-            probs = record.probs(layer, block)  # (heads, r, N)
-            sums["mean_entropy"][layer] += torch.special.entr(probs).sum((-1, -2))
+            log_probs = record.log_probs(layer, block)  # (heads, r, N)
+            probs = log_probs.exp()
+            sums["mean_entropy"][layer] -= (probs * log_probs).sum((-1, -2))
             patch_probs = probs[..., num_prefix:]
             distance = torch.einsum("hrn,rn->hr", patch_probs,
                                     patch_distances(block, num_prefix, grid_w, num_patches))
