@@ -88,7 +88,7 @@ def cls_view(analysis: Analysis, scene: Scene, layer: int, head: "int | str", st
     tiles = [paint(scene.thumb, m, style) for m in maps]
     tiles.append(paint(scene.thumb, maps.mean(0), style))
     labels = [f"head {h}" for h in range(len(maps))] + ["mean"]
-    return overlay, visualizer.head_grid(tiles, labels, title=f"layer {layer}: class-token attention")
+    return overlay, visualizer.head_grid(tiles, labels)
 
 
 def cls_maps_payload(analysis: Analysis, layer: int) -> dict:
