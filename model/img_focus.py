@@ -89,7 +89,7 @@ def convert_onnx(path: Path) -> dict[str, torch.Tensor]:
     arrays = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
     state = _named(arrays) | _matmuls(graph, arrays) | _embeddings(graph, arrays)
     _fold_layer_scales(state, arrays)
-    return {k: torch.from_numpy(np.array(v, dtype=np.float32)) for k, v in state.items()}
+    return {k: torch.from_numpy(np.array(v, dtype=np.float32, order="C")) for k, v in state.items()}
 
 
 def _named(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
