@@ -13,7 +13,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from .config import IdeficsVisionConfig
-from .formats import Format, Tensors, config_from_shapes, detect, rename
+from .formats import Format, Tensors, config_from_shapes, detect, rename, switches_from_keys
 from .loading import Checkpoint, CheckpointError
 
 logger = logging.getLogger(__name__)
@@ -118,18 +118,18 @@ def _config(folder: Path | None, fmt: Format, state: Tensors, overrides: dict) -
     """From config.json for the transformers formats (vision_config inside a CLIP/IDEFICS config), else shapes."""
     values = _read_json(folder, "config.json")
     if values is not None and fmt.name.startswith("transformers"):
+        antialias = values.get("model_type") == "dinov2_with_registers"
         values = values.get("vision_config", values)
         if "mlp_ratio" in values and "intermediate_size" not in values:
             values["intermediate_size"] = int(values["hidden_size"] * values["mlp_ratio"])
         if values.get("use_swiglu_ffn"):
             raise CheckpointError("DINOv2 checkpoints with a SwiGLU MLP (ViT-g) are not supported")
-        shapes = config_from_shapes(state, {})
-        derived = {k: getattr(shapes, k) for k in ("patch_bias", "use_pre_layernorm", "num_register_tokens",
-                                                   "projection_dim", "num_channels")}
         heads = overrides.pop("num_heads", None)
-        merged = {**values, **derived, **fmt.defaults, **overrides}
+        merged = {**values, **switches_from_keys(state), **fmt.defaults, **overrides}
         if heads:
             merged["num_attention_heads"] = heads
+        if antialias:
+            merged["pos_interpolation"] = "size_antialias"
         return IdeficsVisionConfig.from_dict(merged)
     return config_from_shapes(state, {**fmt.defaults, **overrides})
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-POS_INTERPOLATIONS = ("idefics", "size")
+POS_INTERPOLATIONS = ("idefics", "size", "size_antialias")
 ACTIVATIONS = ("gelu", "quick_gelu", "gelu_new", "gelu_pytorch_tanh", "relu")
 
 
@@ -26,6 +26,7 @@ class IdeficsVisionConfig:
     use_pre_layernorm: bool = True  # CLIP/IDEFICS have `pre_layrnorm`; DINOv2 and timm ViTs have none
     patch_bias: bool = False  # CLIP/IDEFICS convs have no bias; DINOv2 and timm ones do
     pos_interpolation: str = "idefics"  # "idefics": scale_factor with +0.1 (the seed); "size": size=(grid_h, grid_w)
+    # as CLIP and DINOv2 do; "size_antialias": the same with antialias=True, as DINOv2-with-registers does
     num_register_tokens: int = 0  # DINOv2-with-registers: extra prefix tokens after the class token
     projection_dim: int | None = None  # open_clip/OpenAI `proj` applied to the pooled token, when present
 

@@ -50,17 +50,17 @@ def fold_layer_scale(state: Tensors, scale_key: str, projection: str) -> None:
     """LayerScale after a projection folds into it exactly: W' = diag(λ)·W, b' = λ ⊙ b."""
     for key in [k for k in state if k.endswith(scale_key)]:
         scale = state.pop(key)
-        prefix = key[: -len(scale_key)] + projection
+        prefix = f"{key[: -len(scale_key)]}.{projection}"
         state[f"{prefix}.weight"] = scale[:, None] * state[f"{prefix}.weight"]
         state[f"{prefix}.bias"] = scale * state.get(f"{prefix}.bias", torch.zeros_like(scale))
 
 
-def split_fused_qkv(state: Tensors, fused: str) -> None:
+def split_fused_qkv(state: Tensors, weight_suffix: str, bias_suffix: str) -> None:
     """(3D, D) in-projections → q_proj, k_proj, v_proj (a missing bias becomes zeros)."""
-    for key in [k for k in state if k.endswith(f"{fused}.weight") or k.endswith(f"{fused}_weight")]:
-        layer = key[: key.index(fused)]
+    for key in [k for k in state if k.endswith(weight_suffix)]:
+        layer = key[: -len(weight_suffix)]
         weight = state.pop(key)
-        bias = state.pop(key.replace("weight", "bias"), torch.zeros(weight.shape[0], dtype=weight.dtype))
+        bias = state.pop(layer + bias_suffix, torch.zeros(weight.shape[0], dtype=weight.dtype))
         for name, w, b in zip(("q_proj", "k_proj", "v_proj"), weight.chunk(3), bias.chunk(3)):
             state[f"{layer}self_attn.{name}.weight"] = w
             state[f"{layer}self_attn.{name}.bias"] = b
@@ -82,6 +82,15 @@ def _count_layers(state: Tensors) -> int:
     return 1 + max(int(m.group(1)) for k in state if (m := re.match(L, k)))
 
 
+def switches_from_keys(state: Tensors) -> dict:
+    """The config switches that the weights themselves decide."""
+    return dict(num_channels=state["embeddings.patch_embedding.weight"].shape[1],
+                patch_bias="embeddings.patch_embedding.bias" in state,
+                use_pre_layernorm="pre_layrnorm.weight" in state,
+                num_register_tokens=state["embeddings.register_tokens"].shape[1] if "embeddings.register_tokens" in state else 0,
+                projection_dim=state["proj"].shape[1] if "proj" in state else None)
+
+
 def config_from_shapes(state: Tensors, overrides: dict, **fixed) -> IdeficsVisionConfig:
     """The config of a renamed state dict, read off its shapes; `overrides` (num_heads, hidden_act, …) win."""
     patch = state["embeddings.patch_embedding.weight"]
@@ -89,14 +98,12 @@ def config_from_shapes(state: Tensors, overrides: dict, **fixed) -> IdeficsVisio
     positions = state["embeddings.position_embedding.weight"].shape[0] - 1
     grid = math.isqrt(positions)
     values = dict(hidden_size=width, intermediate_size=state["encoder.layers.0.mlp.fc1.weight"].shape[0],
-                  num_hidden_layers=_count_layers(state), num_attention_heads=width // HEAD_WIDTH,
-                  patch_size=patch.shape[-1], image_size=grid * patch.shape[-1], num_channels=patch.shape[1],
-                  patch_bias="embeddings.patch_embedding.bias" in state,
-                  use_pre_layernorm="pre_layrnorm.weight" in state, pos_interpolation="size",
-                  num_register_tokens=state["embeddings.register_tokens"].shape[1] if "embeddings.register_tokens" in state else 0,
-                  projection_dim=state["proj"].shape[1] if "proj" in state else None, **fixed)
+                  num_hidden_layers=_count_layers(state), num_attention_heads=max(1, width // HEAD_WIDTH),
+                  patch_size=patch.shape[-1], image_size=grid * patch.shape[-1], pos_interpolation="size",
+                  **switches_from_keys(state), **fixed)
+    overrides = dict(overrides)
     if "num_heads" in overrides:
-        overrides = {**overrides, "num_attention_heads": overrides.pop("num_heads")}
+        overrides["num_attention_heads"] = overrides.pop("num_heads")
     values.update({k: v for k, v in overrides.items() if v is not None})
     return IdeficsVisionConfig(**values)
 
@@ -104,14 +111,14 @@ def config_from_shapes(state: Tensors, overrides: dict, **fixed) -> IdeficsVisio
 # ---- named special cases ----
 def _open_clip(state: Tensors) -> Tensors:
     state["embeddings.class_embedding"] = state["embeddings.class_embedding"].reshape(-1)
-    split_fused_qkv(state, "self_attn.in_proj_")
+    split_fused_qkv(state, "self_attn.in_proj_weight", "self_attn.in_proj_bias")
     position_table(state, "embeddings.positional_embedding", 1)
     return state
 
 
 def _timm(state: Tensors) -> Tensors:
     state["embeddings.class_embedding"] = state["embeddings.class_embedding"].reshape(-1)
-    split_fused_qkv(state, "self_attn.qkv")
+    split_fused_qkv(state, "self_attn.qkv.weight", "self_attn.qkv.bias")
     fold_layer_scale(state, ".ls1.gamma", "self_attn.out_proj")
     fold_layer_scale(state, ".ls2.gamma", "mlp.fc2")
     positions = state["embeddings.pos_embed"].shape[1]

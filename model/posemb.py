@@ -11,7 +11,8 @@ def resample_patch_posemb(patch_posemb: torch.Tensor, grid_h: int, grid_w: int, 
     """Resamples a square (1, P, D) patch position table to (1, grid_h * grid_w, D), bicubic, in float32.
 
     mode "idefics" reproduces the IDEFICS seed (scale_factor with +0.1, as DINO did); "size" interpolates to
-    size=(grid_h, grid_w) as transformers' CLIP and DINOv2 do.
+    size=(grid_h, grid_w) as transformers' CLIP and DINOv2 do; "size_antialias" adds antialiasing (DINOv2 with
+    registers), which changes the result only when the grid shrinks.
     """
     _, num_positions, dim = patch_posemb.shape
     side = int(math.sqrt(num_positions))
@@ -21,8 +22,9 @@ def resample_patch_posemb(patch_posemb: torch.Tensor, grid_h: int, grid_w: int, 
     if mode == "idefics":
         scale = ((grid_h + 0.1) / math.sqrt(num_positions), (grid_w + 0.1) / math.sqrt(num_positions))
         table = F.interpolate(table, scale_factor=scale, mode="bicubic", align_corners=False)
-    elif mode == "size":
-        table = F.interpolate(table, size=(grid_h, grid_w), mode="bicubic", align_corners=False)
+    elif mode in ("size", "size_antialias"):
+        table = F.interpolate(table, size=(grid_h, grid_w), mode="bicubic", align_corners=False,
+                              antialias=mode == "size_antialias")
     else:
         raise ValueError(f"unknown position interpolation {mode!r}")
     if table.shape[-2:] != (grid_h, grid_w):
