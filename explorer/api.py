@@ -93,13 +93,13 @@ def register_api(workspace: Workspace, guard: Callable) -> None:
         return FileData(path=str(exports.save_gif(frames, captions, exports.new_export_dir() / f"{mode}.gif")))
 
     def export(image: FileData, layer: int = -1, head: str = "mean", x: float = 0.0, y: float = 0.0,
-               resolution: int = DEFAULT_RESOLUTION) -> list[FileData]:
+               resolution: int = DEFAULT_RESOLUTION) -> tuple[FileData, FileData]:
         """The numbers behind the views as .npz with a .json sidecar (model, resolution, grid, alignment)."""
         session, analysis = open_session(image, resolution)
         layer, head = pick(analysis, layer, head)
         token = views.patch_at(analysis, x, y)[2]
         paths = exports.export_numbers(analysis, exports.new_export_dir() / "analysis", layer, head, token)
-        return [FileData(path=str(p)) for p in paths]
+        return FileData(path=str(paths[0])), FileData(path=str(paths[1]))
 
     for endpoint in (cls_attention, patch_attention, rollout, head_statistics, hidden_states, layer_animation, export):
         gr.api(guard(endpoint), api_name=endpoint.__name__, concurrency_limit=1)

@@ -61,8 +61,8 @@ def test_rollout_statistics_hidden_and_animation(client):
 
 
 def test_export_has_numbers_and_sidecar(client):
-    files = client.predict(handle_file(CAT), 4, "mean", 200.0, 150.0, RES, api_name="/export")
-    by_suffix = {Path(f).suffix: f for f in files}
+    npz, sidecar = client.predict(handle_file(CAT), 4, "mean", 200.0, 150.0, RES, api_name="/export")
+    by_suffix = {Path(npz).suffix: npz, Path(sidecar).suffix: sidecar}
     data = np.load(by_suffix[".npz"])
     meta = json.loads(Path(by_suffix[".json"]).read_text())
     assert data["cls_attention"].shape == (12, 6, 15, 22) and data["query_row"].shape == (15, 22)
