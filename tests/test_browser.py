@@ -46,7 +46,7 @@ def wait_for_change(page, selector: str, before: str, timeout: float = 30) -> st
 
 
 def test_upload_shows_the_head_grid(page):
-    assert "grid 21×32" in page.locator("#status").inner_text()  # 451×300 at 518 px, patch 14
+    assert "grid 25×37" in page.locator("#status").inner_text()  # 451×300 at 518 px, patch 14
     SCREENSHOTS.mkdir(exist_ok=True)
     page.screenshot(path=str(SCREENSHOTS / "screenshot.png"), full_page=True)
 
@@ -55,12 +55,12 @@ def test_clicking_a_patch_changes_the_clicked_patch_map(page):
     page.get_by_role("tab", name="Clicked patch").click()
     before = image_src(page, "#patch-view")
     box = page.locator("#patch-view img").bounding_box()
-    page.locator("#patch-view img").click(position={"x": box["width"] * 0.3, "y": box["height"] * 0.4})
+    page.locator("#patch-view img").click(position={"x": box["width"] * 0.3, "y": box["height"] * 0.42})
     after = wait_for_change(page, "#patch-view", before)
-    page.wait_for_function("document.querySelector('#patch-info').innerText.includes('row 8, column 9')")
-    page.locator("#patch-view img").click(position={"x": box["width"] * 0.8, "y": box["height"] * 0.8})
+    page.wait_for_function("document.querySelector('#patch-info').innerText.includes('row 10, column 11')")
+    page.locator("#patch-view img").click(position={"x": box["width"] * 0.82, "y": box["height"] * 0.82})
     wait_for_change(page, "#patch-view", after)
-    assert "row 16, column 25" in page.locator("#patch-info").inner_text()
+    page.wait_for_function("document.querySelector('#patch-info').innerText.includes('row 20, column 30')")
     page.screenshot(path=str(SCREENSHOTS / "clicked_patch.png"), full_page=True)
 
 
@@ -71,7 +71,7 @@ def test_choosing_a_head_in_the_atlas_selects_it(page):
     atlas.wait_for()
     natural_w = page.evaluate("document.querySelector('#atlas img').naturalWidth")
     box = atlas.bounding_box()
-    _, layout = visualizer.atlas(np.zeros((12, 6, 21, 32)))
+    _, layout = visualizer.atlas(np.zeros((12, 6, 25, 37)))
     left, top, right, bottom = layout.box(4, 3)
     scale = box["width"] / natural_w
     atlas.click(position={"x": (left + right) / 2 * scale, "y": (top + bottom) / 2 * scale})
@@ -83,12 +83,13 @@ def test_choosing_a_head_in_the_atlas_selects_it(page):
 def test_export_downloads_numbers_with_sidecar(page, tmp_path):
     page.get_by_role("tab", name="Animation & export").click()
     page.locator("#export").click()
-    link = page.locator("#export-files a", has_text="analysis.json")
+    link = page.locator("#export-files a[download='analysis.json']")
     link.wait_for(timeout=60_000)
     with page.expect_download() as info:
         link.click()
     saved = tmp_path / "analysis.json"
     info.value.save_as(saved)
     meta = json.loads(saved.read_text())
-    assert (meta["grid_h"], meta["grid_w"], meta["layer"], meta["head"]) == (21, 32, 4, 3)
-    assert meta["arrays"]["cls_attention"]["shape"] == [12, 6, 21, 32]
+    assert (meta["grid_h"], meta["grid_w"], meta["layer"], meta["head"]) == (25, 37, 4, 3)
+    assert meta["arrays"]["cls_attention"]["shape"] == [12, 6, 25, 37]
+    assert meta["query_patch"] == [20, 30]  # the patch clicked last
