@@ -124,6 +124,7 @@ def rerender_timings(size: int, device: str) -> dict:
     loaded = load_model(None, device=device)
     image = load_image(str(Path(__file__).resolve().parents[1] / "assets" / "astronaut.png"))
     result = analyze(loaded, image, size)
+    image = views.Scene.of(image)
     style = views.Style()
     cases = {
         "layer change (overlay + head grid)": lambda: views.cls_view(result, image, 7, "mean", style),
@@ -170,9 +171,10 @@ def main() -> None:
         rows = {v: spawn(args.device, "--child", v, str(size), "default", "2") for v in VARIANTS}
         for v, row in rows.items():
             ratio = row["seconds"] / rows["a"]["seconds"]
-            mem = rows["d"]["peak_extra_mb"] / max(row["peak_extra_mb"], 1) if v in "bc" else float("nan")
+            ours_mb = row["peak_extra_mb"]
+            mem = f"{rows['d']['peak_extra_mb'] / ours_mb:.1f}×" if v in "bc" and ours_mb >= 16 else "–"
             print(f"| DINOv2-S/14 | {size} | {row['tokens']} | ({v}) | {row['seconds']:.2f} | "
-                  f"{row['peak_extra_mb']:.0f} | {ratio:.2f}× | {mem:.1f}× |", flush=True)
+                  f"{ours_mb:.0f} | {ratio:.2f}× | {mem} |", flush=True)
         print(f"| | {size} | | (c) vs (d) speed-up | {rows['d']['seconds'] / rows['c']['seconds']:.2f}× | | | |")
     if args.large:
         row = spawn(args.device, "--child", "c", str(args.large), "default", "1")
