@@ -1,47 +1,66 @@
 """Charts of per-layer × head numbers, drawn with matplotlib's object API (never pyplot)."""
 from __future__ import annotations
 
-import io
-
 import numpy as np
+from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 from PIL import Image
 
-
-def _render(figure: Figure) -> Image.Image:
-    FigureCanvasAgg(figure)
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
-    buffer.seek(0)
-    return Image.open(buffer).convert("RGB")
+DPI = 100
 
 
-def stats_heatmap(values: np.ndarray, title: str, cmap: str = "viridis") -> Image.Image:
-    """A (layers, heads) table of numbers as a labelled heatmap with a colour bar."""
+def render(figure: Figure) -> Image.Image:
+    """Draws a figure with the Agg canvas and returns it as an RGB image."""
+    canvas = FigureCanvasAgg(figure)
+    canvas.draw()
+    return Image.fromarray(np.asarray(canvas.buffer_rgba())).convert("RGB")
+
+
+def stats_heatmap(values: np.ndarray, title: str, cmap: str = "viridis", label: str = "") -> Image.Image:
+    """A (layers, heads) table of numbers as a heatmap, layers down and heads across, with a colour bar."""
+    if np.ndim(values) != 2:
+        raise ValueError(f"values must be (layers, heads), got shape {np.shape(values)}")
     layers, heads = values.shape
-    figure = Figure(figsize=(max(4.0, 0.5 * heads + 2), max(3.0, 0.3 * layers + 1.5)))
+    size = (float(np.clip(2.5 + 0.4 * heads, 4.5, 10.0)), float(np.clip(1.5 + 0.25 * layers, 3.5, 8.0)))
+    figure = Figure(figsize=size, dpi=DPI, layout="constrained")
     axes = figure.add_subplot()
     image = axes.imshow(values, cmap=cmap, aspect="auto", interpolation="nearest")
     axes.set_xlabel("head")
     axes.set_ylabel("layer")
-    axes.set_xticks(range(heads))
-    axes.set_yticks(range(layers))
+    axes.xaxis.set_major_locator(MaxNLocator(nbins=16, integer=True))
+    axes.yaxis.set_major_locator(MaxNLocator(nbins=16, integer=True))
     axes.set_title(title, fontsize=10)
-    figure.colorbar(image, ax=axes)
-    return _render(figure)
+    figure.colorbar(image, ax=axes, label=label)
+    return render(figure)
 
 
-def line_chart(series: dict[str, np.ndarray], xlabel: str, ylabel: str, title: str) -> Image.Image:
-    """One line per named series, over the same x (0 … n-1)."""
-    figure = Figure(figsize=(6, 3.5))
+def line_chart(series: dict[str, np.ndarray], xlabel: str, ylabel: str, title: str,
+               highlight: str | None = None) -> Image.Image:
+    """One line per named series over x = 0 … n-1 (e.g. layers), in distinct colours; a legend when there are several.
+
+    Args:
+        highlight: name of a series (e.g. "mean") drawn thick and black, on top of the others.
+    """
+    if highlight is not None and highlight not in series:
+        raise ValueError(f"no series named {highlight!r} to highlight; series are {list(series)}")
+    figure = Figure(figsize=(6.5, 3.5), dpi=DPI, layout="constrained")
     axes = figure.add_subplot()
-    for name, values in series.items():
-        axes.plot(np.arange(len(values)), values, marker="o", markersize=3, label=name)
+    others = [name for name in series if name != highlight]
+    palette = colormaps["tab10" if len(others) <= 10 else "tab20" if len(others) <= 20 else "turbo"]
+    colours = palette(np.arange(len(others)) if palette.N <= 20 else np.linspace(0, 1, len(others)))
+    for name, colour in zip(others, colours):
+        axes.plot(np.arange(len(series[name])), series[name], marker="o", markersize=3, color=colour, label=name)
+    if highlight is not None:
+        values = series[highlight]
+        axes.plot(np.arange(len(values)), values, color="black", linewidth=2.5, marker="o", markersize=4,
+                  label=highlight, zorder=3)
     axes.set_xlabel(xlabel)
     axes.set_ylabel(ylabel)
     axes.set_title(title, fontsize=10)
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes.grid(alpha=0.3)
     if len(series) > 1:
-        axes.legend(fontsize=7, ncols=2)
-    return _render(figure)
+        axes.legend(fontsize=7, ncols=1 + len(series) // 13, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    return render(figure)
