@@ -7,63 +7,90 @@ import logging
 import os
 import pickle
 import re
+from dataclasses import fields
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 
 from .config import IdeficsVisionConfig
-from .formats import Format, Tensors, config_from_shapes, detect, rename, switches_from_keys
+from .formats import Format, Tensors, detect, rename, shape_fields, switches_from_keys, vision_entries
 from .loading import Checkpoint, CheckpointError
 
 logger = logging.getLogger(__name__)
 WEIGHT_FILES = ("model.safetensors", "open_clip_model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin")
 INDEX_FILE = "model.safetensors.index.json"
-VISION_PREFIXES = ("model.vision_model.", "vision_model.", "visual.")  # shards without these hold no vision weights
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+WRAPPER_KEYS = ("state_dict", "model")  # training checkpoints keep the weights one level down
+NORMALIZATION_SOURCES = (  # (file, where inside it, mean key, std key), the first one found wins
+    ("preprocessor_config.json", (), "image_mean", "image_std"),
+    ("open_clip_config.json", ("preprocess_cfg",), "mean", "std"),
+    ("config.json", ("pretrained_cfg",), "mean", "std"),  # timm
+)
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+CONFIG_FIELDS = {f.name for f in fields(IdeficsVisionConfig)}
 
 
-def load_checkpoint(source: "str | os.PathLike", **overrides) -> Checkpoint:
-    """A checkpoint in our layout from a path or hub id; `overrides` set config fields (num_heads, hidden_act…)."""
-    path = Path(source).expanduser()
-    if not path.exists():
-        if not HUB_ID.match(str(source)):
-            raise CheckpointError(f"{source} is neither an existing file or folder nor a hub id (org/name)")
-        from .hub import download
-        path = download(str(source))
-    folder = path if path.is_dir() else path.parent
+def load_checkpoint(source: "str | os.PathLike", num_heads: int | None = None, **overrides) -> Checkpoint:
+    """A checkpoint in our layout from a local file or folder, or a hub id ("org/name").
+
+    Args:
+        num_heads: the head count, where neither a config file nor the rule in `formats.head_count` gets it right.
+        overrides: config fields that win over the checkpoint's (e.g. hidden_act="quick_gelu").
+    """
+    unknown = sorted(set(overrides) - CONFIG_FIELDS)
+    if unknown:
+        raise TypeError(f"unknown config overrides: {', '.join(unknown)}")
+    if num_heads:
+        overrides["num_attention_heads"] = num_heads
+    path = _resolve(source)
+    folder = path if path.is_dir() else None
     raw = read_weights(path)
     fmt = detect(set(raw))
     if fmt is None:
-        raise CheckpointError(f"{source} is not a vision transformer this tool knows (no class token, position "
-                              f"embedding and patch embedding under the names of CLIP, IDEFICS, DINOv2, open_clip or "
-                              f"timm; first keys: {', '.join(sorted(raw)[:5])})")
-    state = rename(raw, fmt)
+        raise CheckpointError(f"{source} is not a vision transformer this tool knows: no class token, position "
+                              "embedding and patch embedding under the names of CLIP, IDEFICS, DINOv2, open_clip or "
+                              f"timm (first keys: {', '.join(sorted(raw)[:5])})")
     try:
+        state = {k: v.float() if v.is_floating_point() else v for k, v in rename(raw, fmt).items()}
         state = fmt.special(state) if fmt.special else state
-        config = _config(folder if path.is_dir() else None, fmt, state, overrides)
+        config = _config(folder, fmt, state, overrides)
     except (KeyError, ValueError, RuntimeError) as err:
-        raise CheckpointError(f"{source}: the {fmt.name} weights are incomplete or inconsistent ({err})") from err
-    mean, std = _normalization(folder if path.is_dir() else None, fmt)
-    logger.info("%s: %s format, %d tensors", source, fmt.name, len(state))
+        detail = f"no {err}" if isinstance(err, KeyError) else str(err)
+        raise CheckpointError(f"{source}: the {fmt.name} weights are incomplete or inconsistent ({detail})") from err
+    mean, std = _normalization(folder, fmt)
+    logger.info("%s: %s format, %d tensors, %s", source, fmt.name, len(state), config)
     return Checkpoint(config, state, f"{Path(str(source)).name or source} ({fmt.name})", mean, std)
 
 
+def _resolve(source: "str | os.PathLike") -> Path:
+    path = Path(source).expanduser()
+    if path.exists():
+        return path
+    if not HUB_ID.match(str(source)):
+        raise CheckpointError(f"{source}: no such file or folder (nor a hub id of the form org/name)")
+    from .hub import download
+    return download(str(source))
+
+
 def read_weights(path: Path) -> Tensors:
-    """All tensors of a file, or of the vision shards of a folder."""
+    """All tensors of a file, or of a folder's weights file, or of the vision shards of a sharded folder."""
     if path.is_dir():
-        index = path / INDEX_FILE
-        if index.is_file():
-            return _read_sharded(index)
-        found = next((path / name for name in WEIGHT_FILES if (path / name).is_file()), None)
+        if (path / INDEX_FILE).is_file():
+            return _read_sharded(path / INDEX_FILE)
+        candidates = [path / name for name in WEIGHT_FILES] + sorted(path.glob("*.safetensors"))
+        candidates += sorted(p for suffix in PICKLE_SUFFIXES for p in path.glob(f"*{suffix}"))
+        found = next((p for p in candidates if p.is_file()), None)
         if found is None:
-            found = next(iter(sorted(path.glob("*.safetensors"))), None)
-        if found is None:
-            raise CheckpointError(f"{path} holds no weights ({', '.join(WEIGHT_FILES)} or an index)")
+            raise CheckpointError(f"{path} holds no weights ({', '.join(WEIGHT_FILES)}, an index, "
+                                  "or any *.safetensors / *.bin / *.pt / *.pth file)")
         path = found
     if path.suffix == ".safetensors":
         return _read_safetensors(path)
-    return _read_pickle(path)
+    if path.suffix in PICKLE_SUFFIXES:
+        return _read_pickle(path)
+    raise CheckpointError(f"{path.name}: unsupported weights file (expected .safetensors or "
+                          f"{', '.join(PICKLE_SUFFIXES)})")
 
 
 def _read_safetensors(path: Path, keys: set[str] | None = None) -> Tensors:
@@ -75,15 +102,21 @@ def _read_safetensors(path: Path, keys: set[str] | None = None) -> Tensors:
 
 
 def _read_pickle(path: Path) -> Tensors:
+    """torch.load with weights_only=True: tensors and plain containers, never arbitrary objects."""
     try:
         loaded = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        raise CheckpointError(f"{path.name} holds more than tensors (refused: only weights are loaded, never "
-                              f"arbitrary pickled objects): {str(err).splitlines()[0]}") from err
+        refused = re.search(r"GLOBAL (\S+) was not an allowed global", str(err))
+        if refused:
+            raise CheckpointError(f"{path.name} holds a pickled object ({refused.group(1)}), not only tensors: "
+                                  "refused, since unpickling arbitrary objects can run code") from None
+        raise CheckpointError(f"{path.name} is not a readable PyTorch checkpoint (corrupt, truncated or not a "
+                              "weights file)") from None
     except (RuntimeError, EOFError, OSError, ValueError) as err:
         raise CheckpointError(f"{path.name} is not a readable PyTorch checkpoint ({err})") from err
-    if isinstance(loaded, dict) and isinstance(loaded.get("state_dict"), dict):
-        loaded = loaded["state_dict"]
+    for key in WRAPPER_KEYS:
+        if isinstance(loaded, dict) and isinstance(loaded.get(key), dict):
+            loaded = loaded[key]
     if not isinstance(loaded, dict) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
         raise CheckpointError(f"{path.name} is not a state dict of tensors")
     return loaded
@@ -93,11 +126,9 @@ def _read_sharded(index: Path) -> Tensors:
     """Reads only the shards that hold vision weights, and only those tensors (IDEFICS: never the LM)."""
     try:
         weight_map = json.loads(index.read_text())["weight_map"]
-    except (json.JSONDecodeError, KeyError) as err:
-        raise CheckpointError(f"{index.name} is not a valid safetensors index ({err})") from err
-    vision = {k: shard for k, shard in weight_map.items() if k.startswith(VISION_PREFIXES)}
-    if not vision:
-        raise CheckpointError(f"{index.parent} has no vision weights ({', '.join(VISION_PREFIXES)})")
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{index} is not a valid safetensors index ({err})") from err
+    vision = vision_entries(weight_map)
     state: Tensors = {}
     for shard in sorted(set(vision.values())):
         logger.info("reading vision weights from %s", shard)
@@ -109,31 +140,29 @@ def _read_json(folder: Path | None, name: str) -> dict | None:
     if folder is None or not (folder / name).is_file():
         return None
     try:
-        return json.loads((folder / name).read_text())
+        values = json.loads((folder / name).read_text())
     except json.JSONDecodeError as err:
         raise CheckpointError(f"{folder / name} is not valid JSON ({err})") from err
+    return values if isinstance(values, dict) else None
 
 
 def _config(folder: Path | None, fmt: Format, state: Tensors, overrides: dict) -> IdeficsVisionConfig:
-    """From config.json for the transformers formats (vision_config inside a CLIP/IDEFICS config), else shapes."""
-    values = _read_json(folder, "config.json")
-    if values is not None and fmt.name.startswith("transformers"):
-        antialias = values.get("model_type") == "dinov2_with_registers"
-        values = values.get("vision_config", values)
-        if "mlp_ratio" in values and "intermediate_size" not in values:
-            values["intermediate_size"] = int(values["hidden_size"] * values["mlp_ratio"])
-        if values.get("use_swiglu_ffn"):
-            raise CheckpointError("DINOv2 checkpoints with a SwiGLU MLP (ViT-g) are not supported")
-        heads = overrides.pop("num_heads", None)
-        merged = {**values, **switches_from_keys(state), **fmt.defaults, **overrides}
-        if heads:
-            merged["num_attention_heads"] = heads
-        if antialias:
-            merged["pos_interpolation"] = "size_antialias"
-        return IdeficsVisionConfig.from_dict(merged)
-    return config_from_shapes(state, {**fmt.defaults, **overrides})
+    """Family defaults < shapes < the format's config file < what the weights decide < the caller's overrides."""
+    from_file = _read_json(folder, fmt.config_file) if fmt.config_file else None
+    if from_file is None:
+        logger.warning("%s weights without %s: architecture read off the shapes (heads: width // 64, or 16 for "
+                       "ViT-H/g/bigG widths; pass num_heads= or hidden_act= to correct it)", fmt.name, fmt.config_file)
+    file_fields = fmt.config_fields(from_file) if from_file is not None else {}
+    merged = {**fmt.defaults, **shape_fields(state), **file_fields, **switches_from_keys(state), **overrides}
+    return IdeficsVisionConfig.from_dict(merged)
 
 
 def _normalization(folder: Path | None, fmt: Format) -> tuple[tuple, tuple]:
-    processor = _read_json(folder, "preprocessor_config.json") or {}
-    return tuple(processor.get("image_mean", fmt.mean)), tuple(processor.get("image_std", fmt.std))
+    """Mean and std from the checkpoint's own files, else the family's."""
+    for name, path, mean_key, std_key in NORMALIZATION_SOURCES:
+        values = _read_json(folder, name) or {}
+        for step in path:
+            values = values.get(step) or {}
+        if mean_key in values and std_key in values:
+            return tuple(values[mean_key]), tuple(values[std_key])
+    return fmt.mean, fmt.std

@@ -11,8 +11,9 @@ def resample_patch_posemb(patch_posemb: torch.Tensor, grid_h: int, grid_w: int, 
     """Resamples a square (1, P, D) patch position table to (1, grid_h * grid_w, D), bicubic, in float32.
 
     mode "idefics" reproduces the IDEFICS seed (scale_factor with +0.1, as DINO did); "size" interpolates to
-    size=(grid_h, grid_w) as transformers' CLIP and DINOv2 do; "size_antialias" adds antialiasing (DINOv2 with
-    registers), which changes the result only when the grid shrinks.
+    size=(grid_h, grid_w) as transformers' CLIP and DINOv2 do; "size_antialias" adds antialias=True, as
+    DINOv2-with-registers, timm and open_clip do: PyTorch's antialiased bicubic kernel differs from the plain one
+    (a = -0.5 rather than -0.75), so the two differ even when the grid grows.
     """
     _, num_positions, dim = patch_posemb.shape
     side = int(math.sqrt(num_positions))

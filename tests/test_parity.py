@@ -37,10 +37,15 @@ def idefics_pair():
 def test_idefics_vision_transformer(idefics_pair, size):
     reference, ours = idefics_pair
     captured = {"attn": [], "hidden": []}  # transformers 5's tower is a plain module: capture with hooks
-    hooks = [layer.self_attn.register_forward_hook(lambda m, i, o: captured["attn"].append(o[1]))
-             for layer in reference.encoder.layers]
-    hooks += [layer.register_forward_hook(lambda m, i, o: captured["hidden"].append(o[0] if isinstance(o, tuple) else o))
+    first = reference.encoder.layers[0]
+    hooks = [first.register_forward_pre_hook(  # the embeddings after pre_layrnorm: hidden state 0
+        lambda m, args, kwargs: captured["hidden"].append(args[0] if args else kwargs["hidden_states"]),
+        with_kwargs=True)]
+    hooks += [layer.self_attn.register_forward_hook(lambda m, i, o: captured["attn"].append(o[1]))
               for layer in reference.encoder.layers]
+    hooks += [layer.register_forward_hook(
+        lambda m, i, o: captured["hidden"].append(o[0] if isinstance(o, tuple) else o))
+        for layer in reference.encoder.layers]
     pixels = torch.randn(2, 3, *size)
     with torch.no_grad():
         expected = reference(pixels, interpolate_pos_encoding=True)
@@ -51,7 +56,7 @@ def test_idefics_vision_transformer(idefics_pair, size):
     assert_close(got.pooler_output, expected.pooler_output)
     for a, b in zip(got.attentions, captured["attn"], strict=True):
         assert_close(a, b)
-    for a, b in zip(got.hidden_states[1:], captured["hidden"], strict=True):
+    for a, b in zip(got.hidden_states, captured["hidden"], strict=True):
         assert_close(a, b)
 
 
