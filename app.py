@@ -125,8 +125,8 @@ def build_demo(loaded: LoadedModel | None = None, device: str | None = None) -> 
     @user_errors
     def select_in_atlas(session, evt: gr.SelectData):
         analysis = workspace.analysis(need(session))
-        _, layout = views.atlas_view(analysis, views.Style())
-        cell = layout.cell_at(*evt.index)
+        g = analysis.geometry
+        cell = visualizer.atlas_layout(analysis.num_layers, analysis.num_heads, g.grid_h, g.grid_w).cell_at(*evt.index)
         if cell is None:
             return gr.update(), gr.update()
         return cell[0], str(cell[1])

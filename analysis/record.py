@@ -1,7 +1,7 @@
 """What one forward pass keeps so that any attention row or column can be recomputed exactly, in O(N·D)."""
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -67,12 +67,6 @@ class AttentionRecord:
 
     def block_rows(self) -> int:
         return max(1, BLOCK_ELEMENTS // (self.num_heads * self.num_tokens))
-
-    def blocks(self, layer: int) -> Iterator[tuple[int, torch.Tensor]]:
-        """(start, probs of rows start..start+rows) over the whole layer, a block at a time."""
-        step = self.block_rows()
-        for start in range(0, self.num_tokens, step):
-            yield start, self.probs(layer, slice(start, start + step))
 
 
 def fuse_heads(probs: torch.Tensor, head: "int | str") -> torch.Tensor:

@@ -117,9 +117,7 @@ def patch_at(analysis: Analysis, x: float, y: float) -> tuple[int, int, int]:
 
 
 def _mark(analysis: Analysis, scene: Scene, image: Image.Image, row: int, col: int) -> Image.Image:
-    left, top, right, bottom = analysis.geometry.patch_box(row, col)
-    sx, sy = image.width / scene.original.width, image.height / scene.original.height
-    return visualizer.mark_patch(image, (left * sx, top * sy, right * sx, bottom * sy))
+    return visualizer.mark_patch(image, _scaled_box(analysis, scene, row, col))
 
 
 def patch_view(analysis: Analysis, scene: Scene, x: float, y: float, layer: int, head: "int | str",
@@ -170,9 +168,10 @@ def hidden_views(analysis: Analysis, scene: Scene, layer: int, x: float, y: floa
 
 
 def _scaled_box(analysis: Analysis, scene: Scene, row: int, col: int) -> tuple[float, float, float, float]:
+    """A patch's box on the display copy of the image."""
     left, top, right, bottom = analysis.geometry.patch_box(row, col)
-    s = scene.display.width / scene.original.width
-    return left * s, top * s, right * s, bottom * s
+    sx, sy = scene.display.width / scene.original.width, scene.display.height / scene.original.height
+    return left * sx, top * sy, right * sx, bottom * sy
 
 
 def layer_frames(analysis: Analysis, scene: Scene, mode: str, head: "int | str", style: Style,

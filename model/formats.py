@@ -114,28 +114,29 @@ def _clip(state: Tensors) -> Tensors:
     return state
 
 
-def _dinov2(state: Tensors) -> Tensors:
+def _class_token_and_layer_scales(state: Tensors, attn_scale: str, mlp_scale: str) -> None:
+    """The class token as a (D,) vector; LayerScale after attention and MLP folded into their projections."""
     state["embeddings.class_embedding"] = state["embeddings.class_embedding"].reshape(-1)
-    fold_layer_scale(state, ".layer_scale1.lambda1", "self_attn.out_proj")
-    fold_layer_scale(state, ".layer_scale2.lambda1", "mlp.fc2")
+    fold_layer_scale(state, attn_scale, "self_attn.out_proj")
+    fold_layer_scale(state, mlp_scale, "mlp.fc2")
+
+
+def _dinov2(state: Tensors) -> Tensors:
+    _class_token_and_layer_scales(state, ".layer_scale1.lambda1", ".layer_scale2.lambda1")
     position_table(state, "embeddings.position_embeddings", 1)
     return state
 
 
 def _open_clip(state: Tensors) -> Tensors:
-    state["embeddings.class_embedding"] = state["embeddings.class_embedding"].reshape(-1)
     split_fused_qkv(state, "self_attn.in_proj_weight", "self_attn.in_proj_bias")
-    fold_layer_scale(state, ".ls_1.gamma", "self_attn.out_proj")
-    fold_layer_scale(state, ".ls_2.gamma", "mlp.fc2")
+    _class_token_and_layer_scales(state, ".ls_1.gamma", ".ls_2.gamma")
     position_table(state, "embeddings.positional_embedding", 1)
     return state
 
 
 def _timm(state: Tensors) -> Tensors:
-    state["embeddings.class_embedding"] = state["embeddings.class_embedding"].reshape(-1)
     split_fused_qkv(state, "self_attn.qkv.weight", "self_attn.qkv.bias")
-    fold_layer_scale(state, ".ls1.gamma", "self_attn.out_proj")
-    fold_layer_scale(state, ".ls2.gamma", "mlp.fc2")
+    _class_token_and_layer_scales(state, ".ls1.gamma", ".ls2.gamma")
     positions = state["embeddings.pos_embed"].shape[1]
     registers = state["embeddings.register_tokens"].shape[1] if "embeddings.register_tokens" in state else 0
     # the table holds class (and register) slots, or, with timm's no_embed_class, the patches only

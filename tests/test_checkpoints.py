@@ -22,6 +22,14 @@ def assert_close(a, b):
     assert a.shape == b.shape and (a - b).abs().max().item() < TOL, (a - b).abs().max().item()
 
 
+def assert_matches(got, tokens, pooled, attentions) -> None:
+    """Our output against a reference's tokens, pooled output and every attention."""
+    assert_close(got.last_hidden_state, tokens)
+    assert_close(got.pooler_output, pooled)
+    for a, b in zip(got.attentions, attentions, strict=True):
+        assert_close(a, b)
+
+
 def save(state: dict, path) -> None:
     save_file({k: v.contiguous() for k, v in state.items()}, str(path))
 
@@ -114,11 +122,7 @@ def test_open_clip_state_dict(tmp_path, size):
     assert c.projection_dim == 16 and "open_clip" in loaded.name and loaded.preprocessing.mean[0] == 0.48145466
     pixels = torch.randn(2, 3, *size)
     tokens, pooled, attentions = open_clip_reference(state, pixels, heads=2)  # 128 // 64: the head-count rule
-    got = ours(loaded, pixels)
-    assert_close(got.last_hidden_state, tokens)
-    assert_close(got.pooler_output, pooled)
-    for a, b in zip(got.attentions, attentions, strict=True):
-        assert_close(a, b)
+    assert_matches(ours(loaded, pixels), tokens, pooled, attentions)
 
 
 def test_open_clip_config_file_and_overrides(tmp_path):
@@ -216,11 +220,7 @@ def test_timm_state_dict(tmp_path, size, registers, no_embed_class, layer_scale,
     assert c.layer_norm_eps == 1e-6 and "timm" in loaded.name and loaded.preprocessing.mean == (0.485, 0.456, 0.406)
     pixels = torch.randn(2, 3, *size)
     tokens, pooled, attentions = timm_reference(state, pixels, 2, registers, no_embed_class)
-    got = ours(loaded, pixels)
-    assert_close(got.last_hidden_state, tokens)
-    assert_close(got.pooler_output, pooled)
-    for a, b in zip(got.attentions, attentions, strict=True):
-        assert_close(a, b)
+    assert_matches(ours(loaded, pixels), tokens, pooled, attentions)
 
 
 def test_against_timm_itself(tmp_path):
