@@ -1,0 +1,90 @@
+"""Command line: the maps, GIFs and .npz exports for an image or a folder of images, without the UI.
+
+    python -m explorer photo.jpg --out maps/
+    python -m explorer photos/ --resolution 1022 --layers 5 11 --head mean --rollout max --out maps/
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from tqdm import tqdm
+
+from analysis import FUSIONS, analyze
+from model import CheckpointError, InvalidImageError, load_image, load_model
+
+from . import exports, views
+from .session import DEFAULT_RESOLUTION, check_resolution
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+logger = logging.getLogger("vit-inspect")
+
+
+def image_paths(source: Path) -> list[Path]:
+    """The image itself, or the images directly inside a folder, sorted."""
+    if source.is_dir():
+        return sorted(p for p in source.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if source.is_file():
+        return [source]
+    raise FileNotFoundError(f"{source} does not exist")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m explorer", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("source", type=Path, help="an image, or a folder of images")
+    parser.add_argument("--out", type=Path, default=Path("vit-inspect-out"), help="output folder")
+    parser.add_argument("--model", default=None, help="hub id or local folder (default: the embedded DINOv2 ViT-S/14)")
+    parser.add_argument("--resolution", type=int, default=DEFAULT_RESOLUTION, help="long side in px")
+    parser.add_argument("--layers", type=int, nargs="*", help="layers to draw (default: the last; -1 counts from the end)")
+    parser.add_argument("--head", default="mean", help="head index or mean/max/min for the GIF")
+    parser.add_argument("--rollout", choices=FUSIONS, default="mean", help="head fusion of the rollout")
+    parser.add_argument("--cmap", default="inferno")
+    parser.add_argument("--no-gif", action="store_true", help="skip the layer animation")
+    return parser.parse_args(argv)
+
+
+def export_image(analysis, scene: views.Scene, folder: Path, layers: list[int], head, fusion: str,
+                 style: views.Style, gif: bool) -> list[Path]:
+    """Every file for one analysed image."""
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for layer in layers:
+        overlay, grid = views.cls_view(analysis, scene, layer, head, style)
+        written.append(exports.save_png(overlay, folder / f"cls_layer{layer:02d}_{head}.png"))
+        written.append(exports.save_png(grid, folder / f"cls_layer{layer:02d}_heads.png"))
+    written.append(exports.save_png(views.rollout_view(analysis, scene, fusion, 0.0, style),
+                                    folder / f"rollout_{fusion}.png"))
+    if gif:
+        frames, captions = views.layer_frames(analysis, scene, "cls", head, style)
+        written.append(exports.save_gif(frames, captions, folder / f"cls_layers_{head}.gif"))
+    written.extend(exports.export_numbers(analysis, folder / "analysis", layers[-1], head, fusion=fusion))
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        paths = image_paths(args.source)
+        resolution = check_resolution(args.resolution)
+        loaded = load_model(args.model)
+    except (FileNotFoundError, ValueError, CheckpointError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    style = views.Style(cmap=args.cmap)
+    failures = 0
+    for path in tqdm(paths, desc="images", unit="image"):
+        try:
+            scene = views.Scene.of(load_image(path))
+            analysis = analyze(loaded, scene.original, resolution)
+            head = views.parse_head(args.head, analysis.num_heads)
+            layers = [views.check_layer(analysis, layer + analysis.num_layers if layer < 0 else layer)
+                      for layer in (args.layers or [-1])]
+            export_image(analysis, scene, args.out / exports.safe_stem(path.stem), layers, head, args.rollout,
+                         style, not args.no_gif)
+        except (InvalidImageError, ValueError) as err:
+            failures += 1
+            tqdm.write(f"skipped {path.name}: {err}", file=sys.stderr)
+    return 1 if failures == len(paths) and paths else 0
