@@ -123,6 +123,13 @@ def build_demo(loaded: LoadedModel | None = None, device: str | None = None) -> 
                                   lambda f: progress(f, desc="rollout"))
 
     @user_errors
+    def render_flow(session, fusion, opacity, cmap, smooth, normalize, progress=gr.Progress()):
+        session = need(session)
+        analysis = workspace.analysis(session)
+        style = style_of(opacity, cmap, smooth, normalize)
+        return views.flow_view(analysis, session.scene, fusion, style, lambda f: progress(f, desc="max-flow per token"))
+
+    @user_errors
     def select_in_atlas(session, evt: gr.SelectData):
         analysis = workspace.analysis(need(session))
         g = analysis.geometry
@@ -229,6 +236,12 @@ def build_demo(loaded: LoadedModel | None = None, device: str | None = None) -> 
                         rollout_btn = gr.Button("Compute rollout")
                         rollout_image = gr.Image(label="Rollout", interactive=False, elem_id="rollout-view",
                                                  format="png")
+                        gr.Markdown("Attention flow: the max-flow from each patch to the class token through the "
+                                    "same graph (one max-flow per token, so up to 577 tokens: about 336 px for "
+                                    "patch 14; about a minute there).")
+                        flow_btn = gr.Button("Compute attention flow")
+                        flow_image = gr.Image(label="Attention flow", interactive=False, elem_id="flow-view",
+                                              format="png")
                     with gr.Tab("Head atlas"):
                         gr.Markdown("Every layer (rows) × head (columns). Click a thumbnail or a table row to "
                                     "select that head everywhere.")
@@ -273,6 +286,7 @@ def build_demo(loaded: LoadedModel | None = None, device: str | None = None) -> 
             clickable.select(click, session, session, **private).success(render, render_inputs, view_outputs,
                                                                          **private)
         rollout_btn.click(render_rollout, [session, fusion, discard, *style_inputs], rollout_image, **private)
+        flow_btn.click(render_flow, [session, fusion, *style_inputs], flow_image, **private)
         atlas_image.select(select_in_atlas, session, [layer, head], **private)
         table.select(select_in_table, None, [layer, head], **private)
         statistic.change(stats_chart, [session, statistic], chart_image, **private)

@@ -12,6 +12,7 @@ from PIL import Image
 from model import ImageGeometry, LoadedModel
 
 from . import hidden
+from .flow import attention_flow
 from .record import AttentionRecord, fuse_heads
 from .rollout import rollout
 from .stats import DEFAULT_STAT_QUERIES, HeadStatistics, head_statistics
@@ -34,7 +35,7 @@ class Analysis:
     statistics: HeadStatistics
     token_norms: np.ndarray  # (layers + 1, N)
     dtype: str = "float32"
-    _rollouts: dict = field(default_factory=dict, repr=False)
+    _rollouts: dict = field(default_factory=dict, repr=False)  # rollout and flow maps, by their parameters
 
     @property
     def num_layers(self) -> int:
@@ -75,6 +76,13 @@ class Analysis:
         key = (fusion, round(float(discard_ratio), 6), last)
         if key not in self._rollouts:
             self._rollouts[key] = rollout(self.record, fusion, discard_ratio, last, progress=progress)
+        return self.to_grid(self._rollouts[key])
+
+    def flow_map(self, fusion: str = "mean", progress: Callable[[float], None] | None = None) -> np.ndarray:
+        """Attention flow to the class token from each patch (small token counts only), cached: (grid_h, grid_w)."""
+        key = ("flow", fusion)
+        if key not in self._rollouts:
+            self._rollouts[key] = attention_flow(self.record, fusion, progress)
         return self.to_grid(self._rollouts[key])
 
     def query_map(self, token: int, layer: int, head: "int | str", direction: str = "row") -> np.ndarray:

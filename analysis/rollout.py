@@ -42,12 +42,17 @@ def _propagate(record: AttentionRecord, layer: int, fusion: str, threshold: floa
         w = weights[start:start + step]
         if not torch.any(w):
             continue
-        fused = _fused_block(record, layer, fusion, start, step, threshold)
-        rows = torch.arange(fused.shape[0], device=fused.device)
-        fused[rows, start + rows] += 1.0
-        fused /= fused.sum(-1, keepdim=True)
-        out += w @ fused
+        out += w @ residual_attention(record, layer, fusion, start, step, threshold)
     return out
+
+
+def residual_attention(record: AttentionRecord, layer: int, fusion: str, start: int, step: int,
+                       threshold: float | None = None) -> torch.Tensor:
+    """Rows start..start+step of Â = rownorm(drop(fuse(A)) + I), the matrix rollout and flow chain: (rows, N)."""
+    fused = _fused_block(record, layer, fusion, start, step, threshold)
+    rows = torch.arange(fused.shape[0], device=fused.device)
+    fused[rows, start + rows] += 1.0
+    return fused / fused.sum(-1, keepdim=True)
 
 
 def _fused_block(record: AttentionRecord, layer: int, fusion: str, start: int, step: int,

@@ -67,6 +67,13 @@ def register_api(workspace: Workspace, guard: Callable) -> None:
         return _file(overlay, "rollout"), {"fusion": fusion, "discard_ratio": discard_ratio,
                                            "map": values.round(8).tolist()}
 
+    def attention_flow(image: FileData, fusion: str = "mean", resolution: int = 336) -> tuple[FileData, dict]:
+        """Attention flow (max-flow) to the class token from each patch; up to 577 tokens."""
+        session, analysis = open_session(image, resolution)
+        values = analysis.flow_map(fusion)
+        overlay = views.flow_view(analysis, session.scene, fusion, views.Style())
+        return _file(overlay, "attention_flow"), {"fusion": fusion, "map": values.round(7).tolist()}
+
     def head_statistics(image: FileData, resolution: int = DEFAULT_RESOLUTION) -> dict:
         """Per layer × head: class-token entropy, mean entropy, mean attention distance, class-token mass."""
         _, analysis = open_session(image, resolution)
@@ -101,5 +108,7 @@ def register_api(workspace: Workspace, guard: Callable) -> None:
         paths = exports.export_numbers(analysis, exports.new_export_dir() / "analysis", layer, head, token)
         return FileData(path=str(paths[0])), FileData(path=str(paths[1]))
 
-    for endpoint in (cls_attention, patch_attention, rollout, head_statistics, hidden_states, layer_animation, export):
+    endpoints = (cls_attention, patch_attention, rollout, attention_flow, head_statistics, hidden_states,
+                 layer_animation, export)
+    for endpoint in endpoints:
         gr.api(guard(endpoint), api_name=endpoint.__name__, concurrency_limit=1)

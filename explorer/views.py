@@ -107,6 +107,11 @@ def rollout_view(analysis: Analysis, scene: Scene, fusion: str, discard_ratio: f
     return paint(scene.display, values, style)
 
 
+def flow_view(analysis: Analysis, scene: Scene, fusion: str, style: Style,
+              progress: Callable[[float], None] | None = None) -> Image.Image:
+    return paint(scene.display, analysis.flow_map(fusion, progress), style)
+
+
 def patch_at(analysis: Analysis, x: float, y: float) -> tuple[int, int, int]:
     """(row, col, token) of the patch under pixel (x, y) of the original image."""
     g = analysis.geometry

@@ -54,3 +54,52 @@ def dense_rollout(attentions: list[torch.Tensor], fusion: str, discard_ratio: fl
         a = a / a.sum(-1, keepdim=True)
         result = a @ result
     return result[0]
+
+
+def residual_matrices(attentions: list[torch.Tensor], fusion: str) -> list[torch.Tensor]:
+    """rownorm(fuse(A) + I) per layer, in float64, from full matrices."""
+    out = []
+    for attention in attentions:
+        fused = {"mean": attention.mean(0), "max": attention.amax(0), "min": attention.amin(0)}[fusion].double()
+        a = fused + torch.eye(fused.shape[0], dtype=torch.float64)
+        out.append(a / a.sum(-1, keepdim=True))
+    return out
+
+
+def dense_flow(attentions: list[torch.Tensor], fusion: str) -> list[float]:
+    """Attention flow by a plain float Edmonds–Karp on the layered graph (independent of scipy)."""
+    from collections import deque
+    matrices = residual_matrices(attentions, fusion)
+    n, layers = matrices[0].shape[0], len(matrices)
+    capacity: dict[int, dict[int, float]] = {}
+    for layer, a in enumerate(matrices):
+        for i in range(1 if layer == layers - 1 else n):
+            for j in range(n):
+                capacity.setdefault(layer * n + j, {})[(layer + 1) * n + i] = float(a[i, j])
+    sink = layers * n
+
+    def max_flow(source: int) -> float:
+        residual = {u: dict(vs) for u, vs in capacity.items()}
+        total = 0.0
+        while True:
+            parent = {source: None}
+            queue = deque([source])
+            while queue and sink not in parent:
+                u = queue.popleft()
+                for v, c in residual.get(u, {}).items():
+                    if c > 1e-15 and v not in parent:
+                        parent[v] = u
+                        queue.append(v)
+            if sink not in parent:
+                return total
+            path, v = [], sink
+            while parent[v] is not None:
+                path.append((parent[v], v))
+                v = parent[v]
+            push = min(residual[u][v] for u, v in path)
+            for u, v in path:
+                residual[u][v] -= push
+                residual.setdefault(v, {})[u] = residual.get(v, {}).get(u, 0.0) + push
+            total += push
+
+    return [max_flow(token) for token in range(n)]

@@ -7,7 +7,7 @@ from analysis import analyze, head_statistics, rollout
 from analysis.rollout import kth_smallest
 from analysis.stats import patch_distances
 from model.vision import attention_with_lse, chunked_attention_with_lse
-from tests.helpers import dense_attentions, dense_rollout, random_image, tiny_loaded
+from tests.helpers import dense_attentions, dense_flow, dense_rollout, random_image, tiny_loaded
 
 TOL = 1e-5
 
@@ -150,3 +150,22 @@ def test_outlier_flags_planted_high_norm_token():
     norms[37] = 80.0
     flags = norm_outliers(norms)
     assert flags.nonzero().flatten().tolist() == [37]
+
+
+@pytest.mark.parametrize("fusion", ["mean", "max"])
+def test_attention_flow_matches_a_plain_max_flow(fusion):
+    loaded = tiny_loaded()
+    image = random_image(24, 32)  # grid 3 × 4 at long side 32: 13 tokens keep the reference quick
+    analysis = analyze(loaded, image, long_side=32)
+    pixels, _ = loaded.preprocessing(image, 32)
+    expected = np.array(dense_flow(dense_attentions(loaded, pixels), fusion))
+    got = analysis.flow_map(fusion)
+    np.testing.assert_allclose(got, expected[1:].reshape(3, 4), atol=TOL)
+    assert expected.max() > 0.05  # the maps carry real flow, not zeros
+
+
+def test_attention_flow_refuses_large_token_counts(case):
+    from analysis.flow import MAX_FLOW_TOKENS, check_flow_size
+    check_flow_size(MAX_FLOW_TOKENS)
+    with pytest.raises(ValueError, match="lower the resolution"):
+        check_flow_size(MAX_FLOW_TOKENS + 1)

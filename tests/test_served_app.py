@@ -24,7 +24,7 @@ def client():
 
 def test_endpoints_are_named(client):
     names = set(client.view_api(return_format="dict")["named_endpoints"])
-    assert {"/cls_attention", "/patch_attention", "/rollout", "/head_statistics", "/hidden_states",
+    assert {"/cls_attention", "/patch_attention", "/rollout", "/attention_flow", "/head_statistics", "/hidden_states",
             "/layer_animation", "/export"} <= names
 
 
@@ -102,3 +102,11 @@ def test_enormous_image_is_refused_before_decoding(client, tmp_path):
     Image.new("1", (12000, 9000)).save(huge)  # 108 MP: over the limit, yet a tiny file
     with pytest.raises(Exception, match="at most"):
         client.predict(handle_file(str(huge)), -1, "mean", RES, api_name="/cls_attention")
+
+
+def test_attention_flow_small_and_too_large(client):
+    _, flow = client.predict(handle_file(CAT), "mean", 224, api_name="/attention_flow")
+    values = np.array(flow["map"])
+    assert values.shape == (11, 16) and 0 < values.max() <= 1 + 1e-6
+    with pytest.raises(Exception, match="offered up to 577 tokens"):
+        client.predict(handle_file(CAT), "mean", RES + 200, api_name="/attention_flow")
