@@ -139,6 +139,13 @@ def build_demo(loaded: LoadedModel | None = None, device: str | None = None) -> 
         return cell[0], str(cell[1])
 
     @user_errors
+    def render_atlas(session, layer, head, cmap):
+        analysis = workspace.analysis(need(session))
+        head = views.parse_head(head, analysis.num_heads)
+        selected = (min(int(layer), analysis.num_layers - 1), head) if isinstance(head, int) else None
+        return views.atlas_view(analysis, views.Style(cmap=cmap), selected)[0]
+
+    @user_errors
     def select_in_table(evt: gr.SelectData):
         row = evt.row_value
         return int(row[0]), str(int(row[1]))
@@ -288,6 +295,8 @@ def build_demo(loaded: LoadedModel | None = None, device: str | None = None) -> 
         rollout_btn.click(render_rollout, [session, fusion, discard, *style_inputs], rollout_image, **private)
         flow_btn.click(render_flow, [session, fusion, *style_inputs], flow_image, **private)
         atlas_image.select(select_in_atlas, session, [layer, head], **private)
+        gr.on([layer.change, head.change, cmap.change], render_atlas, [session, layer, head, cmap], atlas_image,
+              trigger_mode="always_last", **private)
         table.select(select_in_table, None, [layer, head], **private)
         statistic.change(stats_chart, [session, statistic], chart_image, **private)
         anim_btn.click(animate, [session, anim_mode, head, *style_inputs], [anim_image, anim_file], **private)

@@ -74,9 +74,11 @@ def test_choosing_a_head_in_the_atlas_selects_it(page):
     _, layout = visualizer.atlas(np.zeros((12, 6, 25, 37)))
     left, top, right, bottom = layout.box(4, 3)
     scale = box["width"] / natural_w
+    before = image_src(page, "#atlas")
     atlas.click(position={"x": (left + right) / 2 * scale, "y": (top + bottom) / 2 * scale})
     page.wait_for_function("document.querySelector('#layer input[type=number]').value === '4'", timeout=30_000)
     assert page.locator("#head input").input_value() == "3"
+    wait_for_change(page, "#atlas", before)  # redrawn with the chosen cell outlined
     page.screenshot(path=str(SCREENSHOTS / "head_atlas.png"), full_page=True)
 
 
