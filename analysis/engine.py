@@ -30,7 +30,7 @@ class Analysis:
     geometry: ImageGeometry
     num_prefix_tokens: int
     record: AttentionRecord
-    hidden_states: torch.Tensor  # (layers + 1, N, D): embeddings, then each layer's output
+    hidden_states: tuple[torch.Tensor, ...]  # layers + 1 of (N, D): embeddings, then each layer's output
     cls_attention: np.ndarray  # (layers, heads, N): the class token's row, every layer and head
     statistics: HeadStatistics
     token_norms: np.ndarray  # (layers + 1, N)
@@ -47,7 +47,7 @@ class Analysis:
 
     @property
     def nbytes(self) -> int:
-        return (self.record.nbytes + self.hidden_states.numel() * self.hidden_states.element_size()
+        return (self.record.nbytes + sum(h.numel() * h.element_size() for h in self.hidden_states)
                 + self.cls_attention.nbytes + self.token_norms.nbytes)
 
     def to_grid(self, values: "np.ndarray | torch.Tensor") -> np.ndarray:
@@ -104,7 +104,7 @@ class Analysis:
 
     def pca_map(self, layer: int) -> np.ndarray:
         """PCA of the patch features after `layer` as RGB in [0, 1]: (grid_h, grid_w, 3)."""
-        rgb = hidden.pca_rgb(self.hidden_states[layer + 1, self.num_prefix_tokens:])
+        rgb = hidden.pca_rgb(self.hidden_states[layer + 1][self.num_prefix_tokens:])
         g = self.geometry
         return rgb.cpu().numpy().reshape(g.grid_h, g.grid_w, 3)
 
@@ -135,7 +135,7 @@ def analyze(loaded: LoadedModel, image: Image.Image, long_side: int, dtype: str 
     report(0.0, f"running the model at {geometry.input_h}×{geometry.input_w}")
     output = model(pixels.to(loaded.device, torch_dtype), output_hidden_states=True,
                    interpolate_pos_encoding=True, observer=record)
-    hidden_states = torch.stack(output.hidden_states)[:, 0]  # (layers + 1, N, D)
+    hidden_states = tuple(h[0] for h in output.hidden_states)  # views: no (layers + 1, N, D) copy
     del output
     num_prefix = loaded.config.num_prefix_tokens
     cls_attention = torch.stack([record.probs(layer, slice(0, 1))[:, 0] for layer in range(layers)])

@@ -7,9 +7,9 @@ OUTLIER_ROBUST_Z = 6.0  # a token is an outlier when its norm is this many robus
 OUTLIER_MIN_RATIO = 2.0  # ... and at least this many times the median norm
 
 
-def token_norms(hidden_states: torch.Tensor) -> torch.Tensor:
-    """L2 norm of every token at every depth: (layers + 1, N, D) → (layers + 1, N)."""
-    return torch.linalg.vector_norm(hidden_states.float(), dim=-1)
+def token_norms(hidden_states: "tuple[torch.Tensor, ...]") -> torch.Tensor:
+    """L2 norm of every token at every depth: layers + 1 of (N, D) → (layers + 1, N)."""
+    return torch.stack([torch.linalg.vector_norm(h.float(), dim=-1) for h in hidden_states])
 
 
 def norm_outliers(norms: torch.Tensor) -> torch.Tensor:

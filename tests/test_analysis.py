@@ -134,7 +134,7 @@ def test_hidden_state_views(case):
     loaded, analysis, _ = case
     norms, outliers = analysis.norm_map(1)
     assert norms.shape == outliers.shape == (5, 8)
-    expected = analysis.hidden_states[2, 1:].norm(dim=-1).reshape(5, 8).numpy()
+    expected = analysis.hidden_states[2][1:].norm(dim=-1).reshape(5, 8).numpy()
     np.testing.assert_allclose(norms, expected, rtol=1e-5)
     rgb = analysis.pca_map(2)
     assert rgb.shape == (5, 8, 3) and rgb.min() >= 0 and rgb.max() <= 1 and rgb.std() > 0.05
