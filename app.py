@@ -14,7 +14,8 @@ import gradio as gr
 import torch
 
 import visualizer
-from analysis import FUSIONS, STAT_LABELS
+from analysis import FUSIONS, STAT_LABELS, Analysis
+from analysis.stats import DEFAULT_STAT_QUERIES
 from explorer import exports, views
 from explorer.api import register_api
 from explorer.cache import AnalysisCache
@@ -68,34 +69,31 @@ def build_demo(loaded: LoadedModel | None = None, device: str | None = None) -> 
     if loaded is None:
         workspace.models.get(DEFAULT)  # load (and convert, the first time) at start-up, not on the first request
 
-    def need(session: Session | None) -> Session:
+    def opened(session: Session | None) -> tuple[Session, Analysis]:
+        """The page's session and its analysis (recomputed if the cache dropped it)."""
         if session is None:
             raise gr.Error("Upload an image first.", print_exception=False)
-        return session
+        return session, workspace.analysis(session)
 
     # ---- handlers of the page: plain functions of the session state and the controls ----
     @user_errors
-    def run_analysis(image_path, resolution, model_key, stat_mode, dtype, opacity, cmap, smooth, normalize,
-                     progress=gr.Progress()):
+    def run_analysis(image_path, resolution, model_key, stat_mode, dtype, progress=gr.Progress()):
         if not image_path:
             raise gr.Error("Upload an image first.", print_exception=False)
-        stat_queries = None if stat_mode == "all queries (exact)" else 512
+        stat_queries = None if stat_mode == "all queries (exact)" else DEFAULT_STAT_QUERIES
         session = workspace.open(load_image(image_path), resolution, model_key, stat_queries, dtype)
         analysis = workspace.analysis(session, progress_reporter(progress))
         last = analysis.num_layers - 1
-        style = style_of(opacity, cmap, smooth, normalize)
-        atlas, _ = views.atlas_view(analysis, style)
         g = analysis.geometry
         status = (f"**{analysis.model_name}** · input {g.input_w}×{g.input_h} px · grid {g.grid_h}×{g.grid_w} "
                   f"({g.grid_h * g.grid_w} patches) · {analysis.num_layers} layers × {analysis.num_heads} heads")
         return (session, gr.update(maximum=last, value=last),
                 gr.update(choices=views.head_choices(analysis.num_heads), value="mean"),
-                atlas, views.stats_rows(analysis), status)
+                views.stats_rows(analysis), status)
 
     @user_errors
     def render(session, layer, head, direction, opacity, cmap, smooth, normalize):
-        session = need(session)
-        analysis = workspace.analysis(session)
+        session, analysis = opened(session)
         style = style_of(opacity, cmap, smooth, normalize)
         head = views.parse_head(head, analysis.num_heads)
         layer = min(int(layer), analysis.num_layers - 1)
@@ -110,28 +108,26 @@ def build_demo(loaded: LoadedModel | None = None, device: str | None = None) -> 
 
     @user_errors
     def click(session, evt: gr.SelectData):
-        session = need(session)
+        session, _ = opened(session)
         x, y = session.scene.to_original(*evt.index)
         return session.clicked(x, y)
 
     @user_errors
     def render_rollout(session, fusion, discard, opacity, cmap, smooth, normalize, progress=gr.Progress()):
-        session = need(session)
-        analysis = workspace.analysis(session)
+        session, analysis = opened(session)
         style = style_of(opacity, cmap, smooth, normalize)
         return views.rollout_view(analysis, session.scene, fusion, float(discard), style,
                                   lambda f: progress(f, desc="rollout"))
 
     @user_errors
     def render_flow(session, fusion, opacity, cmap, smooth, normalize, progress=gr.Progress()):
-        session = need(session)
-        analysis = workspace.analysis(session)
+        session, analysis = opened(session)
         style = style_of(opacity, cmap, smooth, normalize)
         return views.flow_view(analysis, session.scene, fusion, style, lambda f: progress(f, desc="max-flow per token"))
 
     @user_errors
     def select_in_atlas(session, evt: gr.SelectData):
-        analysis = workspace.analysis(need(session))
+        _, analysis = opened(session)
         g = analysis.geometry
         cell = visualizer.atlas_layout(analysis.num_layers, analysis.num_heads, g.grid_h, g.grid_w).cell_at(*evt.index)
         if cell is None:
@@ -140,7 +136,7 @@ def build_demo(loaded: LoadedModel | None = None, device: str | None = None) -> 
 
     @user_errors
     def render_atlas(session, layer, head, cmap):
-        analysis = workspace.analysis(need(session))
+        _, analysis = opened(session)
         head = views.parse_head(head, analysis.num_heads)
         selected = (min(int(layer), analysis.num_layers - 1), head) if isinstance(head, int) else None
         return views.atlas_view(analysis, views.Style(cmap=cmap), selected)[0]
@@ -152,12 +148,11 @@ def build_demo(loaded: LoadedModel | None = None, device: str | None = None) -> 
 
     @user_errors
     def stats_chart(session, statistic):
-        return views.stats_chart(workspace.analysis(need(session)), statistic)
+        return views.stats_chart(opened(session)[1], statistic)
 
     @user_errors
     def animate(session, mode, head, opacity, cmap, smooth, normalize, progress=gr.Progress()):
-        session = need(session)
-        analysis = workspace.analysis(session)
+        session, analysis = opened(session)
         head = views.parse_head(head, analysis.num_heads)
         frames, captions = views.layer_frames(analysis, session.scene, mode, head,
                                               style_of(opacity, cmap, smooth, normalize),
@@ -167,8 +162,7 @@ def build_demo(loaded: LoadedModel | None = None, device: str | None = None) -> 
 
     @user_errors
     def export_current(session, layer, head, fusion, view_image):
-        session = need(session)
-        analysis = workspace.analysis(session)
+        session, analysis = opened(session)
         head = views.parse_head(head, analysis.num_heads)
         folder = exports.new_export_dir()
         token = views.patch_at(analysis, *session.clicked_point())[2]
@@ -283,10 +277,11 @@ def build_demo(loaded: LoadedModel | None = None, device: str | None = None) -> 
         private = {"api_visibility": "private"}
 
         analyzed = gr.on([analyze_btn.click, image_in.upload, image_in.input, resolution.release], run_analysis,
-                         [image_in, resolution, model_key, stat_mode, dtype, *style_inputs],
-                         [session, layer, head, atlas_image, table, status], concurrency_limit=1, **private)
+                         [image_in, resolution, model_key, stat_mode, dtype],
+                         [session, layer, head, table, status], concurrency_limit=1, **private)
         analyzed.success(render, render_inputs, view_outputs, **private).success(
-            stats_chart, [session, statistic], chart_image, **private)
+            stats_chart, [session, statistic], chart_image, **private).success(
+            render_atlas, [session, layer, head, cmap], atlas_image, **private)
         gr.on([layer.change, head.change, direction.change, opacity.release, cmap.change, smooth.change,
                normalize.change], render, render_inputs, view_outputs, trigger_mode="always_last", **private)
         for clickable in (cls_image, patch_image, similarity_image):
