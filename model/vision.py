@@ -21,6 +21,9 @@ class AttentionObserver(Protocol):
                       scale: float) -> None:
         """query, key: (B, heads, N, head_dim) projections; lse: (B, heads, N) fp32 log-sum-exp of each score row."""
 
+    def observe_pooling(self, probs: torch.Tensor) -> None:
+        """An attention-pooling head's probe attention over every token: (B, heads, N) (SigLIP); optional."""
+
 
 def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                        scale: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -139,10 +142,15 @@ class IdeficsVisionAttention(nn.Module):
         batch, tokens, _ = x.shape
         return x.view(batch, tokens, self.num_heads, self.head_dim).transpose(1, 2)  # (B, heads, N, head_dim)
 
+    def query_key(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The queries and keys of normalised tokens x (B, N, D), exactly as the forward computes them."""
+        return self._split_heads(self.q_proj(x)), self._split_heads(self.k_proj(x))
+
     def forward(self, x: torch.Tensor, output_attentions: bool = False,
                 observer: AttentionObserver | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         batch, tokens, dim = x.shape
-        q, k, v = (self._split_heads(proj(x)) for proj in (self.q_proj, self.k_proj, self.v_proj))
+        q, k = self.query_key(x)
+        v = self._split_heads(self.v_proj(x))
         weights = None
         if observer is not None:
             out, lse = attention_with_lse(q, k, v, self.scale)
@@ -174,6 +182,10 @@ class IdeficsVisionEncoderLayer(nn.Module):
         self.layer_norm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.mlp = IdeficsVisionMLP(config)
         self.layer_norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+    def query_key(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """This layer's attention queries and keys, (B, heads, N, head_dim) each, rebuilt from its input x (B, N, D)."""
+        return self.self_attn.query_key(self.layer_norm1(x))
 
     def forward(self, x: torch.Tensor, output_attentions: bool = False,
                 observer: AttentionObserver | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
