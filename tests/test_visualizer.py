@@ -46,11 +46,40 @@ def test_unknown_colormap_is_a_clear_error():
         visualizer.colorize(np.zeros((2, 2)), "no-such-map")
 
 
-def test_available_colormaps_start_with_perceptual_ones_and_all_exist():
+def test_available_colormaps_are_a_curated_list_of_perceptual_and_diverging_ones():
     names = visualizer.available_colormaps()
-    assert names[:4] == ["inferno", "viridis", "magma", "plasma"]
-    assert {"turbo", "jet", "hot", "gray"} <= set(names[:12])
+    assert names[:4] == ["inferno", "viridis", "magma", "plasma"] and "coolwarm" in names
+    assert not {"jet", "flag", "prism", "Paired", "turbo"} & set(names) and len(names) <= 10
     assert len(names) == len(set(names)) and all(name in colormaps for name in names)
+
+
+def test_scale_range_is_what_normalize_sends_to_the_ends():
+    values = np.linspace(0, 1, 400).reshape(20, 20)
+    values[-1, -1] = 50.0  # a sink token
+    low, high = visualizer.scale_range(values, "robust")
+    assert low == 0 and 0.98 < high < 1.0
+    np.testing.assert_allclose(visualizer.normalize_map(values, "robust"), np.clip(values / high, 0, 1), rtol=1e-6)
+    assert visualizer.scale_range(values, "max") == (0.0, 50.0) and visualizer.scale_range(values, "none") == (0, 1)
+
+
+def test_top_mass_mask_keeps_the_smallest_set_holding_the_fraction():
+    values = np.array([[0.5, 0.05], [0.25, 0.2]])
+    assert visualizer.top_mass_mask(values, 0.5).tolist() == [[True, False], [False, False]]
+    assert visualizer.top_mass_mask(values, 0.6).tolist() == [[True, False], [True, False]]
+    assert visualizer.top_mass_mask(values, 0.9).tolist() == [[True, False], [True, True]]
+    assert visualizer.top_mass_mask(values, 0.99).tolist() == [[True, True], [True, True]]
+    assert visualizer.top_mass_mask(values * 10, 0.75).tolist() == [[True, False], [True, False]]  # scale-free
+    with pytest.raises(ValueError):
+        visualizer.top_mass_mask(values, 0.0)
+
+
+def test_masked_overlay_dims_what_is_outside_and_colorbar_frames_below():
+    image = plain(40, 20, 200)
+    heat = np.array([[1.0, 0.0]])
+    out = np.asarray(visualizer.overlay(image, heat, opacity=1.0, cmap="gray", smooth=False, mask=heat > 0.5))
+    assert (out[:, :20] == 255).all() and (out[:, 20:] == round(200 * 0.35)).all()
+    framed = visualizer.with_colorbar(image, "gray", 0.0, 0.25, label="attention")
+    assert framed.size == (40, 20 + 34) and np.array_equal(np.asarray(framed)[:20], np.asarray(image))
 
 
 def test_normalizations():
@@ -180,6 +209,10 @@ def test_atlas_draws_each_map_in_its_cell_and_click_mapping_inverts_layout():
     assert tuple(pixels[top - 1, left + 5]) == (0, 200, 255)  # the selected cell's outline
     assert (pixels[: layout.margin_top] < 100).all(axis=-1).any()  # column labels
     assert (pixels[:, : layout.margin_left] < 100).all(axis=-1).any()  # row labels
+    shared, _ = visualizer.atlas(maps * 0.5, cmap="gray", thumb_width=40, value_range=(0.0, 1.0))
+    left, top, right, bottom = layout.box(0, 0)
+    expected = visualizer.upsample(maps[0, 0] * 0.5, (40, 25), smooth=False)
+    assert np.abs(np.asarray(shared)[top:bottom, left:right, 0] - expected * 255).max() <= 2  # 256-entry LUT
 
 
 def test_stats_heatmap_shows_the_colormap_and_line_chart_the_series():
@@ -188,6 +221,9 @@ def test_stats_heatmap_shows_the_colormap_and_line_chart_the_series():
     viridis = colormaps["viridis"]([0.0, 1.0], bytes=True)[:, :3]
     assert heat.mode == "RGB" and heat.width > 200 and heat.height > 200
     assert tuple(viridis[0]) in colours and tuple(viridis[1]) in colours
+    marked = visualizer.stats_heatmap(np.arange(12.0).reshape(4, 3), "entropy", cmap="viridis", selected=(2, 1))
+    assert (0, 200, 255) in {tuple(c) for c in np.asarray(marked).reshape(-1, 3)}
+    assert (0, 200, 255) not in colours
     chart = visualizer.line_chart({"head 0": np.arange(5.0), "mean": np.ones(5)}, "layer", "distance", "t",
                                   highlight="mean")
     chart_colours = {tuple(c) for c in np.asarray(chart).reshape(-1, 3)}

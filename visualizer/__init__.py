@@ -1,14 +1,14 @@
 """Numpy in, images out: overlays, head grids, the atlas, charts, GIFs and exports (no torch, no pyplot)."""
 from .animation import animation_gif
 from .charts import line_chart, stats_heatmap
-from .colormaps import available_colormaps, colorbar_image, colorize, normalize_map
+from .colormaps import available_colormaps, colorbar_image, colorize, normalize_map, scale_range, with_colorbar
 from .export import export_npz, png_bytes
 from .grid import AtlasLayout, atlas, atlas_layout, head_grid
-from .overlay import mark_patch, mark_patches, overlay, rgb_image, upsample
+from .overlay import mark_patch, mark_patches, overlay, rgb_image, top_mass_mask, upsample
 from .text import caption
 
 __all__ = [
     "AtlasLayout", "animation_gif", "atlas", "atlas_layout", "available_colormaps", "caption", "colorbar_image",
     "colorize", "export_npz", "head_grid", "line_chart", "mark_patch", "mark_patches", "normalize_map", "overlay",
-    "png_bytes", "rgb_image", "stats_heatmap", "upsample",
+    "png_bytes", "rgb_image", "scale_range", "stats_heatmap", "top_mass_mask", "upsample", "with_colorbar",
 ]

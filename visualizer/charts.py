@@ -5,10 +5,12 @@ import numpy as np
 from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
 from matplotlib.ticker import MaxNLocator
 from PIL import Image
 
 DPI = 100
+SELECTED = "#00c8ff"  # the selected layer × head, as in the atlas
 
 
 def render(figure: Figure) -> Image.Image:
@@ -18,8 +20,10 @@ def render(figure: Figure) -> Image.Image:
     return Image.fromarray(np.asarray(canvas.buffer_rgba())).convert("RGB")
 
 
-def stats_heatmap(values: np.ndarray, title: str, cmap: str = "viridis", label: str = "") -> Image.Image:
-    """A (layers, heads) table of numbers as a heatmap, layers down and heads across, with a colour bar."""
+def stats_heatmap(values: np.ndarray, title: str, cmap: str = "viridis", label: str = "",
+                  selected: tuple[int, int] | None = None) -> Image.Image:
+    """A (layers, heads) table of numbers as a heatmap, layers down and heads across, with a colour bar;
+    the `selected` (layer, head) cell outlined."""
     if np.ndim(values) != 2:
         raise ValueError(f"values must be (layers, heads), got shape {np.shape(values)}")
     layers, heads = values.shape
@@ -32,6 +36,9 @@ def stats_heatmap(values: np.ndarray, title: str, cmap: str = "viridis", label: 
     axes.xaxis.set_major_locator(MaxNLocator(nbins=16, integer=True))
     axes.yaxis.set_major_locator(MaxNLocator(nbins=16, integer=True))
     axes.set_title(title, fontsize=10)
+    if selected is not None:
+        layer, head = selected
+        axes.add_patch(Rectangle((head - 0.5, layer - 0.5), 1, 1, fill=False, edgecolor=SELECTED, linewidth=2.5))
     figure.colorbar(image, ax=axes, label=label)
     return render(figure)
 

@@ -7,40 +7,48 @@ from PIL import Image, ImageDraw
 
 from .text import fitting_font
 
-PREFERRED_COLORMAPS = ("inferno", "viridis", "magma", "plasma", "cividis", "turbo", "jet", "hot", "coolwarm", "gray")
+SEQUENTIAL_COLORMAPS = ("inferno", "viridis", "magma", "plasma", "cividis", "gray")  # perceptually uniform
+DIVERGING_COLORMAPS = ("coolwarm", "RdBu_r", "PuOr_r")
 NORMALIZATIONS = ("robust", "minmax", "max", "none")
 ROBUST_PERCENTILE = 99.0
 
 
 def available_colormaps() -> list[str]:
-    """Perceptual colormaps first, then every other matplotlib colormap (reversed `_r` variants left out)."""
-    rest = sorted(name for name in colormaps if name not in PREFERRED_COLORMAPS and not name.endswith("_r"))
-    return [*PREFERRED_COLORMAPS, *rest]
+    """The curated list offered to users: perceptually uniform sequential colormaps, then a few diverging ones."""
+    return [*SEQUENTIAL_COLORMAPS, *DIVERGING_COLORMAPS]
 
 
-def normalize_map(values: np.ndarray, mode: str = "minmax", clip_percentile: float | None = None) -> np.ndarray:
-    """Scales a map to [0, 1] as float32; a constant map gives zeros.
+def scale_range(values: np.ndarray, mode: str = "minmax", clip_percentile: float | None = None) -> tuple[float, float]:
+    """The (low, high) values that `normalize_map` sends to 0 and 1.
 
     Args:
-        mode: "minmax" (min → 0, max → 1), "max" (0 → 0, max → 1), "none" (values clipped to [0, 1] as they are),
-            or "robust" ("minmax" with values above the 99th percentile clipped, so a few sink tokens do not wash out
-            the rest).
-        clip_percentile: clip values above this percentile (0-100] first; skipped where it would flatten the map.
+        mode: "minmax" (min → 0, max → 1), "max" (0 → 0, max → 1), "none" (0 → 0, 1 → 1), or "robust" ("minmax" up
+            to the 99th percentile, so a few sink tokens do not wash out the rest).
+        clip_percentile: values above this percentile (0-100] saturate; skipped where it would flatten the map.
     """
     if mode not in NORMALIZATIONS:
         raise ValueError(f"normalize must be one of {NORMALIZATIONS}, got {mode!r}")
     values = np.asarray(values, dtype=np.float32)
+    if mode == "none":
+        return 0.0, 1.0
     if mode == "robust":
         mode, clip_percentile = "minmax", clip_percentile or ROBUST_PERCENTILE
+    high = float(values.max())
     if clip_percentile is not None:
         if not 0 < clip_percentile <= 100:
             raise ValueError(f"clip_percentile must be in (0, 100], got {clip_percentile}")
-        clipped = np.minimum(values, np.percentile(values, clip_percentile))
-        values = clipped if clipped.max() > clipped.min() else values
-    if mode == "none":
-        return np.clip(values, 0.0, 1.0)
+        clipped = float(np.percentile(values, clip_percentile))
+        high = clipped if clipped > float(values.min()) else high
     low = float(values.min()) if mode == "minmax" else 0.0
-    high = float(values.max())
+    return low, high
+
+
+def normalize_map(values: np.ndarray, mode: str = "minmax", clip_percentile: float | None = None,
+                  value_range: tuple[float, float] | None = None) -> np.ndarray:
+    """Scales a map to [0, 1] as float32 by `scale_range` (or a given (low, high)); a constant map gives zeros
+    (or ones under "max", where each value is the maximum)."""
+    values = np.asarray(values, dtype=np.float32)
+    low, high = value_range or scale_range(values, mode, clip_percentile)
     if high <= low:
         return np.zeros_like(values)
     return np.clip((values - low) / (high - low), 0.0, 1.0)
@@ -49,7 +57,7 @@ def normalize_map(values: np.ndarray, mode: str = "minmax", clip_percentile: flo
 def colorize(values01: np.ndarray, cmap: str) -> np.ndarray:
     """(...) values in [0, 1] → (..., 3) uint8 colours of matplotlib colormap `cmap`, exactly as matplotlib maps them."""
     if cmap not in colormaps:
-        raise ValueError(f"unknown colormap {cmap!r}; try one of {', '.join(PREFERRED_COLORMAPS)}")
+        raise ValueError(f"unknown colormap {cmap!r}; try one of {', '.join(available_colormaps())}")
     values = np.clip(np.asarray(values01, dtype=np.float32), 0.0, 1.0)
     return colormaps[cmap](values, bytes=True)[..., :3]
 
@@ -72,3 +80,13 @@ def colorbar_image(cmap: str, width: int = 256, height: int = 48, vmin: float = 
     if label:
         draw.text((width // 2, strip_h + 2), label, fill=ink, font=text_font, anchor="ma")
     return legend
+
+
+def with_colorbar(image: Image.Image, cmap: str, vmin: float, vmax: float, label: str = "",
+                  height: int = 34) -> Image.Image:
+    """The image with a legend strip of its full width below it: the colormap from vmin to vmax, and a label."""
+    legend = colorbar_image(cmap, max(32, image.width), max(24, height), vmin, vmax, label)
+    framed = Image.new("RGB", (image.width, image.height + legend.height), (255, 255, 255))
+    framed.paste(image.convert("RGB"), (0, 0))
+    framed.paste(legend, (0, image.height))
+    return framed

@@ -96,9 +96,11 @@ def atlas_layout(layers: int, heads: int, grid_h: int, grid_w: int, thumb_width:
 
 
 def atlas(maps: np.ndarray, cmap: str = "inferno", normalize: str = "minmax", thumb_width: int = 72,
-          selected: tuple[int, int] | None = None) -> tuple[Image.Image, AtlasLayout]:
-    """(layers, heads, grid_h, grid_w) maps as thumbnails, each normalised on its own; rows "L0…", columns "H0…".
+          selected: tuple[int, int] | None = None,
+          value_range: tuple[float, float] | None = None) -> tuple[Image.Image, AtlasLayout]:
+    """(layers, heads, grid_h, grid_w) maps as thumbnails; rows "L0…", columns "H0…".
 
+    Each thumbnail is scaled on its own by `normalize`, or all of them by one `value_range`.
     Returns the image and its layout (layout.cell_at(x, y) turns a click into (layer, head)).
     """
     if np.ndim(maps) != 4:
@@ -108,7 +110,8 @@ def atlas(maps: np.ndarray, cmap: str = "inferno", normalize: str = "minmax", th
     pixels = np.full((*layout.size[::-1], 3), BACKGROUND, dtype=np.uint8)
     for layer in range(layers):
         for head in range(heads):
-            thumb = upsample(normalize_map(maps[layer, head], normalize), (layout.thumb_w, layout.thumb_h), smooth=False)
+            scaled = normalize_map(maps[layer, head], normalize, value_range=value_range)
+            thumb = upsample(scaled, (layout.thumb_w, layout.thumb_h), smooth=False)
             left, top, right, bottom = layout.box(layer, head)
             pixels[top:bottom, left:right] = colorize(thumb, cmap)
     canvas = Image.fromarray(pixels)

@@ -27,17 +27,41 @@ def upsample(values: np.ndarray, size: tuple[int, int], smooth: bool) -> np.ndar
 
 
 def overlay(image: Image.Image, heatmap: np.ndarray, opacity: float = 0.6, cmap: str = "inferno",
-            normalize: str = "minmax", smooth: bool = True) -> Image.Image:
-    """The (grid_h, grid_w) map normalised, coloured and alpha-blended over the whole image, at the image's own size."""
+            normalize: str = "minmax", smooth: bool = True, value_range: tuple[float, float] | None = None,
+            mask: np.ndarray | None = None) -> Image.Image:
+    """The (grid_h, grid_w) map normalised, coloured and alpha-blended over the whole image, at the image's own size.
+
+    Args:
+        value_range: the (low, high) sent to the colormap's ends, instead of the one `normalize` picks.
+        mask: (grid_h, grid_w) booleans; patches outside it show the image darkened, without colour.
+    """
     if not 0.0 <= opacity <= 1.0:
         raise ValueError(f"opacity must be in [0, 1], got {opacity}")
     if np.ndim(heatmap) != 2:
         raise ValueError(f"the heatmap must be (grid_h, grid_w), got shape {np.shape(heatmap)}")
-    values = upsample(normalize_map(heatmap, normalize), image.size, smooth)
+    values = upsample(normalize_map(heatmap, normalize, value_range=value_range), image.size, smooth)
     colours = colorize(values, cmap).astype(np.float32)
     base = np.asarray(image.convert("RGB"), dtype=np.float32)
     blended = base * (1.0 - opacity) + colours * opacity
+    if mask is not None:
+        inside = upsample(np.asarray(mask, dtype=np.float32), image.size, smooth=False)[..., None] > 0.5
+        blended = np.where(inside, blended, base * 0.35)
     return Image.fromarray(np.clip(blended + 0.5, 0, 255).astype(np.uint8))
+
+
+def top_mass_mask(values: np.ndarray, fraction: float) -> np.ndarray:
+    """The smallest set of cells holding `fraction` of the map's total mass (DINO's visualize_attention threshold)."""
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"the mass fraction must be in (0, 1], got {fraction}")
+    flat = np.clip(np.asarray(values, dtype=np.float64).ravel(), 0.0, None)
+    total = flat.sum()
+    if total <= 0:
+        return np.ones(np.shape(values), dtype=bool)
+    order = np.argsort(flat)[::-1]  # largest first
+    kept = np.searchsorted(np.cumsum(flat[order]) / total, fraction - 1e-12) + 1
+    mask = np.zeros(flat.shape, dtype=bool)
+    mask[order[:kept]] = True
+    return mask.reshape(np.shape(values))
 
 
 def rgb_image(rgb: np.ndarray, size: tuple[int, int]) -> Image.Image:
