@@ -1,4 +1,5 @@
-"""Analyses kept between requests: least recently used dropped past a memory budget."""
+"""What is kept between requests: analyses and decoded images, least recently used dropped past a byte budget.
+Concurrent requests for the same key wait for one computation instead of repeating it."""
 from __future__ import annotations
 
 import hashlib
@@ -6,10 +7,10 @@ import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
+from concurrent.futures import Future
+from typing import Any
 
 from PIL import Image
-
-from analysis import Analysis
 
 logger = logging.getLogger(__name__)
 
@@ -23,32 +24,69 @@ def image_digest(image: Image.Image) -> str:
 
 
 class AnalysisCache:
-    """Thread-safe LRU of analyses whose total size stays under `max_bytes` (the newest one is always kept)."""
+    """Thread-safe LRU of items with an `nbytes` size, kept under `max_bytes` in total.
+
+    The item added last is always kept (even alone over the budget), and pinned items are never dropped (they
+    still count). `get_or_compute` runs one computation per key: concurrent callers wait for its result.
+    """
 
     def __init__(self, max_bytes: int):
         self.max_bytes = max_bytes
-        self._items: OrderedDict[Hashable, Analysis] = OrderedDict()
+        self._items: OrderedDict[Hashable, Any] = OrderedDict()
+        self._pinned: set[Hashable] = set()
+        self._pending: dict[Hashable, Future] = {}
         self._lock = threading.Lock()
 
-    def get(self, key: Hashable) -> Analysis | None:
+    def get(self, key: Hashable) -> Any | None:
         with self._lock:
             if key in self._items:
                 self._items.move_to_end(key)
                 return self._items[key]
             return None
 
-    def get_or_compute(self, key: Hashable, compute: Callable[[], Analysis]) -> Analysis:
-        found = self.get(key)
-        if found is not None:
-            return found
-        result = compute()
+    def get_or_compute(self, key: Hashable, compute: Callable[[], Any]) -> Any:
         with self._lock:
-            self._items[key] = result
-            self._items.move_to_end(key)
-            while len(self._items) > 1 and self.total_bytes > self.max_bytes:
-                dropped, _ = self._items.popitem(last=False)
-                logger.info("analysis cache over budget: dropped %s", dropped)
+            if key in self._items:
+                self._items.move_to_end(key)
+                return self._items[key]
+            future = self._pending.get(key)
+            owner = future is None
+            if owner:
+                future = self._pending[key] = Future()
+        if not owner:
+            return future.result()  # the owner's result, or its exception
+        try:
+            result = compute()
+        except BaseException as err:
+            with self._lock:
+                del self._pending[key]
+            future.set_exception(err)
+            raise
+        with self._lock:
+            self._store(key, result)
+            del self._pending[key]
+        future.set_result(result)
         return result
+
+    def put(self, key: Hashable, item: Any, pin: bool = False) -> None:
+        with self._lock:
+            if pin:
+                self._pinned.add(key)
+            self._store(key, item)
+
+    def pin(self, key: Hashable) -> None:
+        """Keeps `key` whatever the budget (it still counts towards it)."""
+        with self._lock:
+            self._pinned.add(key)
+
+    def _store(self, key: Hashable, item: Any) -> None:
+        self._items[key] = item
+        self._items.move_to_end(key)
+        for old in [k for k in self._items if k not in self._pinned and k != key]:
+            if self.total_bytes <= self.max_bytes:
+                break
+            del self._items[old]
+            logger.info("cache over budget: dropped %s", old)
 
     @property
     def total_bytes(self) -> int:
@@ -57,6 +95,10 @@ class AnalysisCache:
     def __len__(self) -> int:
         return len(self._items)
 
+    def __contains__(self, key: Hashable) -> bool:
+        return key in self._items
+
     def clear(self) -> None:
         with self._lock:
             self._items.clear()
+            self._pinned.clear()

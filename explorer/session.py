@@ -1,70 +1,99 @@
-"""What one visitor is looking at, and the shared workspace (models, analyses) it is computed from."""
+"""The shared workspace (models, cached analyses and images, files) and the small state a page visitor keeps."""
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, field, replace
-
-from PIL import Image
+import dataclasses
+import logging
+import threading
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
 
 from analysis import Analysis, analyze
 from analysis.stats import DEFAULT_STAT_QUERIES
+from model import load_image
 
 from .cache import AnalysisCache, image_digest
+from .files import FileStore
+from .inputs import UserError, uploaded_file
 from .models import DEFAULT, ModelStore
 from .views import Scene
 
+logger = logging.getLogger(__name__)
 MIN_RESOLUTION, MAX_RESOLUTION, DEFAULT_RESOLUTION = 224, 2048, 518
+Progress = Callable[[float, str], None]
+Warn = Callable[[str], None]
 
 
 @dataclass(frozen=True)
-class Session:
-    """One image at one resolution with one model; the analysis itself lives in the shared cache."""
+class AnalysisKey:
+    """Everything an analysis depends on."""
 
-    scene: Scene = field(compare=False)
-    digest: str
+    model: str
+    digest: str  # of the decoded image
     resolution: int
-    model_key: str = DEFAULT
     stat_queries: int | None = DEFAULT_STAT_QUERIES
     dtype: str = "float32"
-    point: tuple[float, float] | None = None  # the clicked pixel on the original image
-
-    @property
-    def key(self) -> tuple:
-        return self.model_key, self.digest, self.resolution, self.stat_queries, self.dtype
-
-    def clicked(self, x: float, y: float) -> "Session":
-        return replace(self, point=(x, y))
-
-    def clicked_point(self) -> tuple[float, float]:
-        """The clicked pixel, or the image centre before any click."""
-        if self.point is not None:
-            return self.point
-        return self.scene.original.width / 2, self.scene.original.height / 2
 
 
-def check_resolution(resolution: float) -> int:
-    value = int(round(resolution))
-    if not MIN_RESOLUTION <= value <= MAX_RESOLUTION:
-        raise ValueError(f"resolution must be between {MIN_RESOLUTION} and {MAX_RESOLUTION} px, got {value}")
-    return value
+@dataclass(frozen=True)
+class View:
+    """What one page visitor is looking at; the analysis and the image themselves live in the shared cache."""
+
+    key: AnalysisKey
+    source: str  # the upload the image came from, to decode again if the cache dropped it
+    point: tuple[float, float] | None = None  # the clicked pixel, in the upload's coordinates
+
+    def clicked(self, x: float, y: float) -> "View":
+        return dataclasses.replace(self, point=(x, y))
+
+
+def resolution_limits(patch_size: int) -> tuple[int, int]:
+    """The smallest and largest long side a slider stepping by `patch_size` from MIN_RESOLUTION can reach."""
+    return MIN_RESOLUTION, MIN_RESOLUTION + (MAX_RESOLUTION - MIN_RESOLUTION) // patch_size * patch_size
 
 
 class Workspace:
-    """Models and analyses shared by every session."""
+    """Models, analyses, decoded images and written files shared by every visitor; one forward pass at a time
+    per device slot, and one computation for concurrent identical requests."""
 
-    def __init__(self, models: ModelStore, cache: AnalysisCache):
+    def __init__(self, models: ModelStore, cache: AnalysisCache, files: FileStore, upload_roots: Iterable[Path],
+                 device_slots: int = 1):
         self.models = models
         self.cache = cache
+        self.files = files
+        self.upload_roots = tuple(Path(root).resolve() for root in upload_roots)
+        self.device_slots = device_slots
+        self._device = threading.BoundedSemaphore(device_slots)
 
-    def open(self, image: Image.Image, resolution: float, model_key: str = DEFAULT,
-             stat_queries: int | None = DEFAULT_STAT_QUERIES, dtype: str = "float32") -> Session:
-        return Session(Scene.of(image), image_digest(image), check_resolution(resolution), model_key or DEFAULT,
-                       stat_queries, dtype)
+    def upload(self, value, name: str = "image", warn: Warn | None = None) -> tuple[str, Scene]:
+        """(source path, scene) of an uploaded image: checked, decoded once, then served from the cache."""
+        path = uploaded_file(value, name, self.upload_roots)
+        return str(path), self.scene(str(path), warn)
 
-    def analysis(self, session: Session, progress: Callable[[float, str], None] | None = None) -> Analysis:
-        """The session's analysis, computed once and then served from the cache."""
+    def scene(self, source: str, warn: Warn | None = None, digest: str | None = None) -> Scene:
+        """The decoded image of an upload (by its digest when known, else decoded again)."""
+        found = self.cache.get(("scene", digest)) if digest else None
+        if found is not None:
+            return found
+        try:
+            image = load_image(source, warn)
+        except FileNotFoundError:
+            raise UserError("The uploaded image has expired on the server: upload it again.") from None
+        digest = image_digest(image)
+        return self.cache.get_or_compute(("scene", digest), lambda: Scene.of(image, digest))
+
+    def key(self, scene: Scene, resolution: int, model: str = DEFAULT, stat_queries: int | None = DEFAULT_STAT_QUERIES,
+            dtype: str = "float32") -> AnalysisKey:
+        return AnalysisKey(self.models.check(model), scene.digest, resolution, stat_queries, dtype)
+
+    def analysis(self, key: AnalysisKey, source: str, progress: Progress | None = None) -> Analysis:
+        """The analysis for `key`, computed once (concurrent identical requests wait for it), then cached."""
         def compute() -> Analysis:
-            loaded = self.models.get(session.model_key)
-            return analyze(loaded, session.scene.original, session.resolution, session.dtype,
-                           session.stat_queries, progress)
-        return self.cache.get_or_compute(session.key, compute)
+            scene = self.scene(source, digest=key.digest)
+            loaded = self.models.get(key.model, key.dtype)
+            with self._device:
+                analysis = analyze(loaded, scene.image, key.resolution, key.dtype, key.stat_queries, progress)
+            width, height = scene.original_size  # the working copy may be a reduced upload
+            analysis.geometry = dataclasses.replace(analysis.geometry, orig_w=width, orig_h=height)
+            return analysis
+        return self.cache.get_or_compute(("analysis", key), compute)

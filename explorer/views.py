@@ -1,6 +1,7 @@
-"""From an analysis to what the page shows: each view is a few visualizer calls on one analysis quantity."""
+"""From an analysis to what is shown: each view is a few visualizer calls on one analysis quantity."""
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
@@ -8,11 +9,14 @@ import numpy as np
 from PIL import Image
 
 import visualizer
-from analysis import FUSIONS, STAT_LABELS, Analysis
+from analysis import FUSIONS, Analysis
 
-DISPLAY_LONG_SIDE = 1280  # overlays in the page are drawn on the original image at most this large
+PAGE_LONG_SIDE = 640  # maps in the page are drawn this large: a redraw stays fast
+LARGE_LONG_SIDE = 1280  # maps returned by the API and written by the command line
 THUMB_LONG_SIDE = 224  # head-grid tiles
-HEAD_CHOICES_FUSED = ("mean", "max", "min")
+WORKING_MAX_PIXELS = 4096 * 4096  # larger uploads are reduced (Lanczos) before the model sees them
+HEAD_CHOICES_FUSED = FUSIONS
+Box = tuple[float, float, float, float]
 
 
 @dataclass(frozen=True)
@@ -21,31 +25,37 @@ class Style:
     cmap: str = "inferno"
     smooth: bool = True
     normalize: str = "robust"
+    mass: float | None = None  # show only the smallest set of patches holding this fraction of the map (DINO)
 
 
 @dataclass
 class Scene:
-    """The original image, and copies of it small enough to redraw on quickly."""
+    """An uploaded image: the copy the model sees, and smaller copies to draw on quickly."""
 
-    original: Image.Image
-    display: Image.Image
+    image: Image.Image  # the upload, reduced to at most WORKING_MAX_PIXELS
+    original_size: tuple[int, int]  # (width, height) of the upload: the coordinates clients speak in
+    page: Image.Image
+    large: Image.Image
     thumb: Image.Image
+    digest: str = ""  # of the decoded upload
 
     @classmethod
-    def of(cls, image: Image.Image) -> "Scene":
-        return cls(image, _shrunk(image, DISPLAY_LONG_SIDE), _shrunk(image, THUMB_LONG_SIDE))
+    def of(cls, image: Image.Image, digest: str = "") -> "Scene":
+        working = _shrunk(image, max(image.size) * (WORKING_MAX_PIXELS / (image.width * image.height)) ** 0.5)
+        return cls(working, image.size, _shrunk(working, PAGE_LONG_SIDE), _shrunk(working, LARGE_LONG_SIDE),
+                   _shrunk(working, THUMB_LONG_SIDE), digest)
 
-    def to_original(self, x: float, y: float) -> tuple[float, float]:
-        """Pixel (x, y) on the display copy → the same point on the original image."""
-        return x * self.original.width / self.display.width, y * self.original.height / self.display.height
+    @property
+    def nbytes(self) -> int:
+        return sum(3 * im.width * im.height for im in (self.image, self.page, self.large, self.thumb))
+
+    def page_to_original(self, x: float, y: float) -> tuple[float, float]:
+        """Pixel (x, y) of the page's copy → the same point of the upload."""
+        width, height = self.original_size
+        return x * width / self.page.width, y * height / self.page.height
 
 
-def paint(base: Image.Image, values: np.ndarray, style: Style) -> Image.Image:
-    """A (grid_h, grid_w) map over `base` in the chosen style."""
-    return visualizer.overlay(base, values, style.opacity, style.cmap, style.normalize, style.smooth)
-
-
-def _shrunk(image: Image.Image, long_side: int) -> Image.Image:
+def _shrunk(image: Image.Image, long_side: float) -> Image.Image:
     scale = long_side / max(image.size)
     if scale >= 1:
         return image
@@ -53,140 +63,129 @@ def _shrunk(image: Image.Image, long_side: int) -> Image.Image:
     return image.resize(size, Image.Resampling.LANCZOS)
 
 
-def head_choices(num_heads: int) -> list[str]:
-    return [*HEAD_CHOICES_FUSED, *(str(h) for h in range(num_heads))]
-
-
-def parse_head(value: "int | str", num_heads: int) -> "int | str":
-    """A head index or a fusion name, checked against the model."""
-    text = str(value).strip().lower().removeprefix("head ")
-    if text in FUSIONS:
-        return text
-    if text.isdigit() and int(text) < num_heads:
-        return int(text)
-    raise ValueError(f"head must be one of {', '.join(FUSIONS)} or 0–{num_heads - 1}, got {value!r}")
-
-
-def check_layer(analysis: Analysis, layer: int) -> int:
-    if not 0 <= int(layer) < analysis.num_layers:
-        raise ValueError(f"layer must be in 0–{analysis.num_layers - 1}, got {layer}")
-    return int(layer)
+def paint(base: Image.Image, values: np.ndarray, style: Style, legend: str | None = None,
+          marker: Box | None = None) -> Image.Image:
+    """A (grid_h, grid_w) map over `base` in the chosen style; with `legend`, a colour bar with its values below."""
+    low, high = visualizer.scale_range(values, style.normalize)
+    mask = visualizer.top_mass_mask(values, style.mass) if style.mass else None
+    image = visualizer.overlay(base, values, style.opacity, style.cmap, smooth=style.smooth, value_range=(low, high),
+                               mask=mask)
+    if marker is not None:
+        image = visualizer.mark_patch(image, marker)
+    if legend is None:
+        return image
+    if style.mass:
+        legend = f"{legend} · top {style.mass:.0%} of the mass ({int(mask.sum())} patches)"
+    return visualizer.with_colorbar(image, style.cmap, low, high, legend)
 
 
 def head_label(head: "int | str") -> str:
     return f"head {head}" if isinstance(head, int) else f"{head} of heads"
 
 
-def cls_view(analysis: Analysis, scene: Scene, layer: int, head: "int | str", style: Style,
-             with_grid: bool = True) -> tuple[Image.Image, Image.Image | None]:
-    """The class token's attention in `layer` for `head` over the image, and the labelled grid of every head."""
-    layer = check_layer(analysis, layer)
-    overlay = paint(scene.display, analysis.cls_map(layer, head), style)
-    if not with_grid:
-        return overlay, None
-    maps = analysis.cls_maps(layer)
-    tiles = [paint(scene.thumb, m, style) for m in maps]
-    tiles.append(paint(scene.thumb, maps.mean(0), style))
-    labels = [f"head {h}" for h in range(len(maps))] + ["mean"]
-    return overlay, visualizer.head_grid(tiles, labels)
-
-
-def cls_maps_payload(analysis: Analysis, layer: int) -> dict:
-    """Every head's class-token map of `layer` as nested lists, with the grid and geometry."""
-    layer = check_layer(analysis, layer)
-    maps = analysis.cls_maps(layer)
-    return {"model": analysis.model_name, "layer": layer, "num_heads": len(maps),
-            "grid_h": analysis.geometry.grid_h, "grid_w": analysis.geometry.grid_w,
-            "geometry": analysis.geometry.to_dict(), "cls_self_attention": analysis.cls_attention[layer, :, 0].tolist(),
-            "maps": maps.round(7).tolist()}
-
-
-def rollout_view(analysis: Analysis, scene: Scene, fusion: str, discard_ratio: float, style: Style,
-                 progress: Callable[[float], None] | None = None) -> Image.Image:
-    values = analysis.rollout_map(fusion, discard_ratio, progress=progress)
-    return paint(scene.display, values, style)
-
-
-def flow_view(analysis: Analysis, scene: Scene, fusion: str, style: Style,
-              progress: Callable[[float], None] | None = None) -> Image.Image:
-    return paint(scene.display, analysis.flow_map(fusion, progress), style)
+def head_choices(num_heads: int) -> list[str]:
+    return [*HEAD_CHOICES_FUSED, *(str(h) for h in range(num_heads))]
 
 
 def patch_at(analysis: Analysis, x: float, y: float) -> tuple[int, int, int]:
     """(row, col, token) of the patch under pixel (x, y) of the original image."""
     g = analysis.geometry
     if not (0 <= x < g.orig_w and 0 <= y < g.orig_h):
-        raise ValueError(f"({x}, {y}) is outside the {g.orig_w}×{g.orig_h} image")
+        raise ValueError(f"({x:g}, {y:g}) is outside the {g.orig_w}×{g.orig_h} image")
     row, col = g.patch_at(x, y)
     return row, col, analysis.token_at(row, col)
 
 
-def _mark(analysis: Analysis, scene: Scene, image: Image.Image, row: int, col: int) -> Image.Image:
-    return visualizer.mark_patch(image, _scaled_box(analysis, scene, row, col))
-
-
-def patch_view(analysis: Analysis, scene: Scene, x: float, y: float, layer: int, head: "int | str",
-               direction: str, style: Style) -> tuple[Image.Image, np.ndarray, tuple[int, int]]:
-    """What the patch under original-image pixel (x, y) attends to (row) or is attended by (column)."""
-    layer = check_layer(analysis, layer)
-    row, col, token = patch_at(analysis, x, y)
-    values = analysis.query_map(token, layer, head, direction)
-    overlay = paint(scene.display, values, style)
-    return _mark(analysis, scene, overlay, row, col), values, (row, col)
-
-
-def atlas_view(analysis: Analysis, style: Style,
-               selected: tuple[int, int] | None = None) -> tuple[Image.Image, visualizer.AtlasLayout]:
-    """Every layer × head class-token map as thumbnails (rows: layers, columns: heads), with its layout."""
-    maps = np.stack([analysis.cls_maps(layer) for layer in range(analysis.num_layers)])
-    return visualizer.atlas(maps, cmap=style.cmap, selected=selected)
-
-
-STAT_COLUMNS = ["layer", "head", *STAT_LABELS]
-
-
-def stats_rows(analysis: Analysis) -> list[list]:
-    """One row per layer × head: the head statistics, rounded for a table."""
-    stats = analysis.statistics.as_dict()
-    return [[layer, head, *(round(float(stats[name][layer, head]), 4) for name in STAT_LABELS)]
-            for layer in range(analysis.num_layers) for head in range(analysis.num_heads)]
-
-
-def stats_chart(analysis: Analysis, statistic: str) -> Image.Image:
-    values = analysis.statistics.as_dict()[statistic]
-    return visualizer.stats_heatmap(values, title=STAT_LABELS[statistic], cmap="viridis")
-
-
-def hidden_views(analysis: Analysis, scene: Scene, layer: int, x: float, y: float,
-                 style: Style) -> tuple[Image.Image, Image.Image, Image.Image, int]:
-    """Token norms with outliers outlined, PCA of the features as RGB, cosine similarity to the patch at (x, y)."""
-    layer = check_layer(analysis, layer)
-    norms, outliers = analysis.norm_map(layer)
-    norm_image = paint(scene.display, norms, replace(style, normalize="minmax", smooth=False))
-    boxes = [_scaled_box(analysis, scene, r, c) for r, c in zip(*np.nonzero(outliers))]
-    if boxes:
-        norm_image = visualizer.mark_patches(norm_image, boxes, color=(255, 64, 64))
-    pca = visualizer.rgb_image(analysis.pca_map(layer), scene.display.size)
-    row, col, token = patch_at(analysis, x, y)
-    similarity = paint(scene.display, analysis.similarity_map(layer, token), style)
-    return norm_image, pca, _mark(analysis, scene, similarity, row, col), len(boxes)
-
-
-def _scaled_box(analysis: Analysis, scene: Scene, row: int, col: int) -> tuple[float, float, float, float]:
-    """A patch's box on the display copy of the image."""
+def box_on(analysis: Analysis, base: Image.Image, row: int, col: int) -> Box:
+    """A patch's box on `base`, a copy of the original image at any size."""
     left, top, right, bottom = analysis.geometry.patch_box(row, col)
-    sx, sy = scene.display.width / scene.original.width, scene.display.height / scene.original.height
+    sx, sy = base.width / analysis.geometry.orig_w, base.height / analysis.geometry.orig_h
     return left * sx, top * sy, right * sx, bottom * sy
 
 
-def layer_frames(analysis: Analysis, scene: Scene, mode: str, head: "int | str", style: Style,
+def cls_view(analysis: Analysis, base: Image.Image, layer: int, head: "int | str", style: Style,
+             legend: bool = False, marker: tuple[int, int] | None = None) -> Image.Image:
+    """The class token's attention in `layer` for `head` over `base`."""
+    box = box_on(analysis, base, *marker) if marker else None
+    text = f"class-token attention · layer {layer} · {head_label(head)}" if legend else None
+    return paint(base, analysis.cls_map(layer, head), style, text, box)
+
+
+def head_grid(analysis: Analysis, thumb: Image.Image, layer: int, style: Style, legend: bool = False) -> Image.Image:
+    """Every head's class-token map of `layer`, each scaled on its own, labelled with its largest value."""
+    maps = analysis.cls_maps(layer)
+    maps = [*maps, maps.mean(0)]
+    tiles = [paint(thumb, m, style) for m in maps]
+    labels = [f"{name} · max {visualizer.scale_range(m, style.normalize)[1]:.3g}" if legend else name
+              for name, m in zip([*(f"head {h}" for h in range(len(maps) - 1)), "mean"], maps)]
+    return visualizer.head_grid(tiles, labels, columns=math.ceil(math.sqrt(2 * len(tiles))), tile_width=224)
+
+
+def patch_view(analysis: Analysis, base: Image.Image, row: int, col: int, layer: int, head: "int | str",
+               direction: str, style: Style, legend: bool = False) -> tuple[Image.Image, np.ndarray]:
+    """What patch (row, col) attends to (direction "row") or what attends to it ("column"), marked."""
+    values = analysis.query_map(analysis.token_at(row, col), layer, head, direction)
+    what = "what it attends to" if direction == "row" else "what attends to it"
+    text = f"patch ({row}, {col}): {what} · layer {layer} · {head_label(head)}" if legend else None
+    return paint(base, values, style, text, box_on(analysis, base, row, col)), values
+
+
+def rollout_view(analysis: Analysis, base: Image.Image, fusion: str, discard_ratio: float, style: Style,
+                 legend: bool = False, progress: Callable[[float], None] | None = None) -> Image.Image:
+    values = analysis.rollout_map(fusion, discard_ratio, progress=progress)
+    text = f"rollout · heads fused by {fusion} · discard ratio {discard_ratio:g}" if legend else None
+    return paint(base, values, style, text)
+
+
+def flow_view(analysis: Analysis, base: Image.Image, fusion: str, style: Style, legend: bool = False,
+              progress: Callable[[float], None] | None = None) -> Image.Image:
+    text = f"attention flow · heads fused by {fusion}" if legend else None
+    return paint(base, analysis.flow_map(fusion, progress), style, text)
+
+
+def atlas_view(analysis: Analysis, style: Style, selected: tuple[int, int] | None = None, shared: bool = False,
+               thumb_width: int = 120) -> tuple[Image.Image, visualizer.AtlasLayout]:
+    """Every layer × head class-token map as thumbnails (rows: layers, columns: heads), scaled as the main view."""
+    maps = np.stack([analysis.cls_maps(layer) for layer in range(analysis.num_layers)])
+    value_range = visualizer.scale_range(maps, style.normalize) if shared else None
+    image, layout = visualizer.atlas(maps, style.cmap, style.normalize, thumb_width, selected, value_range)
+    if value_range is None:
+        return image, layout
+    return visualizer.with_colorbar(image, style.cmap, *value_range, "class-token attention, one scale"), layout
+
+
+def atlas_thumb_width(num_heads: int) -> int:
+    return int(np.clip(840 // max(1, num_heads), 48, 120))
+
+
+def hidden_views(analysis: Analysis, base: Image.Image, layer: int, marker: tuple[int, int], style: Style,
+                 legend: bool = False) -> tuple[Image.Image, Image.Image, Image.Image, int]:
+    """Token norms with outliers outlined, PCA of the features as RGB, cosine similarity to the marked patch."""
+    norms, outliers = analysis.norm_map(layer)
+    plain = replace(style, normalize="minmax", smooth=False, mass=None)
+    norm_image = paint(base, norms, plain)
+    boxes = [box_on(analysis, base, r, c) for r, c in zip(*np.nonzero(outliers))]
+    if boxes:
+        norm_image = visualizer.mark_patches(norm_image, boxes, color=(255, 64, 64))
+    if legend:
+        norm_image = visualizer.with_colorbar(norm_image, style.cmap, float(norms.min()), float(norms.max()),
+                                              f"token norm after layer {layer}")
+    pca = visualizer.rgb_image(analysis.pca_map(layer), base.size)
+    token = analysis.token_at(*marker)
+    similarity = paint(base, analysis.similarity_map(layer, token), replace(style, normalize="none", mass=None),
+                       f"cosine similarity to patch {marker} after layer {layer}" if legend else None,
+                       box_on(analysis, base, *marker))
+    return norm_image, pca, similarity, len(boxes)
+
+
+def layer_frames(analysis: Analysis, base: Image.Image, mode: str, head: "int | str", style: Style,
                  progress: Callable[[float], None] | None = None) -> tuple[list[Image.Image], list[str]]:
     """One overlay per layer: the class-token map of `head` ("cls"), or rollout up to that layer ("rollout")."""
     frames, captions = [], []
     fusion = head if isinstance(head, str) else "mean"
     for layer in range(analysis.num_layers):
         values = analysis.cls_map(layer, head) if mode == "cls" else analysis.rollout_map(fusion, last_layer=layer)
-        frames.append(paint(scene.display, values, style))
+        frames.append(paint(base, values, style))
         captions.append(f"layer {layer}" + (f" · {head_label(head)}" if mode == "cls" else f" · rollout ({fusion})"))
         if progress is not None:
             progress((layer + 1) / analysis.num_layers)

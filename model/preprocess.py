@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -54,8 +55,13 @@ class ImageGeometry:
         return {**asdict(self), "input_h": self.input_h, "input_w": self.input_w}
 
 
-def load_image(source: "str | os.PathLike | bytes | Image.Image | np.ndarray") -> Image.Image:
-    """Opens an image from a path, bytes, array or PIL image; applies EXIF orientation; returns RGB."""
+def load_image(source: "str | os.PathLike | bytes | Image.Image | np.ndarray",
+               warn: "Callable[[str], None] | None" = None) -> Image.Image:
+    """Opens an image from a path, bytes, array or PIL image; applies EXIF orientation; returns RGB.
+
+    Args:
+        warn: told, in a sentence, about anything repaired on the way (e.g. NaN pixels of a float image).
+    """
     if source is None:
         raise InvalidImageError("No image was given.")
     if isinstance(source, np.ndarray):
@@ -69,7 +75,7 @@ def load_image(source: "str | os.PathLike | bytes | Image.Image | np.ndarray") -
                                 "pixels are accepted.")
     try:
         image = ImageOps.exif_transpose(source)
-        return _to_rgb(image)
+        return _to_rgb(image, warn or (lambda message: None))
     except (OSError, SyntaxError, ValueError) as err:
         raise InvalidImageError(f"The image could not be decoded ({err}).") from err
 
@@ -93,10 +99,16 @@ def _open(source) -> Image.Image:
                                 "format).") from err
 
 
-def _to_rgb(image: Image.Image) -> Image.Image:
-    """RGB of any mode; transparency is composited on white, 16-bit and float images are rescaled."""
+def _to_rgb(image: Image.Image, warn: "Callable[[str], None]") -> Image.Image:
+    """RGB of any mode; transparency is composited on white, 16-bit and float images are rescaled (NaN and
+    infinite values replaced by the lowest finite one)."""
     if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         values = np.asarray(image, dtype=np.float64)
+        finite = np.isfinite(values)
+        if not finite.all():
+            fill = float(values[finite].min()) if finite.any() else 0.0
+            warn(f"{int((~finite).sum()):,} pixels were NaN or infinite; they are shown as the lowest finite value.")
+            values = np.where(finite, values, fill)
         low, high = float(values.min()), float(values.max())
         values = (values - low) / (high - low) * 255 if high > low else np.zeros_like(values)
         image = Image.fromarray(values.astype(np.uint8))

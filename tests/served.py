@@ -19,8 +19,8 @@ def served_app(loaded: LoadedModel | None = None):
     import app
     demo = app.build_demo(loaded, device="cpu")
     port = free_port()
-    demo.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
-                        show_error=True)
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
+                **app.launch_options())
     try:
         yield f"http://127.0.0.1:{port}/"
     finally:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -36,24 +37,39 @@ def jsonable(value):
     return value
 
 
-def export_npz(stem: "str | Path", arrays: dict[str, np.ndarray], metadata: dict) -> tuple[Path, Path]:
-    """Writes `<stem>.npz` (compressed) and `<stem>.json` (metadata plus "arrays": each name's shape and dtype).
+def npz_bytes(arrays: dict[str, np.ndarray], metadata: dict) -> tuple[bytes, bytes]:
+    """A compressed .npz of the arrays and its JSON sidecar (metadata plus "arrays": each name's shape and dtype).
 
-    Args:
-        stem: path without extension (a trailing .npz or .json is dropped); its folder is created.
-    """
+    The same arrays and metadata always give the same bytes."""
     if "arrays" in metadata:
         raise ValueError('metadata may not have an "arrays" key: the sidecar lists the arrays there')
     if clash := [name for name in arrays if name in RESERVED_ARRAY_NAMES or not name]:
         raise ValueError(f"array names {clash} are not allowed in an .npz export")
+    arrays = {name: np.asarray(a) for name, a in arrays.items()}
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:  # np.savez_compressed, minus timestamps
+        for name, array in arrays.items():
+            entry = io.BytesIO()
+            np.lib.format.write_array(entry, array, allow_pickle=False)
+            archive.writestr(zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0)), entry.getvalue(),
+                             compress_type=zipfile.ZIP_DEFLATED)
+    sidecar = {**jsonable(metadata),
+               "arrays": {name: {"shape": list(a.shape), "dtype": str(a.dtype)} for name, a in arrays.items()}}
+    return buffer.getvalue(), json.dumps(sidecar, indent=2).encode()
+
+
+def export_npz(stem: "str | Path", arrays: dict[str, np.ndarray], metadata: dict) -> tuple[Path, Path]:
+    """Writes `npz_bytes` as `<stem>.npz` and `<stem>.json`.
+
+    Args:
+        stem: path without extension (a trailing .npz or .json is dropped); its folder is created.
+    """
+    npz, sidecar = npz_bytes(arrays, metadata)
     stem = Path(stem)
     if stem.suffix in (".npz", ".json"):
         stem = stem.with_suffix("")
     stem.parent.mkdir(parents=True, exist_ok=True)
     npz_path, json_path = stem.parent / f"{stem.name}.npz", stem.parent / f"{stem.name}.json"
-    arrays = {name: np.asarray(a) for name, a in arrays.items()}
-    np.savez_compressed(npz_path, **arrays)
-    sidecar = {**jsonable(metadata),
-               "arrays": {name: {"shape": list(a.shape), "dtype": str(a.dtype)} for name, a in arrays.items()}}
-    json_path.write_text(json.dumps(sidecar, indent=2))
+    npz_path.write_bytes(npz)
+    json_path.write_bytes(sidecar)
     return npz_path, json_path
