@@ -11,7 +11,8 @@ Tensors = dict[str, torch.Tensor]
 HEAD_WIDTH = 64  # where no config names the head count: width // 64 (open_clip's and timm's ViT default) …
 HEAD_WIDTHS = {1280: 80, 1408: 88, 1664: 104}  # … except ViT-H, ViT-g and ViT-bigG, whose 16 heads are wider
 L = r"encoder\.layers\.(\d+)\."  # our layer prefix
-CLASS, DISTILLATION, REGISTERS = "embeddings.class_embedding", "embeddings.distillation_token", "embeddings.register_tokens"
+CLASS, DISTILLATION = "embeddings.class_embedding", "embeddings.distillation_token"
+REGISTERS = "embeddings.register_tokens"
 
 
 # ---- building blocks ----
@@ -33,6 +34,18 @@ def split_fused_qkv(state: Tensors, weight_suffix: str, bias_suffix: str) -> Non
         for name, w, b in zip(("q_proj", "k_proj", "v_proj"), weight.chunk(3), bias.chunk(3)):
             state[f"{layer}self_attn.{name}.weight"] = w
             state[f"{layer}self_attn.{name}.bias"] = b
+
+
+def fuse_pooling_qkv(state: Tensors) -> None:
+    """timm's attention pool projects the probe (q) and the tokens (kv) apart; SigLIP's head stacks q, k, v."""
+    if "head.attention.q.weight" not in state:
+        return
+    w_q, w_kv = state.pop("head.attention.q.weight"), state.pop("head.attention.kv.weight")
+    zeros = torch.zeros(len(w_q) + len(w_kv), dtype=w_q.dtype)  # qkv_bias=False: no biases
+    b_q = state.pop("head.attention.q.bias", zeros[:len(w_q)])
+    b_kv = state.pop("head.attention.kv.bias", zeros[len(w_q):])
+    state["head.attention.in_proj_weight"] = torch.cat([w_q, w_kv])
+    state["head.attention.in_proj_bias"] = torch.cat([b_q, b_kv])
 
 
 def zero_missing_biases(state: Tensors) -> None:
@@ -135,6 +148,7 @@ def open_clip(state: Tensors) -> Tensors:
 
 def timm(state: Tensors) -> Tensors:
     split_fused_qkv(state, "self_attn.qkv.weight", "self_attn.qkv.bias")
+    fuse_pooling_qkv(state)
     _class_token_as_vector(state)
     _fold_layer_scales(state, ".ls1.gamma", ".ls2.gamma")
     positions = state["embeddings.pos_embed"].shape[1]

@@ -72,35 +72,37 @@ TIMM_SWAPS = (
     (r"^norm_pre\.", "pre_layrnorm."), (r"^norm\.", "post_layernorm."), (r"^blocks\.(\d+)\.", r"encoder.layers.\1."),
     (r"\.norm1\.", ".layer_norm1."), (r"\.norm2\.", ".layer_norm2."), (r"\.attn\.qkv\.", ".self_attn.qkv."),
     (r"\.attn\.proj\.", ".self_attn.out_proj."),
+    (r"^attn_pool\.latent$", "head.probe"), (r"^attn_pool\.(q|kv)\.", r"head.attention.\1."),  # SigLIP's MAP head
+    (r"^attn_pool\.proj\.", "head.attention.out_proj."), (r"^attn_pool\.norm\.", "head.layernorm."),
+    (r"^attn_pool\.mlp\.", "head.mlp."),
 )
 TRANSFORMERS = dict(config_file="config.json", config_fields=c.transformers_fields)
 CLIP_LIKE = dict(mean=CLIP_MEAN, std=CLIP_STD, **TRANSFORMERS)
 NORMED = {"post_norm_tokens": True}  # transformers' last_hidden_state is after the final norm in these families
 SIGLIP_LIKE = dict(mean=STANDARD_MEAN, std=STANDARD_STD, **TRANSFORMERS)  # SigLIP and the IDEFICS2/3 towers
 SIGLIP_DEFAULTS = {**NORMED, "class_token": False, "hidden_act": "gelu_pytorch_tanh", "layer_norm_eps": 1e-6}
+POSITION_IDS = r"embeddings\.position_ids"  # a buffer older transformers versions saved
 PATCH_TOWER = ("embeddings.patch_embedding.weight", "embeddings.position_embedding.weight", "post_layernorm.weight")
 VIT_LAYER = ("embeddings.cls_token", "encoder.layer.0.layernorm_before.weight")
-VIT = dict(swaps=VIT_SWAPS, special=c.vit, **TRANSFORMERS,
-           dropped=(r"embeddings\.mask_token", r"pooler\..*", r"(cls_|distillation_)?classifier\..*"))
-VIT_DEFAULTS = {**NORMED, "pos_interpolation": "size", "layer_norm_eps": 1e-12}  # ViTConfig's and DeiTConfig's eps
+VIT = dict(swaps=VIT_SWAPS, special=c.vit, **TRANSFORMERS,  # ViTConfig's and DeiTConfig's eps: 1e-12
+           dropped=(r"embeddings\.mask_token", r"pooler\..*", r"(cls_|distillation_)?classifier\..*"),
+           defaults={**NORMED, "pos_interpolation": "size", "layer_norm_eps": 1e-12})
 DINOV2 = dict(prefixes=("dinov2.", ""), swaps=DINOV2_SWAPS, dropped=(r"embeddings\.mask_token", r"classifier\..*"),
               special=c.dinov2, **TRANSFORMERS)
 FORMATS = (  # the first format whose sentinels are all present wins
     Format("transformers IDEFICS", ("embeddings.class_embedding", "pre_layrnorm.weight"), ("model.vision_model.",),
-           dropped=(r"embeddings\.position_ids",), defaults={"pos_interpolation": "idefics"}, **CLIP_LIKE),
-    Format("transformers IDEFICS2/IDEFICS3", PATCH_TOWER, ("model.vision_model.",),
+           dropped=(POSITION_IDS,), defaults={"pos_interpolation": "idefics"}, **CLIP_LIKE),
+    Format("transformers IDEFICS2/IDEFICS3", PATCH_TOWER, ("model.vision_model.",), dropped=(POSITION_IDS,),
            defaults={**SIGLIP_DEFAULTS, "pos_interpolation": "idefics2"}, **SIGLIP_LIKE),
     Format("transformers CLIP", ("embeddings.class_embedding", "pre_layrnorm.weight"), ("vision_model.", ""),
            swaps=((r"^visual_projection\.weight$", "proj"),),
-           dropped=(r"embeddings\.position_ids", r"text_model\..*", r"text_projection\..*", r"logit_scale"),
+           dropped=(POSITION_IDS, r"text_model\..*", r"text_projection\..*", r"logit_scale"),
            special=c.clip, defaults={"pos_interpolation": "size", "hidden_act": "quick_gelu"}, **CLIP_LIKE),
     Format("transformers SigLIP", PATCH_TOWER, ("vision_model.", ""),
-           dropped=(r"embeddings\.position_ids", r"text_model\..*", r"logit_(scale|bias)", r"classifier\..*"),
+           dropped=(POSITION_IDS, r"text_model\..*", r"logit_(scale|bias)", r"classifier\..*"),
            defaults={**SIGLIP_DEFAULTS, "pos_interpolation": "size"}, **SIGLIP_LIKE),
-    Format("transformers DeiT", (*VIT_LAYER, "embeddings.distillation_token"), ("deit.", ""), **VIT,
-           defaults={**VIT_DEFAULTS, "use_pre_layernorm": False}),
-    Format("transformers ViT", VIT_LAYER, ("vit.", ""), **VIT, defaults={**VIT_DEFAULTS, "use_pre_layernorm": False},
-           mean=STANDARD_MEAN, std=STANDARD_STD),
+    Format("transformers DeiT", (*VIT_LAYER, "embeddings.distillation_token"), ("deit.", ""), **VIT),
+    Format("transformers ViT", VIT_LAYER, ("vit.", ""), **VIT, mean=STANDARD_MEAN, std=STANDARD_STD),
     Format("transformers DINOv2 with registers", ("embeddings.cls_token", "embeddings.register_tokens"), **DINOV2,
            defaults={**NORMED, "pos_interpolation": "size_antialias", "layer_norm_eps": 1e-6}),
     Format("transformers DINOv2", ("embeddings.cls_token", "embeddings.position_embeddings"), **DINOV2,

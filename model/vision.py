@@ -63,7 +63,7 @@ def chunked_attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
 
 @dataclass
 class VisionOutput:
-    last_hidden_state: torch.Tensor  # (B, N, D): after post_layernorm or before it, per family (config.post_norm_tokens)
+    last_hidden_state: torch.Tensor  # (B, N, D): after post_layernorm or before it (config.post_norm_tokens)
     pooler_output: torch.Tensor  # (B, D): the family's pooled output (see config.post_norm_tokens)
     hidden_states: tuple[torch.Tensor, ...] | None = None  # embeddings after pre-norm, then every layer's output
     attentions: tuple[torch.Tensor, ...] | None = None  # (B, heads, N, N) per layer, only when asked for
@@ -101,7 +101,8 @@ class IdeficsVisionEmbeddings(nn.Module):
             self.register_tokens = nn.Parameter(torch.zeros(1, config.num_register_tokens, dim))
         self.patch_embedding = nn.Conv2d(config.num_channels, dim, config.patch_size, config.patch_size,
                                          bias=config.patch_bias)
-        self.position_embedding = nn.Embedding(config.native_grid ** 2 + int(config.class_token), dim)  # [class] patches
+        num_positions = int(config.class_token) + config.native_grid ** 2  # a class slot, then the patches
+        self.position_embedding = nn.Embedding(num_positions, dim)
 
     def patch_positions(self, grid_h: int, grid_w: int, square: bool) -> torch.Tensor:
         """(1, grid_h * grid_w, D) patch position embeddings; `square`: the input's height equals its width."""
@@ -289,7 +290,7 @@ class IdeficsVisionTransformer(nn.Module):
         return output if return_dict else output.to_tuple()
 
     def pool(self, x: torch.Tensor, observer: AttentionObserver | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """The last layer's output x (B, N, D) → (last_hidden_state, pooler_output), as the config's family has them."""
+        """The last layer's output x (B, N, D) → (last_hidden_state, pooler_output), as the family defines them."""
         config = self.config
         normed = self.post_layernorm(x)
         if config.pooling_head:

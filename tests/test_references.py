@@ -23,6 +23,8 @@ CASES = {  # case → what the loaded config and normalisation must be (the libr
     "timm_dinov2": dict(layer_norm_eps=1e-6, num_prefix_tokens=1, mean=IMAGENET_MEAN),
     "timm_dinov2_reg4": dict(layer_norm_eps=1e-6, num_register_tokens=4, num_prefix_tokens=5),
     "timm_deit_distilled": dict(distillation_token=True, num_prefix_tokens=2, mean=IMAGENET_MEAN),
+    "timm_siglip_map": dict(class_token=False, pooling_head=True, num_prefix_tokens=0, mean=STANDARD_MEAN),
+    "timm_siglip_gap": dict(class_token=False, pooling_head=False, num_prefix_tokens=0),
     "open_clip_vit_b32_quickgelu": dict(hidden_act="quick_gelu", projection_dim=16, mean=CLIP_MEAN),
     "open_clip_vit_b16": dict(hidden_act="gelu", projection_dim=16, num_attention_heads=2),
     "open_clip_vit_m16_alt_layer_scale": dict(hidden_act="gelu", layer_norm_eps=1e-5),
