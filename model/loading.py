@@ -57,8 +57,9 @@ def load_model(source: "str | os.PathLike | None" = None, device: "str | torch.d
     """Loads weights (None: the embedded DINOv2 ViT-S/14 default) onto `device` (CUDA when available).
 
     Args:
-        max_params, max_download_bytes: caps for a hub id (None: none), checked against the repo's file sizes and
-            safetensors headers before any weight is downloaded; a larger vision tower is refused.
+        max_params, max_download_bytes: caps (None: none) for a server anyone can call. For a hub id they are
+            checked against the repo's file sizes and safetensors headers before any weight is downloaded;
+            max_params is checked again on the tower read, whatever its source (a snapshot cached earlier, a folder).
         overrides: config fields that win over the checkpoint's, and `num_heads` (see `sources.load_checkpoint`).
     """
     if source is None:

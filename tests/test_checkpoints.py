@@ -183,6 +183,13 @@ def test_hub_single_file_counts_only_the_vision_tower(hub, tmp_path):
     assert server.fetched(".safetensors") == ["open_clip_model.safetensors"]
 
 
+def test_parameter_cap_applies_to_what_was_read_whatever_the_source():
+    with pytest.raises(CheckpointError, match=r"open_clip_vit_b16: the vision tower has 32\.\d thousand parameters, "
+                                              r"more than the 30 thousand this server accepts\."):
+        load_model(REFERENCES / "open_clip_vit_b16", device="cpu", max_params=30_000)
+    assert load_model(REFERENCES / "open_clip_vit_b16", device="cpu", max_params=40_000).config.hidden_size == 32
+
+
 def test_hub_errors_name_the_repo_never_a_local_path(hub, tmp_path):
     repo = tmp_path / "repo"
     repo.mkdir()
