@@ -115,7 +115,8 @@ FORMATS = (  # the first format whose sentinels are all present wins
            defaults={**NORMED, "pos_interpolation": "size_antialias", "layer_norm_eps": 1e-6},
            key_defaults=c.timm_key_defaults, config_file="config.json", config_fields=c.timm_fields),
 )
-VISION_PREFIXES = tuple(dict.fromkeys(p for fmt in FORMATS for p in fmt.prefixes if p))
+VISION_PREFIXES = tuple(dict.fromkeys([p for fmt in FORMATS for p in fmt.prefixes if p]
+                                      + ["visual_projection."]))  # CLIPModel keeps its projection outside the tower
 
 
 def detect(keys: set[str]) -> Format | None:

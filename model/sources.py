@@ -110,9 +110,10 @@ def read_weights(path: Path) -> Tensors:
 
 
 def _read_safetensors(path: Path, keys: set[str] | None = None) -> Tensors:
+    """The given tensors of a file; by default its vision ones (a VLM's language model is never read)."""
     try:
         with safe_open(str(path), framework="pt") as handle:
-            return {k: handle.get_tensor(k) for k in handle.keys() if keys is None or k in keys}
+            return {k: handle.get_tensor(k) for k in (keys if keys is not None else vision_keys(list(handle.keys())))}
     except (SafetensorError, OSError, ValueError) as err:
         raise CheckpointError(f"{path.name} is not a readable safetensors file (corrupt or truncated: "
                               f"{_plain(err, path)})") from err
