@@ -1,9 +1,9 @@
 """Fetching a checkpoint from the Hugging Face hub: safetensors and JSON files only, cached the usual way.
 
 The hub is asked once, under a hard deadline, before anything is downloaded, so that an offline machine gets
-a clear error at once instead of a hang. With caps (`HubLimits`), the sizes of the files to fetch and the vision
-tensors' shapes in their safetensors headers (HTTP range reads) are checked before any weight byte is fetched.
-Messages name the repo id and its file names only."""
+a clear error at once instead of a hang. With caps (`HubLimits`), the sizes of the files to fetch (from the same
+first question) and the vision tensors' shapes in their safetensors headers (huggingface_hub's HTTP range read of
+each file's start) are checked before any weights file is downloaded. Messages name the repo id and file names only."""
 from __future__ import annotations
 
 import json

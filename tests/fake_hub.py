@@ -24,6 +24,7 @@ class Request:
 @dataclass
 class FakeHub:
     repos: dict[str, Path]  # repo id → the folder whose files it serves
+    sizes: bool = True  # whether model info tells file sizes (the hub does when asked, a mirror may not)
     requests: list[Request] = field(default_factory=list)
 
     def __enter__(self) -> "FakeHub":
@@ -67,7 +68,8 @@ class FakeHub:
             return self._send(handler, 404, b'{"error": "Repository not found"}', {"X-Error-Code": "RepoNotFound"})
         folder = self.repos[repo]
         if info:
-            siblings = [{"rfilename": p.name, "size": p.stat().st_size} for p in sorted(folder.iterdir())]
+            siblings = [{"rfilename": p.name, **({"size": p.stat().st_size} if self.sizes else {})}
+                        for p in sorted(folder.iterdir())]
             data = json.dumps({"id": repo, "sha": COMMIT, "siblings": siblings}).encode()
             return self._send(handler, 200, data if body else b"", {"Content-Type": "application/json"})
         file = folder / resolve.group(2)

@@ -120,8 +120,8 @@ def hub(monkeypatch, tmp_path):
     """Serves the tiny IDEFICS (sharded) and an open_clip checkpoint; downloads land in a fresh cache."""
     import huggingface_hub.constants
 
-    def start(repos: dict[str, Path]) -> FakeHub:
-        server = FakeHub(repos).__enter__()
+    def start(repos: dict[str, Path], sizes: bool = True) -> FakeHub:
+        server = FakeHub(repos, sizes).__enter__()
         started.append(server)
         monkeypatch.setenv("HF_ENDPOINT", server.url)
         return server
@@ -165,6 +165,14 @@ def test_hub_caps_refuse_before_any_weight_is_fetched(idefics_folder, hub, tmp_p
     assert server.fetched(".safetensors") == []
     assert not list((tmp_path / "hf-cache").rglob("*.safetensors"))
     assert str(tmp_path) not in str(refused.value) and "/tmp" not in str(refused.value)
+
+
+def test_hub_byte_cap_refuses_files_of_unknown_size(idefics_folder, hub):
+    folder, _, _ = idefics_folder
+    server = hub({"someone/tiny-idefics": folder}, sizes=False)
+    with pytest.raises(CheckpointError, match=r"the hub did not say how large config\.json, .*model-.* is"):
+        load_model("someone/tiny-idefics", device="cpu", max_download_bytes=10**9)
+    assert server.fetched(".safetensors") == []
 
 
 def test_hub_single_file_counts_only_the_vision_tower(hub, tmp_path):
