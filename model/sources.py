@@ -90,7 +90,8 @@ def _resolve(source: "str | os.PathLike", limits: HubLimits) -> tuple[Path, bool
 
 
 def read_weights(path: Path) -> Tensors:
-    """All tensors of a file, or of a folder's weights file, or of the vision shards of a sharded folder."""
+    """The vision tensors of a file or of a folder's weights file (a pickle's: all of them), or those of the vision
+    shards of a sharded folder."""
     if path.is_dir():
         if (path / INDEX_FILE).is_file():
             return _read_sharded(path / INDEX_FILE)
