@@ -44,7 +44,7 @@ def download(repo_id: str, limits: HubLimits = HubLimits()) -> Path:
     except _Unreachable as err:
         return _cached_or_fail(repo_id, str(err))
     configs = [f for f in CONFIG_FILES if f in sizes]
-    weights = _vision_weights(repo_id, sizes, endpoint)  # {file: the vision keys in it, None: all of its keys}
+    weights = _vision_weights(repo_id, sizes, endpoint)  # {file: its vision keys, or None: see its header}
     if not weights:
         raise CheckpointError(f"{repo_id} has no safetensors weights ({', '.join(SAFETENSORS_FILES)} or "
                               f"{INDEX_FILE}); only safetensors are fetched from the hub")
