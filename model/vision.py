@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import IdeficsVisionConfig
-from .posemb import resample_patch_posemb
+from .posemb import bucketed_position_ids, resample_patch_posemb
 
 CHUNK_ELEMENTS = 1 << 24  # scores held at once by the chunked fallback: 16M floats, 64 MB in fp32
 
@@ -63,8 +63,8 @@ def chunked_attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
 
 @dataclass
 class VisionOutput:
-    last_hidden_state: torch.Tensor  # (B, N, D), before post_layernorm
-    pooler_output: torch.Tensor  # (B, D): post_layernorm(token 0), projected when the checkpoint has `proj`
+    last_hidden_state: torch.Tensor  # (B, N, D): after post_layernorm or before it (config.post_norm_tokens)
+    pooler_output: torch.Tensor  # (B, D): the family's pooled output (see config.post_norm_tokens)
     hidden_states: tuple[torch.Tensor, ...] | None = None  # embeddings after pre-norm, then every layer's output
     attentions: tuple[torch.Tensor, ...] | None = None  # (B, heads, N, N) per layer, only when asked for
 
@@ -87,42 +87,51 @@ ACTIVATION_FNS = {
 
 
 class IdeficsVisionEmbeddings(nn.Module):
+    """Patch conv + position embeddings, then the prefix tokens: [class][distillation][registers…][patches]."""
+
     def __init__(self, config: IdeficsVisionConfig):
         super().__init__()
         self.config = config
         dim = config.hidden_size
-        self.class_embedding = nn.Parameter(torch.randn(dim))
-        self.patch_embedding = nn.Conv2d(config.num_channels, dim, config.patch_size, config.patch_size,
-                                         bias=config.patch_bias)
+        if config.class_token:
+            self.class_embedding = nn.Parameter(torch.randn(dim))
+        if config.distillation_token:  # its position embedding is folded in: prefix positions never resample
+            self.distillation_token = nn.Parameter(torch.zeros(1, 1, dim))
         if config.num_register_tokens:
             self.register_tokens = nn.Parameter(torch.zeros(1, config.num_register_tokens, dim))
-        self.num_positions = config.native_grid ** 2 + 1
-        self.position_embedding = nn.Embedding(self.num_positions, dim)
-        self.register_buffer("position_ids", torch.arange(self.num_positions).expand((1, -1)), persistent=False)
+        self.patch_embedding = nn.Conv2d(config.num_channels, dim, config.patch_size, config.patch_size,
+                                         bias=config.patch_bias)
+        num_positions = int(config.class_token) + config.native_grid ** 2  # a class slot, then the patches
+        self.position_embedding = nn.Embedding(num_positions, dim)
 
-    def position_table(self, grid_h: int, grid_w: int) -> torch.Tensor:
-        """(1, 1 + grid_h * grid_w, D) position embeddings, resampled when the grid is not the native one."""
-        table = self.position_embedding(self.position_ids)
-        if grid_h * grid_w == self.num_positions - 1 and grid_h == grid_w:
+    def patch_positions(self, grid_h: int, grid_w: int, square: bool) -> torch.Tensor:
+        """(1, grid_h * grid_w, D) patch position embeddings; `square`: the input's height equals its width."""
+        table = self.position_embedding.weight[int(self.config.class_token):].unsqueeze(0)
+        native = self.config.native_grid
+        if self.config.pos_interpolation == "idefics2":
+            return table[:, bucketed_position_ids(grid_h, grid_w, native, table.device)]
+        if (grid_h, grid_w) == (native, native) and square:  # the rule of the seed and of transformers
             return table
-        patches = resample_patch_posemb(table[:, 1:], grid_h, grid_w, self.config.pos_interpolation)
-        return torch.cat([table[:, :1], patches], dim=1)
+        return resample_patch_posemb(table, grid_h, grid_w, self.config.pos_interpolation)
 
     def forward(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
         batch, _, height, width = pixel_values.shape
         size = self.config.image_size
-        if not interpolate_pos_encoding and (height != size or width != size):
+        resamples = self.config.pos_interpolation != "idefics2"  # IDEFICS2/3 take any size as it is
+        if resamples and not interpolate_pos_encoding and (height != size or width != size):
             raise ValueError(f"input is {height}x{width} but the model expects {size}x{size}; "
                              "pass interpolate_pos_encoding=True for other sizes")
         patches = self.patch_embedding(pixel_values.to(self.patch_embedding.weight.dtype))  # (B, D, grid_h, grid_w)
         grid_h, grid_w = patches.shape[-2:]
-        patches = patches.flatten(2).transpose(1, 2)  # (B, grid_h * grid_w, D)
-        cls = self.class_embedding.expand(batch, 1, -1)
-        tokens = torch.cat([cls, patches], dim=1) + self.position_table(grid_h, grid_w)
+        patches = patches.flatten(2).transpose(1, 2) + self.patch_positions(grid_h, grid_w, height == width)
+        prefix = []
+        if self.config.class_token:
+            prefix.append((self.class_embedding + self.position_embedding.weight[0]).expand(batch, 1, -1))
+        if self.config.distillation_token:
+            prefix.append(self.distillation_token.expand(batch, -1, -1))
         if self.config.num_register_tokens:
-            registers = self.register_tokens.expand(batch, -1, -1)
-            tokens = torch.cat([tokens[:, :1], registers, tokens[:, 1:]], dim=1)
-        return tokens
+            prefix.append(self.register_tokens.expand(batch, -1, -1))
+        return torch.cat(prefix + [patches], dim=1)  # (B, num_prefix_tokens + grid_h * grid_w, D)
 
 
 class IdeficsVisionAttention(nn.Module):
@@ -156,7 +165,8 @@ class IdeficsVisionAttention(nn.Module):
             out, lse = attention_with_lse(q, k, v, self.scale)
             observer.observe_layer(self.layer_idx, q, k, lse, self.scale)
         elif output_attentions:
-            weights = torch.softmax(torch.matmul(q, k.transpose(-1, -2)) * self.scale, dim=-1)  # (B, heads, N, N)
+            scores = torch.matmul(q, k.transpose(-1, -2)) * self.scale  # (B, heads, N, N)
+            weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)  # as transformers' eager path
             out = torch.matmul(weights, v)
         else:
             out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
@@ -201,8 +211,52 @@ class IdeficsVisionEncoder(nn.Module):
         self.layers = nn.ModuleList(IdeficsVisionEncoderLayer(config, i) for i in range(config.num_hidden_layers))
 
 
+class PoolingAttention(nn.Module):
+    """nn.MultiheadAttention's parameters (fused in-projection, out_proj), computed explicitly for one query."""
+
+    def __init__(self, config: IdeficsVisionConfig):
+        super().__init__()
+        dim = config.hidden_size
+        self.num_heads = config.num_attention_heads
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * dim, dim))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * dim))
+        self.out_proj = nn.Linear(dim, dim)
+
+    def forward(self, probe: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """probe (B, 1, D) attends over x (B, N, D): the output (B, 1, D) and the fp32 probabilities (B, heads, N)."""
+        batch, tokens, dim = x.shape
+        w_q, w_k, w_v = self.in_proj_weight.chunk(3)
+        b_q, b_k, b_v = self.in_proj_bias.chunk(3)
+        q = F.linear(probe, w_q, b_q).view(batch, 1, self.num_heads, -1).transpose(1, 2)  # (B, heads, 1, head_dim)
+        k = F.linear(x, w_k, b_k).view(batch, tokens, self.num_heads, -1).transpose(1, 2)  # (B, heads, N, head_dim)
+        v = F.linear(x, w_v, b_v).view(batch, tokens, self.num_heads, -1).transpose(1, 2)
+        scores = torch.matmul(q, k.transpose(-1, -2)).float() * q.shape[-1] ** -0.5  # (B, heads, 1, N)
+        probs = torch.softmax(scores, dim=-1)
+        out = torch.matmul(probs.to(v.dtype), v).transpose(1, 2).reshape(batch, 1, dim)
+        return self.out_proj(out), probs[:, :, 0]
+
+
+class IdeficsVisionPoolingHead(nn.Module):
+    """SigLIP's attention pooling (MAP): a learned probe attends over every token, then a residual MLP."""
+
+    def __init__(self, config: IdeficsVisionConfig):
+        super().__init__()
+        self.probe = nn.Parameter(torch.randn(1, 1, config.hidden_size))
+        self.attention = PoolingAttention(config)
+        self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.mlp = IdeficsVisionMLP(config)
+
+    def forward(self, x: torch.Tensor, observer: AttentionObserver | None = None) -> torch.Tensor:
+        pooled, probs = self.attention(self.probe.expand(len(x), -1, -1), x)  # (B, 1, D), (B, heads, N)
+        observe = getattr(observer, "observe_pooling", None)
+        if observe is not None:
+            observe(probs)
+        pooled = pooled + self.mlp(self.layernorm(pooled))
+        return pooled[:, 0]
+
+
 class IdeficsVisionTransformer(nn.Module):
-    """CLIP-style ViT: patch conv + class token + position embeddings, pre-norm layers, post-norm on token 0."""
+    """CLIP-style ViT: patch conv + prefix tokens + position embeddings, pre-norm layers, post-norm, pooling."""
 
     def __init__(self, config: IdeficsVisionConfig):
         super().__init__()
@@ -212,6 +266,8 @@ class IdeficsVisionTransformer(nn.Module):
                              if config.use_pre_layernorm else nn.Identity())
         self.encoder = IdeficsVisionEncoder(config)
         self.post_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        if config.pooling_head:
+            self.head = IdeficsVisionPoolingHead(config)
         if config.projection_dim:
             self.proj = nn.Parameter(torch.zeros(config.hidden_size, config.projection_dim))
 
@@ -228,9 +284,21 @@ class IdeficsVisionTransformer(nn.Module):
                 hidden_states.append(x)
             if attentions is not None:
                 attentions.append(weights)
-        pooled = self.post_layernorm(x[:, 0])
-        if self.config.projection_dim:
-            pooled = pooled @ self.proj
-        output = VisionOutput(x, pooled, tuple(hidden_states) if hidden_states is not None else None,
+        last_hidden_state, pooled = self.pool(x, observer)
+        output = VisionOutput(last_hidden_state, pooled, tuple(hidden_states) if hidden_states is not None else None,
                               tuple(attentions) if attentions is not None else None)
         return output if return_dict else output.to_tuple()
+
+    def pool(self, x: torch.Tensor, observer: AttentionObserver | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The last layer's output x (B, N, D) → (last_hidden_state, pooler_output), as the family defines them."""
+        config = self.config
+        normed = self.post_layernorm(x)
+        if config.pooling_head:
+            pooled = self.head(normed, observer)
+        elif config.class_token:  # DeiT distilled: the mean of the class and distillation tokens, as timm's
+            pooled = normed[:, :1 + config.distillation_token].mean(dim=1)
+        else:
+            pooled = normed[:, config.num_prefix_tokens:].mean(dim=1)
+        if config.projection_dim:
+            pooled = pooled @ self.proj
+        return (normed if config.post_norm_tokens else x), pooled

@@ -1,4 +1,6 @@
 """Parity with transformers on tiny random configs: every hidden state and attention within 1e-5 (fp32)."""
+import copy
+
 import pytest
 import torch
 from transformers import CLIPVisionConfig, CLIPVisionModel, Dinov2Config, Dinov2Model
@@ -8,7 +10,8 @@ from transformers.models.idefics.vision import IdeficsVisionTransformer as HFIde
 from model import IdeficsVisionConfig, IdeficsVisionTransformer, load_model
 
 TOL = 1e-5
-SIZES = [(32, 32), (48, 40), (24, 56)]  # native, then interpolated non-square grids (patch 8)
+SIZES = [(32, 32), (48, 40), (24, 56), (35, 33), (41, 30)]  # native, interpolated non-square grids (patch 8), then
+# sides off the patch size: 35×33 keeps the native 4×4 grid, yet the seed resamples it since height ≠ width
 
 
 def assert_close(a, b):
@@ -102,9 +105,25 @@ def test_dinov2_model_with_layer_scale_folded(tmp_path, size):
         assert_close(a, b)
     for a, b in zip(got.attentions, expected.attentions, strict=True):
         assert_close(a, b)
-    with torch.no_grad():  # Dinov2's last_hidden_state is after its final layernorm: our post_layernorm
-        assert_close(loaded.model.post_layernorm(got.last_hidden_state), expected.last_hidden_state)
+    assert_close(got.last_hidden_state, expected.last_hidden_state)  # after the final layernorm, as Dinov2Model's
     assert_close(got.pooler_output, expected.pooler_output)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("size", SIZES)
+def test_idefics_half_precision_is_the_seed_bit_for_bit(idefics_pair, dtype, size):
+    """The same operations in the same order as the seed, whose position resampling upcasts bfloat16 to float32
+    and runs float16 as it is: identical bits, on the eager path (against transformers' eager attention) and the
+    fused one (against its SDPA attention)."""
+    reference, ours = (copy.deepcopy(m).to(dtype) for m in idefics_pair)
+    pixels = torch.randn(2, 3, *size).to(dtype)
+    for implementation, eager in (("eager", True), ("sdpa", False)):
+        reference.config._attn_implementation = implementation
+        with torch.no_grad():
+            expected = reference(pixels, interpolate_pos_encoding=True)
+            got = ours(pixels, interpolate_pos_encoding=True, output_attentions=eager)
+        assert torch.equal(got.last_hidden_state, expected.last_hidden_state), implementation
+        assert torch.equal(got.pooler_output, expected.pooler_output), implementation
 
 
 def test_fused_path_equals_eager_and_tuple_output(idefics_pair):

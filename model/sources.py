@@ -1,5 +1,6 @@
-"""Loading real checkpoints from a local folder or file, or a hub id: transformers CLIP / IDEFICS / DINOv2,
-open_clip / OpenAI CLIP and timm ViTs. Weights come from safetensors, or torch.load(weights_only=True)."""
+"""Reading a checkpoint from a local folder or file, or a hub id: transformers CLIP / IDEFICS / IDEFICS2/3 /
+SigLIP / ViT / DeiT / DINOv2, open_clip / OpenAI CLIP and timm ViTs. Weights come from safetensors, or
+torch.load(weights_only=True). Messages name the source as given and file names, never another local path."""
 from __future__ import annotations
 
 import json
@@ -13,13 +14,13 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
+from .checkpoint import INDEX_FILE, WEIGHT_FILES, Checkpoint, CheckpointError
 from .config import IdeficsVisionConfig
-from .formats import Format, Tensors, detect, rename, shape_fields, switches_from_keys, vision_entries
-from .loading import Checkpoint, CheckpointError
+from .conversions import shape_fields, switches_from_keys
+from .formats import Format, Tensors, detect, rename, vision_keys
+from .hub import HUB_ID, HubLimits, describe_count, download
 
 logger = logging.getLogger(__name__)
-WEIGHT_FILES = ("model.safetensors", "open_clip_model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin")
-INDEX_FILE = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 WRAPPER_KEYS = ("state_dict", "model")  # training checkpoints keep the weights one level down
 NORMALIZATION_SOURCES = (  # (file, where inside it, mean key, std key), the first one found wins
@@ -27,15 +28,16 @@ NORMALIZATION_SOURCES = (  # (file, where inside it, mean key, std key), the fir
     ("open_clip_config.json", ("preprocess_cfg",), "mean", "std"),
     ("config.json", ("pretrained_cfg",), "mean", "std"),  # timm
 )
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 CONFIG_FIELDS = {f.name for f in fields(IdeficsVisionConfig)}
 
 
-def load_checkpoint(source: "str | os.PathLike", num_heads: int | None = None, **overrides) -> Checkpoint:
+def load_checkpoint(source: "str | os.PathLike", num_heads: int | None = None, limits: HubLimits = HubLimits(),
+                    **overrides) -> Checkpoint:
     """A checkpoint in our layout from a local file or folder, or a hub id ("org/name").
 
     Args:
-        num_heads: the head count, where neither a config file nor the rule in `formats.head_count` gets it right.
+        num_heads: the head count, where neither a config file nor the rule in `conversions.head_count` gets it right.
+        limits: caps on a hub download, checked before any weight is fetched, and on the tower read.
         overrides: config fields that win over the checkpoint's (e.g. hidden_act="quick_gelu").
     """
     unknown = sorted(set(overrides) - CONFIG_FIELDS)
@@ -43,13 +45,27 @@ def load_checkpoint(source: "str | os.PathLike", num_heads: int | None = None, *
         raise TypeError(f"unknown config overrides: {', '.join(unknown)}")
     if num_heads:
         overrides["num_attention_heads"] = num_heads
-    path = _resolve(source)
+    path, from_hub = _resolve(source, limits)
+    try:
+        checkpoint = _convert(path, overrides)
+    except CheckpointError as err:
+        raise CheckpointError(f"{source}: {err}") from err
+    checkpoint.name = f"{source if from_hub else Path(str(source)).name or source} ({checkpoint.name})"
+    params = sum(t.numel() for t in checkpoint.state_dict.values())
+    if limits.max_params is not None and params > limits.max_params:
+        raise CheckpointError(f"{source}: the vision tower has {describe_count(params)} parameters, more than the "
+                              f"{describe_count(limits.max_params)} this server accepts.")
+    return checkpoint
+
+
+def _convert(path: Path, overrides: dict) -> Checkpoint:
+    """The weights at `path` in our layout, their config and normalisation; the name is the format's."""
     folder = path if path.is_dir() else None
     raw = read_weights(path)
     fmt = detect(set(raw))
     if fmt is None:
-        raise CheckpointError(f"{source} is not a vision transformer this tool knows: no class token, position "
-                              "embedding and patch embedding under the names of CLIP, IDEFICS, DINOv2, open_clip or "
+        raise CheckpointError("not a vision transformer this tool knows: no patch embedding and position embedding "
+                              "under the names of CLIP, IDEFICS, IDEFICS2/3, SigLIP, ViT, DeiT, DINOv2, open_clip or "
                               f"timm (first keys: {', '.join(sorted(raw)[:5])})")
     try:
         state = {k: v.float() if v.is_floating_point() else v for k, v in rename(raw, fmt).items()}
@@ -57,24 +73,25 @@ def load_checkpoint(source: "str | os.PathLike", num_heads: int | None = None, *
         config = _config(folder, fmt, state, overrides)
     except (KeyError, ValueError, RuntimeError) as err:
         detail = f"no {err}" if isinstance(err, KeyError) else str(err)
-        raise CheckpointError(f"{source}: the {fmt.name} weights are incomplete or inconsistent ({detail})") from err
+        raise CheckpointError(f"the {fmt.name} weights are incomplete or inconsistent ({detail})") from err
     mean, std = _normalization(folder, fmt)
-    logger.info("%s: %s format, %d tensors, %s", source, fmt.name, len(state), config)
-    return Checkpoint(config, state, f"{Path(str(source)).name or source} ({fmt.name})", mean, std)
+    logger.info("%s: %s format, %d tensors, %s", path.name, fmt.name, len(state), config)
+    return Checkpoint(config, state, fmt.name, mean, std)
 
 
-def _resolve(source: "str | os.PathLike") -> Path:
+def _resolve(source: "str | os.PathLike", limits: HubLimits) -> tuple[Path, bool]:
+    """The local path of the weights, and whether they came from the hub."""
     path = Path(source).expanduser()
     if path.exists():
-        return path
+        return path, False
     if not HUB_ID.match(str(source)):
         raise CheckpointError(f"{source}: no such file or folder (nor a hub id of the form org/name)")
-    from .hub import download
-    return download(str(source))
+    return download(str(source), limits), True
 
 
 def read_weights(path: Path) -> Tensors:
-    """All tensors of a file, or of a folder's weights file, or of the vision shards of a sharded folder."""
+    """The vision tensors of a file or of a folder's weights file (a pickle's: all of them), or those of the vision
+    shards of a sharded folder."""
     if path.is_dir():
         if (path / INDEX_FILE).is_file():
             return _read_sharded(path / INDEX_FILE)
@@ -82,7 +99,7 @@ def read_weights(path: Path) -> Tensors:
         candidates += sorted(p for suffix in PICKLE_SUFFIXES for p in path.glob(f"*{suffix}"))
         found = next((p for p in candidates if p.is_file()), None)
         if found is None:
-            raise CheckpointError(f"{path} holds no weights ({', '.join(WEIGHT_FILES)}, an index, "
+            raise CheckpointError(f"no weights in the folder ({', '.join(WEIGHT_FILES)}, {INDEX_FILE}, "
                                   "or any *.safetensors / *.bin / *.pt / *.pth file)")
         path = found
     if path.suffix == ".safetensors":
@@ -94,11 +111,13 @@ def read_weights(path: Path) -> Tensors:
 
 
 def _read_safetensors(path: Path, keys: set[str] | None = None) -> Tensors:
+    """The given tensors of a file; by default its vision ones (a VLM's language model is never read)."""
     try:
         with safe_open(str(path), framework="pt") as handle:
-            return {k: handle.get_tensor(k) for k in handle.keys() if keys is None or k in keys}
+            return {k: handle.get_tensor(k) for k in (keys if keys is not None else vision_keys(list(handle.keys())))}
     except (SafetensorError, OSError, ValueError) as err:
-        raise CheckpointError(f"{path.name} is not a readable safetensors file (corrupt or truncated: {err})") from err
+        raise CheckpointError(f"{path.name} is not a readable safetensors file (corrupt or truncated: "
+                              f"{_plain(err, path)})") from err
 
 
 def _read_pickle(path: Path) -> Tensors:
@@ -113,7 +132,7 @@ def _read_pickle(path: Path) -> Tensors:
         raise CheckpointError(f"{path.name} is not a readable PyTorch checkpoint (corrupt, truncated or not a "
                               "weights file)") from None
     except (RuntimeError, EOFError, OSError, ValueError) as err:
-        raise CheckpointError(f"{path.name} is not a readable PyTorch checkpoint ({err})") from err
+        raise CheckpointError(f"{path.name} is not a readable PyTorch checkpoint ({_plain(err, path)})") from err
     for key in WRAPPER_KEYS:
         if isinstance(loaded, dict) and isinstance(loaded.get(key), dict):
             loaded = loaded[key]
@@ -127,8 +146,8 @@ def _read_sharded(index: Path) -> Tensors:
     try:
         weight_map = json.loads(index.read_text())["weight_map"]
     except (json.JSONDecodeError, KeyError, TypeError) as err:
-        raise CheckpointError(f"{index} is not a valid safetensors index ({err})") from err
-    vision = vision_entries(weight_map)
+        raise CheckpointError(f"{index.name} is not a valid safetensors index ({err})") from err
+    vision = {k: weight_map[k] for k in vision_keys(weight_map)}
     state: Tensors = {}
     for shard in sorted(set(vision.values())):
         logger.info("reading vision weights from %s", shard)
@@ -142,18 +161,21 @@ def _read_json(folder: Path | None, name: str) -> dict | None:
     try:
         values = json.loads((folder / name).read_text())
     except json.JSONDecodeError as err:
-        raise CheckpointError(f"{folder / name} is not valid JSON ({err})") from err
+        raise CheckpointError(f"{name} is not valid JSON ({err})") from err
     return values if isinstance(values, dict) else None
 
 
 def _config(folder: Path | None, fmt: Format, state: Tensors, overrides: dict) -> IdeficsVisionConfig:
-    """Family defaults < shapes < the format's config file < what the weights decide < the caller's overrides."""
+    """Family defaults (fixed, then read off the keys) < shapes < the format's config file < what the weights
+    decide < the caller's overrides."""
     from_file = _read_json(folder, fmt.config_file) if fmt.config_file else None
     if from_file is None:
         logger.warning("%s weights without %s: architecture read off the shapes (heads: width // 64, or 16 for "
                        "ViT-H/g/bigG widths; pass num_heads= or hidden_act= to correct it)", fmt.name, fmt.config_file)
     file_fields = fmt.config_fields(from_file) if from_file is not None else {}
-    merged = {**fmt.defaults, **shape_fields(state), **file_fields, **switches_from_keys(state), **overrides}
+    key_defaults = fmt.key_defaults(state) if fmt.key_defaults else {}
+    merged = {**fmt.defaults, **key_defaults, **shape_fields(state), **file_fields, **switches_from_keys(state),
+              **overrides}
     return IdeficsVisionConfig.from_dict(merged)
 
 
@@ -166,3 +188,8 @@ def _normalization(folder: Path | None, fmt: Format) -> tuple[tuple, tuple]:
         if mean_key in values and std_key in values:
             return tuple(values[mean_key]), tuple(values[std_key])
     return fmt.mean, fmt.std
+
+
+def _plain(err: Exception, path: Path) -> str:
+    """An error's text without the folder it happened in (a cache or temp folder the user never named)."""
+    return str(err).replace(str(path.parent) + os.sep, "")
