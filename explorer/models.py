@@ -23,6 +23,13 @@ logger = logging.getLogger(__name__)
 DEFAULT = "default"
 WELL_KNOWN = (  # offered in the page; any other hub id (or, on one's own machine, a local folder) can be typed in
     "HuggingFaceM4/idefics-9b",
+    "HuggingFaceM4/idefics2-8b",
+    "HuggingFaceM4/Idefics3-8B-Llama3",
+    "HuggingFaceTB/SmolVLM-256M-Instruct",
+    "google/siglip-base-patch16-224",
+    "google/siglip-so400m-patch14-384",
+    "google/vit-base-patch16-224",
+    "facebook/deit-base-distilled-patch16-224",
     "openai/clip-vit-base-patch32",
     "openai/clip-vit-base-patch16",
     "openai/clip-vit-large-patch14",
@@ -98,7 +105,9 @@ class ModelStore:
             if key in self._extra:
                 self._extra.move_to_end(key)
                 return self._extra[key]
-        loaded = load_model(key, device=self.device)  # outside the lock: other sessions keep working meanwhile
+        policy = self.policy
+        caps = dict(max_params=policy.max_params, max_download_bytes=policy.max_download_bytes, allow_local=False)
+        loaded = load_model(key, device=self.device, **(caps if policy.public else {}))  # outside the lock
         with self._lock:
             self._extra[key] = loaded
             while len(self._extra) > self.max_extra:

@@ -32,12 +32,13 @@ CONFIG_FIELDS = {f.name for f in fields(IdeficsVisionConfig)}
 
 
 def load_checkpoint(source: "str | os.PathLike", num_heads: int | None = None, limits: HubLimits = HubLimits(),
-                    **overrides) -> Checkpoint:
+                    allow_local: bool = True, **overrides) -> Checkpoint:
     """A checkpoint in our layout from a local file or folder, or a hub id ("org/name").
 
     Args:
         num_heads: the head count, where neither a config file nor the rule in `conversions.head_count` gets it right.
         limits: caps on a hub download, checked before any weight is fetched, and on the tower read.
+        allow_local: False: `source` is a hub id and nothing else, even where a local path of that name exists.
         overrides: config fields that win over the checkpoint's (e.g. hidden_act="quick_gelu").
     """
     unknown = sorted(set(overrides) - CONFIG_FIELDS)
@@ -45,7 +46,7 @@ def load_checkpoint(source: "str | os.PathLike", num_heads: int | None = None, l
         raise TypeError(f"unknown config overrides: {', '.join(unknown)}")
     if num_heads:
         overrides["num_attention_heads"] = num_heads
-    path, from_hub = _resolve(source, limits)
+    path, from_hub = _resolve(source, limits, allow_local)
     try:
         checkpoint = _convert(path, overrides)
     except CheckpointError as err:
@@ -79,10 +80,10 @@ def _convert(path: Path, overrides: dict) -> Checkpoint:
     return Checkpoint(config, state, fmt.name, mean, std)
 
 
-def _resolve(source: "str | os.PathLike", limits: HubLimits) -> tuple[Path, bool]:
+def _resolve(source: "str | os.PathLike", limits: HubLimits, allow_local: bool) -> tuple[Path, bool]:
     """The local path of the weights, and whether they came from the hub."""
     path = Path(source).expanduser()
-    if path.exists():
+    if allow_local and path.exists():
         return path, False
     if not HUB_ID.match(str(source)):
         raise CheckpointError(f"{source}: no such file or folder (nor a hub id of the form org/name)")
