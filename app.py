@@ -204,7 +204,7 @@ def build_demo(loaded: LoadedModel | None = None, device: str | None = None,
         c["flow_button"].click(page.flow, [view, *controls], c["flow"], concurrency_id="model", **private)
         anim_button.click(page.animate, [view, anim_mode, *controls], [c["gif"], c["gif_file"]],
                           concurrency_id="model", **private)
-        export_button.click(page.export, [view, tab, *controls], c["export_files"], concurrency_id="model", **private)
+        export_button.click(page.download, [view, tab, *controls], c["export_files"], concurrency_id="model", **private)
         analysed(load_button.click(page.switch_model, [model_choice, model_custom], [model_key, model_status],
                                    concurrency_id="model", **private).success)
         api.register()

@@ -11,7 +11,7 @@ from analysis import FUSIONS, STAT_LABELS
 
 from . import exports, views
 from .handlers import Handlers, check_colormap, check_discard, guarded, point
-from .inputs import choice, head_choice, layer_index, number
+from .inputs import UserError, choice, head_choice, layer_index, number
 from .session import DEFAULT_RESOLUTION
 
 MODES = ("cls", "rollout")
@@ -63,8 +63,11 @@ class Api(Handlers):
     def attention_flow(self, image: FileData, fusion: str = "mean", resolution: int = 336,
                        model: str = "default") -> tuple[FileData, dict]:
         """Attention flow (max-flow) to the class token from each patch; up to 577 tokens."""
-        _, scene, analysis, _ = self.open(image, resolution, model)
+        _, scene, analysis, key = self.open(image, resolution, model)
         fusion = choice(fusion, "fusion", FUSIONS)
+        note, offered = self.flow_offer(analysis, scene, key)
+        if not offered:
+            raise UserError(note.replace("**", ""))
         overlay = views.flow_view(analysis, scene.large, fusion, API_STYLE)
         return self.png(overlay, "attention_flow"), {"fusion": fusion,
                                                      "map": analysis.flow_map(fusion).round(7).tolist()}

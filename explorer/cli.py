@@ -12,11 +12,14 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from analysis import FUSIONS, analyze
+import visualizer
+from analysis import FUSIONS
 from model import CheckpointError, InvalidImageError, load_image, load_model
 
 from . import exports, views
-from .session import DEFAULT_RESOLUTION, check_resolution
+from .handlers import check_resolution
+from .inputs import UserError, head_choice, layer_index
+from .session import DEFAULT_RESOLUTION, analyze_scene
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 logger = logging.getLogger("vit-inspect")
@@ -41,7 +44,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--layers", type=int, nargs="*", help="layers to draw (default: the last; -1 counts from the end)")
     parser.add_argument("--head", default="mean", help="head index or mean/max/min for the GIF")
     parser.add_argument("--rollout", choices=FUSIONS, default="mean", help="head fusion of the rollout")
-    parser.add_argument("--cmap", default="inferno")
+    parser.add_argument("--cmap", default="inferno", choices=visualizer.available_colormaps())
     parser.add_argument("--no-gif", action="store_true", help="skip the layer animation")
     return parser.parse_args(argv)
 
@@ -50,18 +53,20 @@ def export_image(analysis, scene: views.Scene, folder: Path, layers: list[int], 
                  style: views.Style, gif: bool) -> list[Path]:
     """Every file for one analysed image."""
     folder.mkdir(parents=True, exist_ok=True)
-    written = []
+    files = {}
     for layer in layers:
-        overlay, grid = views.cls_view(analysis, scene, layer, head, style)
-        written.append(exports.save_png(overlay, folder / f"cls_layer{layer:02d}_{head}.png"))
-        written.append(exports.save_png(grid, folder / f"cls_layer{layer:02d}_heads.png"))
-    written.append(exports.save_png(views.rollout_view(analysis, scene, fusion, 0.0, style),
-                                    folder / f"rollout_{fusion}.png"))
+        files[f"cls_layer{layer:02d}_{head}.png"] = views.cls_view(analysis, scene.large, layer, head, style)
+        files[f"cls_layer{layer:02d}_heads.png"] = views.head_grid(analysis, scene.thumb, layer, style, legend=True)
+    files[f"rollout_{fusion}.png"] = views.rollout_view(analysis, scene.large, fusion, 0.0, style)
+    data = {name: visualizer.png_bytes(image) for name, image in files.items()}
     if gif:
-        frames, captions = views.layer_frames(analysis, scene, "cls", head, style)
-        written.append(exports.save_gif(frames, captions, folder / f"cls_layers_{head}.gif"))
-    written.extend(exports.export_numbers(analysis, folder / "analysis", layers[-1], head, fusion=fusion))
-    return written
+        frames, captions = views.layer_frames(analysis, scene.page, "cls", head, style)
+        data[f"cls_layers_{head}.gif"] = visualizer.animation_gif(frames, 500, captions=captions)
+    data["analysis.npz"], data["analysis.json"] = exports.numbers(analysis, layers[-1], head,
+                                                                  settings={"fusion": fusion})
+    for name, content in data.items():
+        (folder / name).write_bytes(content)
+    return [folder / name for name in data]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -77,14 +82,13 @@ def main(argv: list[str] | None = None) -> int:
     failures = 0
     for path in tqdm(paths, desc="images", unit="image"):
         try:
-            scene = views.Scene.of(load_image(path))
-            analysis = analyze(loaded, scene.original, resolution)
-            head = views.parse_head(args.head, analysis.num_heads)
-            layers = [views.check_layer(analysis, layer + analysis.num_layers if layer < 0 else layer)
-                      for layer in (args.layers or [-1])]
+            scene = views.Scene.of(load_image(path, lambda message: tqdm.write(f"{path.name}: {message}")))
+            analysis = analyze_scene(loaded, scene, resolution)
+            head = head_choice(args.head, analysis.num_heads, FUSIONS)
+            layers = [layer_index(layer, analysis.num_layers) for layer in (args.layers or [-1])]
             export_image(analysis, scene, args.out / exports.safe_stem(path.stem), layers, head, args.rollout,
                          style, not args.no_gif)
-        except (InvalidImageError, ValueError) as err:
+        except (InvalidImageError, UserError) as err:
             failures += 1
             tqdm.write(f"skipped {path.name}: {err}", file=sys.stderr)
     return 1 if failures == len(paths) and paths else 0

@@ -16,18 +16,20 @@ from PIL import Image
 
 import visualizer
 from analysis import DTYPES, FUSIONS, Analysis
+from analysis.flow import MAX_FLOW_TOKENS
 from analysis.stats import DEFAULT_STAT_QUERIES
 from model import CheckpointError, InvalidImageError
 
 from . import views
 from .inputs import UserError, choice, flag, head_choice, layer_index, number, whole
-from .session import MAX_RESOLUTION, MIN_RESOLUTION, AnalysisKey, Workspace
+from .session import MAX_RESOLUTION, MIN_RESOLUTION, AnalysisKey, Workspace, resolution_limits
 
 logger = logging.getLogger("vit-inspect")
 NORMALIZATIONS = ("robust", "minmax", "max")
 DIRECTIONS = ("row", "column")
 STAT_MODES = {"spread": DEFAULT_STAT_QUERIES, "all": None}  # head statistics over 512 spread queries, or every one
 USER_ERRORS = (UserError, InvalidImageError, CheckpointError)
+FLOW_SECONDS_AT_LIMIT = 69.0  # measured: 12 layers, 577 tokens, 2-core CPU; one max-flow per token, ∝ layers × N³
 
 
 def user_message(err: Exception) -> str:
@@ -99,6 +101,32 @@ def check_resolution(value: Any) -> int:
     return whole(value, "resolution", MIN_RESOLUTION, MAX_RESOLUTION)
 
 
+def flow_offer(analysis: Analysis, geometry_at: Callable[[int], Any], resolution: int) -> tuple[str, bool]:
+    """What to say about attention flow for this image, and whether it can be computed at this resolution.
+
+    Args:
+        geometry_at: the image's patch geometry at a given long side.
+    """
+    tokens = analysis.geometry.grid_h * analysis.geometry.grid_w + analysis.num_prefix_tokens
+    if tokens <= MAX_FLOW_TOKENS:
+        return (f"Attention flow at this resolution ({tokens} tokens) takes about "
+                f"{_flow_seconds(analysis.num_layers, tokens):.0f} s.", True)
+    patch = analysis.geometry.patch_size
+    reachable = range(resolution_limits(patch)[1], MIN_RESOLUTION - 1, -patch)  # the values the slider takes
+    for long_side in (side for side in reachable if side <= resolution):
+        g = geometry_at(long_side)
+        fits = g.grid_h * g.grid_w + analysis.num_prefix_tokens
+        if fits <= MAX_FLOW_TOKENS:
+            return (f"Attention flow needs at most {MAX_FLOW_TOKENS} tokens (one max-flow per token); this image has "
+                    f"{tokens} at {resolution} px. The largest resolution that works for it is **{long_side} px** "
+                    f"({fits} tokens, about {_flow_seconds(analysis.num_layers, fits):.0f} s).", False)
+    return f"Attention flow needs at most {MAX_FLOW_TOKENS} tokens; this image has more at every resolution.", False
+
+
+def _flow_seconds(layers: int, tokens: int) -> float:
+    return max(1.0, FLOW_SECONDS_AT_LIMIT * layers / 12 * (tokens / MAX_FLOW_TOKENS) ** 3)
+
+
 class Handlers:
     """The plumbing shared by the page (`explorer.page`) and the API (`explorer.api`)."""
 
@@ -113,6 +141,11 @@ class Handlers:
                                  STAT_MODES[choice(stat_mode, "statistics", tuple(STAT_MODES))],
                                  self.precision(dtype))
         return source, scene, self.workspace.analysis(key, source, progress), key
+
+    def flow_offer(self, analysis: Analysis, scene: views.Scene, key: AnalysisKey) -> tuple[str, bool]:
+        preprocessing = self.workspace.models.get(key.model, key.dtype).preprocessing
+        return flow_offer(analysis, lambda side: preprocessing.geometry(scene.image.height, scene.image.width, side),
+                          key.resolution)
 
     def precision(self, value: Any) -> str:
         dtype = choice(value, "precision", tuple(DTYPES))

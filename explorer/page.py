@@ -13,10 +13,9 @@ import gradio as gr
 
 import visualizer
 from analysis import FUSIONS, STAT_LABELS, Analysis
-from analysis.flow import MAX_FLOW_TOKENS
 
 from . import exports, views
-from .handlers import Controls, Handlers, check_discard, guarded, user_message, warn
+from .handlers import Controls, Handlers, check_discard, flow_offer, guarded, user_message, warn
 from .inputs import choice, head_choice, number, text
 from .session import View, resolution_limits
 
@@ -26,7 +25,6 @@ VIEW_OUTPUTS = ("main", "patch", "grid", "patch_caption", "rollout", "rollout_ca
 ANALYSIS_OUTPUTS = ("view", "status", "layer", "head", "resolution", "table", "flow", "flow_note", "flow_button",
                     "gif", "gif_file", "export_files", *VIEW_OUTPUTS)
 STATISTICS = tuple(STAT_LABELS)
-FLOW_SECONDS_AT_LIMIT = 69.0  # measured: 12 layers, 577 tokens, 2-core CPU; one max-flow per token, ∝ layers × N³
 
 
 def as_outputs(values: dict[str, Any], names: tuple[str, ...]) -> tuple:
@@ -40,27 +38,6 @@ def stats_table(analysis: Analysis) -> dict:
             for layer in range(analysis.num_layers) for head in range(analysis.num_heads)]
     return {"headers": ["Layer", "Head", *(STAT_LABELS[name][:1].upper() + STAT_LABELS[name][1:] for name in STATISTICS)],
             "data": rows}
-
-
-def flow_offer(analysis: Analysis, preprocessing_geometry, resolution: int) -> tuple[str, bool]:
-    """What the page says about attention flow for this image, and whether its button is offered."""
-    tokens = analysis.geometry.grid_h * analysis.geometry.grid_w + analysis.num_prefix_tokens
-    if tokens <= MAX_FLOW_TOKENS:
-        return (f"Attention flow at this resolution ({tokens} tokens) takes about "
-                f"{_flow_seconds(analysis.num_layers, tokens):.0f} s.", True)
-    patch = analysis.geometry.patch_size
-    for long_side in range(resolution, patch - 1, -patch):
-        g = preprocessing_geometry(long_side)
-        fits = g.grid_h * g.grid_w + analysis.num_prefix_tokens
-        if fits <= MAX_FLOW_TOKENS:
-            return (f"Attention flow needs at most {MAX_FLOW_TOKENS} tokens (one max-flow per token); this image has "
-                    f"{tokens} at {resolution} px. The largest resolution that works for it is **{long_side} px** "
-                    f"({fits} tokens, about {_flow_seconds(analysis.num_layers, fits):.0f} s).", False)
-    return f"Attention flow needs at most {MAX_FLOW_TOKENS} tokens; this image has more at every resolution.", False
-
-
-def _flow_seconds(layers: int, tokens: int) -> float:
-    return max(1.0, FLOW_SECONDS_AT_LIMIT * layers / 12 * (tokens / MAX_FLOW_TOKENS) ** 3)
 
 
 class Page(Handlers):
@@ -83,9 +60,7 @@ class Page(Handlers):
             return as_outputs({**cleared, "status": f"**Could not analyse this image:** {html.escape(message)}"},
                               ANALYSIS_OUTPUTS)
         seconds = time.perf_counter() - started
-        loaded = self.workspace.models.get(key.model, key.dtype)
-        note, offered = flow_offer(analysis, lambda side: loaded.preprocessing.geometry(
-            scene.image.height, scene.image.width, side), key.resolution)
+        note, offered = self.flow_offer(analysis, scene, key)
         low, high = resolution_limits(analysis.geometry.patch_size)
         last = analysis.num_layers - 1
         return as_outputs({
@@ -235,7 +210,7 @@ class Page(Handlers):
         return path, path
 
     @guarded
-    def export(self, view: View | None, tab: str, *controls: Any) -> list[str]:
+    def download(self, view: View | None, tab: str, *controls: Any) -> list[str]:
         """The numbers of the analysis with every setting of the view, and the view on screen as a PNG."""
         if view is None:
             raise gr.Error("Analyse an image first.", print_exception=False)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from analysis import Analysis, analyze
 from analysis.stats import DEFAULT_STAT_QUERIES
-from model import load_image
+from model import LoadedModel, load_image
 
 from .cache import AnalysisCache, image_digest
 from .files import FileStore
@@ -92,8 +92,14 @@ class Workspace:
             scene = self.scene(source, digest=key.digest)
             loaded = self.models.get(key.model, key.dtype)
             with self._device:
-                analysis = analyze(loaded, scene.image, key.resolution, key.dtype, key.stat_queries, progress)
-            width, height = scene.original_size  # the working copy may be a reduced upload
-            analysis.geometry = dataclasses.replace(analysis.geometry, orig_w=width, orig_h=height)
-            return analysis
+                return analyze_scene(loaded, scene, key.resolution, key.dtype, key.stat_queries, progress)
         return self.cache.get_or_compute(("analysis", key), compute)
+
+
+def analyze_scene(loaded: LoadedModel, scene: Scene, resolution: int, dtype: str = "float32",
+                  stat_queries: int | None = DEFAULT_STAT_QUERIES, progress: Progress | None = None) -> Analysis:
+    """The analysis of an upload, its geometry in the upload's own pixels (the model may see a reduced copy)."""
+    analysis = analyze(loaded, scene.image, resolution, dtype, stat_queries, progress)
+    width, height = scene.original_size
+    analysis.geometry = dataclasses.replace(analysis.geometry, orig_w=width, orig_h=height)
+    return analysis
