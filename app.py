@@ -21,7 +21,7 @@ from explorer.api import Api
 from explorer.cache import AnalysisCache
 from explorer.files import FileStore
 from explorer.models import DEFAULT, WELL_KNOWN, ModelPolicy, ModelStore
-from explorer.page import ANALYSIS_OUTPUTS, TABS, VIEW_OUTPUTS, Page
+from explorer.page import ANALYSIS_OUTPUTS, TAB_LABELS, VIEW_OUTPUTS, Page
 from explorer.session import DEFAULT_RESOLUTION, MIN_RESOLUTION, Workspace, resolution_limits
 from explorer.web import RequestGuard
 from model import LoadedModel
@@ -64,17 +64,21 @@ def workspace_for(loaded: LoadedModel | None, device: str | None, policy: ModelP
                      slots)
 
 
-def launch_options() -> dict:
+def launch_options(demo: gr.Blocks) -> dict:
     """What `launch()` needs besides host and port: upload cap, request guard, page script and style."""
-    return dict(max_file_size=MAX_FILE_SIZE, app_kwargs={"middleware": [Middleware(RequestGuard)]},
+    file_inputs = {index: [i for i, block in enumerate(fn.inputs) if isinstance(block, gr.Image)]
+                   for index, fn in demo.fns.items()}
+    guard = Middleware(RequestGuard, roots=[gr.utils.get_upload_folder(), ASSETS], file_inputs=file_inputs)
+    return dict(max_file_size=MAX_FILE_SIZE, app_kwargs={"middleware": [guard]},
                 js=ENTER_APPLIES_RESOLUTION, css=CSS, show_error=False, allowed_paths=[], footer_links=["api"])
 
 
-def build_demo(loaded: LoadedModel | None = None, device: str | None = None,
-               policy: ModelPolicy | None = None) -> gr.Blocks:
-    """The page and its API; `loaded` replaces the embedded default model (tests pass a tiny one)."""
+def build_demo(loaded: LoadedModel | None = None, device: str | None = None, policy: ModelPolicy | None = None,
+               workspace: Workspace | None = None, queue_size: int = QUEUE_SIZE) -> gr.Blocks:
+    """The page and its API; `loaded` replaces the embedded default model (tests pass a tiny one, or a whole
+    `workspace` to look into)."""
     gr.set_static_paths([ASSETS])  # the examples are served from where they are, never copied
-    workspace = workspace_for(loaded, device, policy)
+    workspace = workspace or workspace_for(loaded, device, policy)
     page, api = Page(workspace), Api(workspace)
     first = workspace.models.get(DEFAULT)  # load (and convert, the first time) at start-up
     page.warm(EXAMPLES[0], DEFAULT_RESOLUTION)  # the arrival image, analysed once and kept
@@ -101,9 +105,8 @@ def build_demo(loaded: LoadedModel | None = None, device: str | None = None,
                     c["cmap"] = gr.Dropdown(visualizer.available_colormaps(), value="inferno", label="Colormap",
                                             elem_id="cmap", min_width=120)
                     c["opacity"] = gr.Slider(0, 1, 0.6, step=0.05, label="Opacity", elem_id="opacity", min_width=140)
-                tabs = {}
-                with gr.Tabs():
-                    with gr.Tab("Class token", id="cls") as tabs["cls"]:
+                with gr.Tabs() as tab_bar:
+                    with gr.Tab(TAB_LABELS["cls"], id="cls"):
                         with gr.Row(equal_height=False):
                             c["main"] = _view("Class-token attention (click a patch)", "cls-view")
                             with gr.Column(min_width=240):
@@ -118,7 +121,7 @@ def build_demo(loaded: LoadedModel | None = None, device: str | None = None,
                             c["mass"] = gr.Slider(0.05, 1, 0.6, step=0.05, label="of the attention mass (DINO)",
                                                   min_width=160)
                         c["grid"] = _view("Every head of this layer", "head-grid")
-                    with gr.Tab("Rollout", id="rollout") as tabs["rollout"]:
+                    with gr.Tab(TAB_LABELS["rollout"], id="rollout"):
                         with gr.Row():
                             c["fusion"] = gr.Radio(list(FUSIONS), value="mean", label="Head fusion")
                             c["discard"] = gr.Slider(0, 0.95, 0, step=0.05, label="Discard ratio",
@@ -128,7 +131,7 @@ def build_demo(loaded: LoadedModel | None = None, device: str | None = None,
                         c["flow_note"] = gr.Markdown(elem_id="flow-note")
                         c["flow_button"] = gr.Button("Compute attention flow", visible=False, elem_id="flow-button")
                         c["flow"] = _view("Attention flow", "flow-view")
-                    with gr.Tab("Heads", id="heads") as tabs["heads"]:
+                    with gr.Tab(TAB_LABELS["heads"], id="heads"):
                         gr.Markdown("Every layer (rows) × head (columns). Click a thumbnail or a table row to select "
                                     "that head everywhere.")
                         c["atlas_shared"] = gr.Checkbox(False, label="One scale for every thumbnail")
@@ -138,14 +141,14 @@ def build_demo(loaded: LoadedModel | None = None, device: str | None = None,
                         c["chart"] = _view("Statistic per layer × head", "chart")
                         c["table"] = gr.Dataframe(label="Head statistics (click a row; sortable)", interactive=False,
                                                   elem_id="stats-table", max_height=360, wrap=True)
-                    with gr.Tab("Hidden states", id="hidden") as tabs["hidden"]:
+                    with gr.Tab(TAB_LABELS["hidden"], id="hidden"):
                         c["hidden_caption"] = gr.Markdown(elem_id="hidden-caption")
                         with gr.Row():
                             c["norms"] = _view("Token norms", "norm-view", min_width=240)
                             c["pca"] = _view("PCA → RGB", "pca-view", min_width=240)
                             c["similarity"] = _view("Similarity to the clicked patch", "similarity-view",
                                                     min_width=240)
-                    with gr.Tab("Animation", id="animation") as tabs["animation"]:
+                    with gr.Tab(TAB_LABELS["animation"], id="animation"):
                         anim_mode = gr.Radio([("class-token map of the head", "cls"),
                                               ("rollout up to each layer", "rollout")], value="cls",
                                              label="Animate through the layers")
@@ -184,15 +187,13 @@ def build_demo(loaded: LoadedModel | None = None, device: str | None = None,
         prepare = dict(fn=page.prepare_tab, inputs=[view, tab, c["fusion"], c["discard"]], outputs=None,
                        concurrency_id="model", **private)
 
-        def analysed(trigger):
-            trigger(page.analyze, [image_in, c["resolution"], model_key, stat_mode, dtype],
-                    [c[n] for n in ANALYSIS_OUTPUTS], concurrency_id="model", **private
-                    ).then(**prepare).then(**render)
-
-        for trigger in (demo.load, image_in.change, c["resolution"].release, apply_resolution.click):
-            analysed(trigger)
-        for name, tab_item in tabs.items():
-            tab_item.select(lambda name=name: name, None, tab, queue=False, **private).then(**prepare).then(**render)
+        analyze = dict(fn=page.analyze, inputs=[image_in, c["resolution"], model_key, stat_mode, dtype],
+                       outputs=[c[n] for n in ANALYSIS_OUTPUTS], concurrency_id="model", **private)
+        gr.on([demo.load, image_in.change, c["resolution"].release, apply_resolution.click], **analyze
+              ).then(**prepare).then(**render)
+        load_button.click(page.switch_model, [model_choice, model_custom], [model_key, model_status],
+                          concurrency_id="model", **private).success(**analyze).then(**prepare).then(**render)
+        tab_bar.select(page.select_tab, None, tab, queue=False, **private).then(**prepare).then(**render)
         gr.on([c[n].change for n in ("layer", "head", "direction", "cmap", "smooth", "normalize", "mass_on",
                                      "statistic", "atlas_shared", "opacity", "mass")],
               trigger_mode="always_last", **render)
@@ -205,10 +206,8 @@ def build_demo(loaded: LoadedModel | None = None, device: str | None = None,
         anim_button.click(page.animate, [view, anim_mode, *controls], [c["gif"], c["gif_file"]],
                           concurrency_id="model", **private)
         export_button.click(page.download, [view, tab, *controls], c["export_files"], concurrency_id="model", **private)
-        analysed(load_button.click(page.switch_model, [model_choice, model_custom], [model_key, model_status],
-                                   concurrency_id="model", **private).success)
         api.register()
-    demo.queue(max_size=QUEUE_SIZE, default_concurrency_limit=workspace.device_slots)
+    demo.queue(max_size=queue_size, default_concurrency_limit=workspace.device_slots)
     return demo
 
 
@@ -220,4 +219,5 @@ def _view(label: str, elem_id: str, min_width: int = 240) -> gr.Image:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO)
-    build_demo().launch(server_name=os.environ.get("GRADIO_SERVER_NAME"), **launch_options())
+    demo = build_demo()
+    demo.launch(server_name=os.environ.get("GRADIO_SERVER_NAME"), **launch_options(demo))

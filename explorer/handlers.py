@@ -53,12 +53,12 @@ def guarded(fn: Callable) -> Callable:
         except gr.Error:
             raise
         except Exception as err:
-            raise gr.Error(html.escape(user_message(err)), print_exception=False) from None
+            raise gr.Error(html.escape(user_message(err), quote=False), print_exception=False) from None
     return wrapper
 
 
 def warn(message: str) -> None:
-    gr.Warning(html.escape(message))
+    gr.Warning(html.escape(message, quote=False))
 
 
 @dataclass(frozen=True)

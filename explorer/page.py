@@ -19,7 +19,9 @@ from .handlers import Controls, Handlers, check_discard, flow_offer, guarded, us
 from .inputs import choice, head_choice, number, text
 from .session import View, resolution_limits
 
-TABS = ("cls", "rollout", "heads", "hidden", "animation")
+TAB_LABELS = {"cls": "Class token", "rollout": "Rollout", "heads": "Heads", "hidden": "Hidden states",
+              "animation": "Animation"}
+TABS = tuple(TAB_LABELS)
 VIEW_OUTPUTS = ("main", "patch", "grid", "patch_caption", "rollout", "rollout_caption", "atlas", "chart",
                 "norms", "pca", "similarity", "hidden_caption")
 ANALYSIS_OUTPUTS = ("view", "status", "layer", "head", "resolution", "table", "flow", "flow_note", "flow_button",
@@ -144,6 +146,12 @@ class Page(Handlers):
                      "median norm); models without registers show them mostly in the later layers.")
         caption = f"After layer {c.layer}. {found} PCA: the first three principal components of the patch features as RGB."
         return {"norms": norms, "pca": pca, "similarity": similarity, "hidden_caption": caption}
+
+    @guarded
+    def select_tab(self, evt: gr.SelectData) -> str:
+        """The id of the tab just opened."""
+        by_label = {label: name for name, label in TAB_LABELS.items()}
+        return evt.index if evt.index in TABS else choice(by_label.get(evt.value, evt.value), "tab", TABS)
 
     @guarded
     def click(self, view: View | None, evt: gr.SelectData) -> View:

@@ -1,12 +1,16 @@
 """HTTP-level protections in front of Gradio's routes, for what no event handler gets to see first.
 
 - Event requests (JSON posted to /gradio_api/...) are refused above MAX_JSON_BYTES.
-- A file object naming a URL is refused: Gradio would download it before any handler could say no.
+- A file object naming a URL, or a path outside the upload folders, is refused: Gradio would download the URL, or
+  answer with an empty error, before any handler could say no.
 - A full queue answers with a plain "busy" message instead of Gradio's internal counts.
 """
 from __future__ import annotations
 
 import json
+import os
+from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 MAX_JSON_BYTES = 1 << 20
@@ -14,13 +18,25 @@ API_PREFIX = "/gradio_api/"
 UNCHECKED = ("/gradio_api/upload",)  # multipart uploads: Gradio applies max_file_size to them
 BUSY = "The server is busy with other analyses: try again in a minute."
 REMOTE = "Files must be uploaded: URLs are not fetched by this server."
+FOREIGN = "Files must be uploaded to this server (gradio_client: handle_file(...)); other paths are not accepted."
+NOT_A_FILE = ("image: send an image file as an upload (gradio_client: handle_file(...)); paths, URLs and other "
+              "references are not accepted.")
 
 
 class RequestGuard:
-    """ASGI middleware; add it with FastAPI's `middleware=[Middleware(RequestGuard)]`."""
+    """ASGI middleware; add it with FastAPI's `middleware=[Middleware(RequestGuard, roots=[...])]`.
 
-    def __init__(self, app, max_json_bytes: int = MAX_JSON_BYTES):
+    Args:
+        roots: the folders a file object may name (the upload folder, the examples).
+        file_inputs: {fn_index: positions of its inputs that take a file}; anything but a file object (or null)
+            there is refused, before the component's own validation would answer with an empty error.
+    """
+
+    def __init__(self, app, roots: Iterable["str | Path"], file_inputs: dict[int, list[int]] | None = None,
+                 max_json_bytes: int = MAX_JSON_BYTES):
         self.app = app
+        self.roots = tuple(Path(os.path.realpath(root)) for root in roots)
+        self.file_inputs = file_inputs or {}
         self.max_json_bytes = max_json_bytes
 
     async def __call__(self, scope, receive, send):
@@ -37,8 +53,9 @@ class RequestGuard:
             more = message.get("more_body", False)
             if len(body) > self.max_json_bytes:
                 return await reply(send, 413, "The request is too large.")
-        if names_remote_file(body):
-            return await reply(send, 400, REMOTE)
+        refused = refused_file(body, self.roots) or self.misplaced(body)
+        if refused:
+            return await reply(send, 400, refused)
         pending = [{"type": "http.request", "body": body, "more_body": False}]
 
         async def replay():
@@ -47,23 +64,39 @@ class RequestGuard:
         await self.app(scope, replay, busy_message(send) if path.endswith("/queue/join") else send)
 
 
-def names_remote_file(body: bytes) -> bool:
-    """Whether a JSON body holds, anywhere, an object whose "path" is an http(s) URL."""
+    def misplaced(self, body: bytes) -> str | None:
+        """NOT_A_FILE when an event's file input holds something other than a file object."""
+        try:
+            request = json.loads(body or b"null")
+            positions = self.file_inputs.get(request.get("fn_index"), [])
+            data = request.get("data") or []
+        except (ValueError, AttributeError, TypeError):
+            return None  # not an event request: Gradio answers it itself
+        misplaced = [p for p in positions if p < len(data) and data[p] is not None and not isinstance(data[p], dict)]
+        return NOT_A_FILE if misplaced else None
+
+
+def refused_file(body: bytes, roots: tuple[Path, ...]) -> str | None:
+    """Why a JSON body is refused: an object, anywhere in it, whose "path" is a URL or lies outside `roots`."""
     try:
         data = json.loads(body or b"null")
     except ValueError:
-        return False  # not JSON: Gradio refuses it itself
+        return None  # not JSON: Gradio refuses it itself
     stack: list[Any] = [data]
     while stack:
         item = stack.pop()
         if isinstance(item, dict):
             target = item.get("path")
-            if isinstance(target, str) and target.strip().lower().startswith(("http://", "https://", "//")):
-                return True
+            if isinstance(target, str):
+                if target.strip().lower().startswith(("http:", "https:", "//")):
+                    return REMOTE
+                real = Path(os.path.realpath(target))
+                if not any(real.is_relative_to(root) for root in roots):
+                    return FOREIGN
             stack.extend(item.values())
         elif isinstance(item, list):
             stack.extend(item)
-    return False
+    return None
 
 
 def busy_message(send):

@@ -1,0 +1,233 @@
+"""The app as a public service, tried as anyone on the internet can: raw HTTP to every event by fn_index (page
+events marked private included), hostile values in every field, and the bounds on disk, uploads and the queue."""
+import inspect
+import json
+import os
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import app
+from explorer.api import Api
+from explorer.files import FileStore
+from explorer.web import BUSY, NOT_A_FILE, REMOTE
+from explorer.web import FOREIGN as FOREIGN_FILE
+from tests.helpers import tiny_loaded
+from tests.served import RawClient, served_app
+
+ROOT = Path(__file__).resolve().parents[1]
+SERVER_IMAGE = ROOT / "docs" / "screenshot.png"  # an image on the server that no visitor uploaded
+CAT = ROOT / "assets" / "chelsea.png"
+RES = 224
+IMAGE_ENDPOINTS = ("cls_attention", "patch_attention", "rollout", "attention_flow", "head_statistics",
+                   "hidden_states", "layer_animation", "export")
+
+
+def args(endpoint: str, **values) -> list:
+    """Every argument after the image, as a raw client must send them: the defaults, resolution RES, x = y = 10."""
+    params = list(inspect.signature(getattr(Api, endpoint)).parameters.values())[2:]
+    defaults = {p.name: p.default for p in params} | {"resolution": RES, "x": 10.0, "y": 10.0} | values
+    return [defaults[p.name] for p in params]
+LEAKS = ("Traceback", "TypeError", "ValueError", "KeyError", "Exception", str(ROOT), "/tmp/")
+
+
+@pytest.fixture(scope="module")
+def workspace():
+    return app.workspace_for(tiny_loaded(), "cpu", None)
+
+
+@pytest.fixture(scope="module")
+def client(workspace):
+    with served_app(workspace=workspace, queue_size=2) as url:
+        yield RawClient(url)
+
+
+def page_analyze(client: RawClient, image) -> list:
+    return [image, RES, "default", "spread", "float32"]
+
+
+def assert_plain(message: str) -> None:
+    assert message and not any(leak in message for leak in LEAKS), message
+
+
+FOREIGN = {
+    "a path string": str(SERVER_IMAGE),
+    "a dict without Gradio's meta": {"path": str(SERVER_IMAGE)},
+    "a path outside the upload folder": {"path": str(SERVER_IMAGE), "meta": {"_type": "gradio.FileData"}},
+    "a path that climbs out of it": {"path": f"{app.gr.utils.get_upload_folder()}/../../{SERVER_IMAGE}",
+                                     "meta": {"_type": "gradio.FileData"}},
+}
+
+
+@pytest.mark.parametrize("endpoint", IMAGE_ENDPOINTS)
+@pytest.mark.parametrize("kind", FOREIGN)
+def test_image_endpoints_read_only_uploads(client, endpoint, kind):
+    result = client.call(endpoint, [FOREIGN[kind], *args(endpoint)])
+    assert not result.success and result.data is None
+    if kind == "a path string":
+        assert result.error == "image: send an image file as an upload (gradio_client: handle_file(...)); paths, " \
+                               "URLs and other references are not accepted."
+    else:  # refused at the door, before Gradio would answer with an empty error
+        assert result.status == 400 and result.error == FOREIGN_FILE
+
+
+@pytest.mark.parametrize("kind", FOREIGN)
+def test_the_page_analysis_event_reads_only_uploads(client, kind):
+    result = client.call("analyze", page_analyze(client, FOREIGN[kind]))
+    assert result.status == 400 and result.error == (NOT_A_FILE if kind == "a path string" else FOREIGN_FILE)
+
+
+def test_the_page_answers_a_bad_upload_with_a_message_and_clears_its_views(client, tmp_path):
+    fake = tmp_path / "photo.png"
+    fake.write_bytes(b"not an image at all")
+    result = client.call("analyze", page_analyze(client, client.upload(fake)))
+    assert result.success and "Could not analyse this image" in result.data[1]
+    assert result.warnings == ["The file is not a readable image (it may be corrupt or of an unsupported format)."]
+    assert all(value is None for value in result.data[9:])  # nothing drawn from the previous image either
+
+
+def test_remote_urls_are_never_fetched(client):
+    remote = {"path": "https://example.com/cat.png", "meta": {"_type": "gradio.FileData"}}
+    for event, data in (("cls_attention", [remote, *args("cls_attention")]), ("analyze", page_analyze(client, remote))):
+        result = client.call(event, data)
+        assert result.status == 400 and result.error == REMOTE
+
+
+def test_uploads_and_examples_are_accepted(client):
+    upload = client.upload(CAT)
+    result = client.call("cls_attention", [upload, *args("cls_attention")])
+    assert result.success and result.data[2]["grid_h"] == 19
+    example = {"path": str(CAT), "meta": {"_type": "gradio.FileData"}}  # the page's examples, served from assets/
+    assert client.call("cls_attention", [example, *args("cls_attention")]).success
+
+
+WRONG = [  # (endpoint, a wrong argument, what the message must say)
+    ("cls_attention", {"resolution": "abc"}, "resolution must be a whole number from 224 to 2048, got 'abc'"),
+    ("cls_attention", {"layer": None}, "layer must be a whole number from -3 to 2, got None"),
+    ("cls_attention", {"opacity": 7}, "opacity must be a number from 0 to 1, got 7"),
+    ("cls_attention", {"colormap": "flag"}, "colormap must be one of inferno"),
+    ("cls_attention", {"head": [1]}, "head must be one of mean, max, min or a head index from 0 to 3, got [1]"),
+    ("patch_attention", {"x": "abc"}, "x must be a number from 0 to 451, got 'abc'"),
+    ("patch_attention", {"y": 1e9}, "y must be a number from 0 to 300, got 1000000000.0"),
+    ("rollout", {"discard_ratio": 1.5}, "discard ratio must be a number from 0 to 0.99, got 1.5"),
+    ("rollout", {"fusion": "sum"}, "fusion must be one of mean, max, min; got 'sum'"),
+    ("head_statistics", {"queries": "some"}, "statistics must be one of spread, all; got 'some'"),
+    ("layer_animation", {"mode": "video"}, "mode must be one of cls, rollout; got 'video'"),
+    ("export", {"model": {"x": 1}}, "model must be a hub id"),
+]
+
+
+@pytest.mark.parametrize("endpoint, wrong, message", WRONG)
+def test_wrong_types_and_values_get_plain_messages(client, endpoint, wrong, message):
+    result = client.call(endpoint, [client.upload(CAT), *args(endpoint, **wrong)])
+    assert not result.success and message in result.error, result.error
+    assert_plain(result.error)
+
+
+@pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity"])
+def test_nan_and_infinity_are_refused_by_name(client, literal):
+    upload = client.upload(CAT)
+    session = "nan-" + literal
+    rest = json.dumps(args("cls_attention", resolution="RES"))[1:-1].replace('"RES"', literal)
+    body = ('{"data": [%s, %s], "fn_index": %d, "session_hash": "%s"}'
+            % (json.dumps(upload), rest, client.fn_index("cls_attention"), session)).encode()
+    result = client.call("cls_attention", [], body=body)
+    assert not result.success and "resolution must be a whole number from 224 to 2048" in result.error
+
+
+def test_page_events_check_their_values_too(client):
+    analysed = client.call("analyze", page_analyze(client, client.upload(CAT)))
+    assert analysed.success and "grid 19×28" in analysed.data[1]
+    # the page's redraw, sent by hand with nonsense controls: the view state is the server's, never the client's
+    controls = ["abc", "mean", "row", 0.6, "inferno", True, "robust", False, 0.6, "mean", 0.0, "mean_distance",
+                False]
+    result = client.call("render", [None, "cls", *controls])
+    assert result.success  # no analysis in this raw session: nothing is drawn, nothing fails
+    clicked = client.call("click", [None], event_data={"index": ["x", None], "value": None})
+    assert clicked.success
+
+
+def test_upload_size_is_capped(client, tmp_path):
+    big = tmp_path / "big.png"
+    big.write_bytes(b"\0" * (51 * 2**20))
+    answer = client.http.post(f"{client.url}/gradio_api/upload", files={"files": ("big.png", big.open("rb"))})
+    assert answer.status_code == 413
+
+
+def test_request_bodies_are_capped(client):
+    body = json.dumps({"data": ["x" * (2 * 2**20)], "fn_index": 0, "session_hash": "big"}).encode()
+    answer = client.http.post(f"{client.url}/gradio_api/queue/join", content=body,
+                              headers={"content-type": "application/json"})
+    assert answer.status_code == 413
+
+
+def test_a_full_queue_says_busy(client, workspace):
+    upload = client.upload(CAT)
+    with workspace._device:  # the one model slot stays busy: jobs wait in the queue (size 2)
+        threads = [threading.Thread(target=client.call, args=("rollout", [upload, *args("rollout", resolution=300 + 8 * i)]))
+                   for i in range(3)]
+        for thread in threads:
+            thread.start()
+            time.sleep(0.5)
+        refused = client.call("rollout", [upload, *args("rollout", resolution=RES + 8)])
+    for thread in threads:
+        thread.join()
+    assert refused.status == 503 and refused.error == BUSY
+
+
+def test_queued_jobs_of_clients_gone_are_dropped(client, workspace):
+    upload = client.upload(CAT)
+    blocker = threading.Thread(target=client.call, args=("rollout", [upload, *args("rollout", resolution=232)]))
+    with workspace._device:
+        blocker.start()
+        time.sleep(0.5)
+        session = "gone"
+        joined = client.http.post(f"{client.url}/gradio_api/queue/join", json={
+            "data": [upload, *args("rollout", resolution=240)], "fn_index": client.fn_index("rollout"),
+            "session_hash": session})
+        assert joined.status_code == 200
+        with client.http.stream("GET", f"{client.url}/gradio_api/queue/data", params={"session_hash": session}):
+            pass  # the client reads nothing and goes away
+        time.sleep(3)
+    blocker.join()
+    time.sleep(2)
+    scene = workspace.scene(upload["path"])
+    assert ("analysis", workspace.key(scene, 232)) in workspace.cache
+    assert ("analysis", workspace.key(scene, 240)) not in workspace.cache  # never computed
+
+
+def test_identical_requests_reuse_their_files(client, workspace):
+    upload = client.upload(CAT)
+    root = workspace.files.root
+    before = workspace.files.size()
+    paths = {client.call("layer_animation", [upload, *args("layer_animation")]).data[0]["path"] for _ in range(10)}
+    assert len(paths) == 1 and workspace.files.size() - before <= 2 * 2**20
+    assert Path(paths.pop()).is_relative_to(root)
+
+
+def test_file_store_keeps_to_its_size_and_age(tmp_path):
+    store = FileStore(tmp_path, max_bytes=10_000, max_age_s=3600)
+    first = store.put(b"a" * 4000, "a.bin")
+    assert store.put(b"a" * 4000, "a.bin") == first  # the same content is one file
+    store.put(b"b" * 4000, "b.bin")
+    store.put(b"c" * 4000, "c.bin")  # over the size limit: the least recently used goes
+    assert not first.exists() and store.size() <= 10_000
+    old = store.put(b"d" * 10, "d.bin")
+    stale = time.time() - 7200
+    os.utime(old, (stale, stale))
+    store.sweep(force=True)
+    assert not old.exists() and store.size() <= 10_000
+
+
+def test_float_images_with_nan_are_analysed_with_a_warning(client, tmp_path):
+    values = np.random.default_rng(0).random((60, 80)).astype(np.float32)
+    values[10:20, 10:20] = np.nan
+    path = tmp_path / "float.tiff"
+    Image.fromarray(values, mode="F").save(path)
+    result = client.call("analyze", page_analyze(client, client.upload(path)))
+    assert result.success and "grid" in result.data[1]
+    assert any("100 pixels were NaN or infinite" in w for w in result.warnings)
