@@ -41,10 +41,13 @@ INTRO = """# vit-inspect
 See what each **head** of each **layer** of a vision transformer attends to, at any resolution. The model runs
 once per image; every control redraws from that one pass. **Click a map** to pick a patch and see what it attends to."""
 CSS = """
-#image-input { min-height: 0 }
 .view img { object-fit: contain }
+#examples .gallery { flex-wrap: nowrap }
+#examples .gallery-item { flex: 1 1 0; min-width: 0 }
+#examples .gallery-item img { max-height: 64px; width: 100%; object-fit: cover }
 @media (max-width: 640px) {
-  .tab-wrapper, [role=tablist] { flex-wrap: wrap !important; overflow: visible !important; height: auto !important }
+  .tab-container button { padding-left: 6px !important; padding-right: 6px !important; font-size: 13px !important }
+  #image-input { height: 200px !important }
 }
 """
 ENTER_APPLIES_RESOLUTION = """() => {
@@ -91,14 +94,15 @@ def build_demo(loaded: LoadedModel | None = None, device: str | None = None, pol
             with gr.Column(scale=1, min_width=300):
                 image_in = gr.Image(EXAMPLES[0], label="Image (upload, paste or webcam)", type="filepath",
                                     sources=["upload", "clipboard", "webcam"], height=240, elem_id="image-input")
-                gr.Examples(EXAMPLES, inputs=[image_in], label="Examples (public domain / CC0): click to analyse")
-                c["resolution"] = gr.Slider(low, high, DEFAULT_RESOLUTION, step=first.config.patch_size,
-                                            label="Resolution (long side, px)", elem_id="resolution",
-                                            info="Release the slider, or type a value and press Enter.")
-                apply_resolution = gr.Button("Apply resolution", visible="hidden", elem_id="resolution-apply")
+                gr.Examples(EXAMPLES, inputs=[image_in], label="Examples (public domain / CC0): click to analyse",
+                            elem_id="examples")
                 c["status"] = gr.Markdown(elem_id="status")
+                apply_resolution = gr.Button("Apply resolution", visible="hidden", elem_id="resolution-apply")
             with gr.Column(scale=3, min_width=320):
                 with gr.Row():
+                    c["resolution"] = gr.Slider(low, high, DEFAULT_RESOLUTION, step=first.config.patch_size,
+                                                label="Resolution, long side (px): release, or type + Enter",
+                                                elem_id="resolution", min_width=200)
                     c["layer"] = gr.Slider(0, 11, 11, step=1, label="Layer", elem_id="layer", min_width=160)
                     c["head"] = gr.Dropdown(views.head_choices(6), value="mean", label="Head (or fusion of heads)",
                                             elem_id="head", min_width=120)
@@ -123,14 +127,16 @@ def build_demo(loaded: LoadedModel | None = None, device: str | None = None, pol
                         c["grid"] = _view("Every head of this layer", "head-grid")
                     with gr.Tab(TAB_LABELS["rollout"], id="rollout"):
                         with gr.Row():
-                            c["fusion"] = gr.Radio(list(FUSIONS), value="mean", label="Head fusion")
+                            c["fusion"] = gr.Radio(list(FUSIONS), value="mean", label="Head fusion",
+                                                   elem_id="rollout-fusion")
                             c["discard"] = gr.Slider(0, 0.95, 0, step=0.05, label="Discard ratio",
-                                                     info="drops the weakest links of each layer")
+                                                     info="drops the weakest links of each layer",
+                                                     elem_id="rollout-discard")
                         c["rollout_caption"] = gr.Markdown(elem_id="rollout-caption")
                         c["rollout"] = _view("Rollout", "rollout-view")
                         c["flow_note"] = gr.Markdown(elem_id="flow-note")
                         c["flow_button"] = gr.Button("Compute attention flow", visible=False, elem_id="flow-button")
-                        c["flow"] = _view("Attention flow", "flow-view")
+                        c["flow"] = _view("Attention flow", "flow-view", visible=False)
                     with gr.Tab(TAB_LABELS["heads"], id="heads"):
                         gr.Markdown("Every layer (rows) × head (columns). Click a thumbnail or a table row to select "
                                     "that head everywhere.")
@@ -140,7 +146,8 @@ def build_demo(loaded: LoadedModel | None = None, device: str | None = None, pol
                                                      value="mean_distance", label="Statistic")
                         c["chart"] = _view("Statistic per layer × head", "chart")
                         c["table"] = gr.Dataframe(label="Head statistics (click a row; sortable)", interactive=False,
-                                                  elem_id="stats-table", max_height=360, wrap=True)
+                                                  elem_id="stats-table", max_height=360, wrap=True,
+                                                  column_widths=["70px", "70px"])
                     with gr.Tab(TAB_LABELS["hidden"], id="hidden"):
                         c["hidden_caption"] = gr.Markdown(elem_id="hidden-caption")
                         with gr.Row():
@@ -154,13 +161,13 @@ def build_demo(loaded: LoadedModel | None = None, device: str | None = None, pol
                                              label="Animate through the layers")
                         anim_button = gr.Button("Make GIF")
                         c["gif"] = gr.Image(label="Layer animation", interactive=False, format="gif",
-                                            show_label=False, buttons=[])
+                                            show_label=False, buttons=[], elem_id="gif")
                         c["gif_file"] = gr.File(label="GIF download")
                 with gr.Row():
                     export_button = gr.Button("Download this view (.png) and its numbers (.npz + .json)",
                                               elem_id="export", scale=2)
                     c["export_files"] = gr.File(label="Downloads", file_count="multiple", elem_id="export-files",
-                                                scale=3, height=110)
+                                                scale=3, visible=False)
         with gr.Row():
             with gr.Accordion("Model", open=False):
                 model_key = gr.State(DEFAULT)
@@ -197,7 +204,7 @@ def build_demo(loaded: LoadedModel | None = None, device: str | None = None, pol
         gr.on([c[n].change for n in ("layer", "head", "direction", "cmap", "smooth", "normalize", "mass_on",
                                      "statistic", "atlas_shared", "opacity", "mass")],
               trigger_mode="always_last", **render)
-        gr.on([c["fusion"].change, c["discard"].release], trigger_mode="always_last", **prepare).then(**render)
+        gr.on([c["fusion"].change, c["discard"].change], trigger_mode="always_last", **prepare).then(**render)
         for clickable in ("main", "patch", "similarity"):
             c[clickable].select(page.click, view, view, concurrency_id="render", **private).then(**render)
         c["atlas"].select(page.select_in_atlas, view, [c["layer"], c["head"]], concurrency_id="render", **private)
@@ -211,10 +218,10 @@ def build_demo(loaded: LoadedModel | None = None, device: str | None = None, pol
     return demo
 
 
-def _view(label: str, elem_id: str, min_width: int = 240) -> gr.Image:
+def _view(label: str, elem_id: str, min_width: int = 240, visible: bool = True) -> gr.Image:
     """An image the page draws into: no label chip or buttons over the content."""
     return gr.Image(label=label, show_label=False, interactive=False, format="jpeg", elem_id=elem_id,
-                    elem_classes=["view"], buttons=[], min_width=min_width)
+                    elem_classes=["view"], buttons=[], min_width=min_width, visible=visible)
 
 
 if __name__ == "__main__":

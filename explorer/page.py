@@ -20,7 +20,7 @@ from .inputs import choice, head_choice, number, text
 from .session import View, resolution_limits
 
 TAB_LABELS = {"cls": "Class token", "rollout": "Rollout", "heads": "Heads", "hidden": "Hidden states",
-              "animation": "Animation"}
+              "animation": "GIF"}
 TABS = tuple(TAB_LABELS)
 VIEW_OUTPUTS = ("main", "patch", "grid", "patch_caption", "rollout", "rollout_caption", "atlas", "chart",
                 "norms", "pca", "similarity", "hidden_caption")
@@ -49,7 +49,7 @@ class Page(Handlers):
                 progress: gr.Progress = gr.Progress()) -> tuple:
         """A new image, resolution or model: analyse it and clear every view drawn from the previous one."""
         cleared = {name: None for name in ANALYSIS_OUTPUTS if name not in ("layer", "head", "resolution")}
-        cleared["flow_button"] = gr.update(visible=False)
+        cleared |= {name: gr.update(value=None, visible=False) for name in ("flow", "flow_button", "export_files")}
         if image is None:
             return as_outputs({**cleared, "status": "Upload an image, or pick an example."}, ANALYSIS_OUTPUTS)
         started = time.perf_counter()
@@ -202,8 +202,8 @@ class Page(Handlers):
             return gr.skip()
         scene, analysis = self.current(view)
         c = Controls.parse(analysis, STATISTICS, *controls)
-        return views.flow_view(analysis, scene.page, c.fusion, c.style, legend=True,
-                               progress=lambda f: progress(f, desc="max-flow per token"))
+        return gr.update(visible=True, value=views.flow_view(analysis, scene.page, c.fusion, c.style, legend=True,
+                                                             progress=lambda f: progress(f, desc="max-flow per token")))
 
     @guarded
     def animate(self, view: View | None, mode: str, *controls: Any, progress: gr.Progress = gr.Progress()) -> tuple:
@@ -218,7 +218,7 @@ class Page(Handlers):
         return path, path
 
     @guarded
-    def download(self, view: View | None, tab: str, *controls: Any) -> list[str]:
+    def download(self, view: View | None, tab: str, *controls: Any) -> dict:
         """The numbers of the analysis with every setting of the view, and the view on screen as a PNG."""
         if view is None:
             raise gr.Error("Analyse an image first.", print_exception=False)
@@ -232,8 +232,9 @@ class Page(Handlers):
                     "clicked_patch": [row, col]}
         npz, sidecar = exports.numbers(analysis, c.layer, c.head, analysis.token_at(row, col), settings)
         on_screen = self._screen_view(tab, view, scene, analysis, c)
-        return [self.file(npz, "analysis.npz").path, self.file(sidecar, "analysis.json").path,
-                self.png(on_screen, "current_view").path]
+        files = [self.file(npz, "analysis.npz").path, self.file(sidecar, "analysis.json").path,
+                 self.png(on_screen, "current_view").path]
+        return gr.update(value=files, visible=True)
 
     def _screen_view(self, tab: str, view: View, scene: views.Scene, analysis: Analysis, c: Controls):
         """The main image of the visible tab (the class-token map where a tab has none)."""

@@ -1,10 +1,11 @@
-"""The page in a real browser (Playwright driving Debian's chromium): upload, click, atlas, export."""
+"""The page in a real browser (Playwright driving Debian's chromium), as a visitor meets it: maps on arrival, a click
+that shows where it landed, examples and the resolution box that analyse at once, stale views cleared, controls that
+do what they say, plain messages for bad uploads, a phone, and a local checkpoint."""
 import json
 import shutil
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from tests.served import served_app
@@ -12,69 +13,127 @@ from tests.served import served_app
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 SCREENSHOTS = ROOT / "docs"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync"]
 playwright = pytest.importorskip("playwright.sync_api")
 pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian's chromium is not installed")
 
 
 @pytest.fixture(scope="module")
-def page():
+def site():
     with served_app() as url, playwright.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-            "--disable-sync"])
-        tab = browser.new_page(viewport={"width": 1400, "height": 1200}, accept_downloads=True)
-        tab.goto(url)
-        tab.wait_for_selector("#image-input input[type=file]", state="attached", timeout=60_000)
-        tab.locator("#image-input input[type=file]").set_input_files(str(ROOT / "assets" / "chelsea.png"))
-        tab.wait_for_selector("#head-grid img", timeout=120_000)
-        yield tab
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield url, browser
         browser.close()
 
 
-def image_src(page, selector: str) -> str:
-    return page.locator(f"{selector} img").get_attribute("src")
+@pytest.fixture(scope="module")
+def page(site):
+    url, browser = site
+    tab = browser.new_page(viewport={"width": 1400, "height": 1000}, accept_downloads=True)
+    tab.goto(url)
+    yield tab
+    tab.close()
 
 
-def wait_for_change(page, selector: str, before: str, timeout: float = 30) -> str:
+def src(page, selector: str) -> str | None:
+    found = page.locator(f"{selector} img")
+    return found.get_attribute("src") if found.count() else None
+
+
+def wait_for_change(page, selector: str, before: str | None, timeout: float = 60) -> str:
     deadline = time.time() + timeout
     while time.time() < deadline:
-        now = image_src(page, selector)
+        now = src(page, selector)
         if now and now != before:
             return now
-        time.sleep(0.2)
+        time.sleep(0.1)
     raise AssertionError(f"{selector} did not change")
 
 
-def test_upload_shows_the_head_grid(page):
-    assert "grid 25×37" in page.locator("#status").inner_text()  # 451×300 at 518 px, patch 14
+def status(page) -> str:
+    return page.locator("#status").inner_text()
+
+
+def wait_for_status(page, text: str, timeout: float = 90) -> None:
+    page.wait_for_function(f"document.querySelector('#status').innerText.includes({json.dumps(text)})",
+                           timeout=timeout * 1000)
+
+
+def click_original_pixel(page, selector: str, x: float, y: float, height: int) -> None:
+    """Clicks the drawn map at pixel (x, y) of an original image `height` pixels high (drawn at that size)."""
+    image = page.locator(f"{selector} img")
+    box = image.bounding_box()
+    natural_w, natural_h = page.evaluate(f"[document.querySelector('{selector} img').naturalWidth, "
+                                         f"document.querySelector('{selector} img').naturalHeight]")
+    assert natural_h > height  # the map, and its colour bar below
+    image.click(position={"x": x * box["width"] / natural_w, "y": y * box["height"] / natural_h})
+
+
+def test_maps_are_shown_on_arrival(page):
+    page.wait_for_selector("#cls-view img", timeout=60_000)  # nothing clicked, nothing uploaded
+    assert page.locator("#head-grid img").count() == 1 and page.locator("#patch-view img").count() == 1
+    assert "grid 25×37" in status(page)  # chelsea.png, 451×300, at 518 px with patch 14
     SCREENSHOTS.mkdir(exist_ok=True)
     page.screenshot(path=str(SCREENSHOTS / "screenshot.png"), full_page=True)
 
 
-def test_clicking_a_patch_changes_the_clicked_patch_map(page):
-    page.get_by_role("tab", name="Clicked patch").click()
-    before = image_src(page, "#patch-view")
-    box = page.locator("#patch-view img").bounding_box()
-    page.locator("#patch-view img").click(position={"x": box["width"] * 0.3, "y": box["height"] * 0.42})
-    after = wait_for_change(page, "#patch-view", before)
-    page.wait_for_function("document.querySelector('#patch-info').innerText.includes('row 10, column 11')")
-    page.locator("#patch-view img").click(position={"x": box["width"] * 0.82, "y": box["height"] * 0.82})
-    wait_for_change(page, "#patch-view", after)
-    page.wait_for_function("document.querySelector('#patch-info').innerText.includes('row 20, column 30')")
+def test_a_click_on_the_main_map_marks_the_patch_and_shows_its_attention_beside_it(page):
+    before_main, before_patch = src(page, "#cls-view"), src(page, "#patch-view")
+    click_original_pixel(page, "#cls-view", 150, 126, 300)  # row 126·25/300 = 10.5, column 150·37/451 = 12.3
+    page.wait_for_function("document.querySelector('#patch-info').innerText.includes('row 10, column 12')")
+    wait_for_change(page, "#patch-view", before_patch)
+    wait_for_change(page, "#cls-view", before_main)  # the marker moved on the map that was clicked
+    page.get_by_text("what attends to it").click()
+    assert page.get_by_role("tab", name="Class token").get_attribute("aria-selected") == "true"
     page.screenshot(path=str(SCREENSHOTS / "clicked_patch.png"), full_page=True)
 
 
-def test_choosing_a_head_in_the_atlas_selects_it(page):
+def test_rollout_redraws_on_its_settings_and_the_download_carries_them(page, tmp_path):
+    page.get_by_role("tab", name="Rollout").click()
+    first = wait_for_change(page, "#rollout-view", None)
+    page.locator("#rollout-fusion").get_by_label("max").check()
+    second = wait_for_change(page, "#rollout-view", first)
+    discard = page.locator("#rollout-discard input[type=number]")
+    discard.fill("0.5")
+    discard.press("Enter")
+    wait_for_change(page, "#rollout-view", second)
+    page.wait_for_function("document.querySelector('#rollout-caption').innerText.includes('discard ratio 0.5')")
+    page.locator("#export").click()
+    link = page.locator("#export-files a[download='analysis.json']")
+    link.wait_for(timeout=60_000)
+    with page.expect_download() as info:
+        link.click()
+    info.value.save_as(tmp_path / "analysis.json")
+    meta = json.loads((tmp_path / "analysis.json").read_text())
+    assert meta["settings"]["tab"] == "rollout" and meta["settings"]["fusion"] == "max"
+    assert meta["rollout_discard_ratio"] == 0.5 and meta["settings"]["direction"] == "column"
+    assert meta["query_patch"] == [10, 12]
+    with page.expect_download() as info:
+        page.locator("#export-files a[download='current_view.png']").click()
+    from PIL import Image
+    info.value.save_as(tmp_path / "view.png")
+    with Image.open(tmp_path / "view.png") as shown:
+        assert shown.width == 451 and shown.height > 300  # the rollout map as on screen, with its colour bar
+
+
+def test_flow_is_offered_only_where_the_token_count_allows(page):
+    note = page.locator("#flow-note").inner_text()
+    assert "largest resolution that works for it is 406 px" in note
+    assert not page.locator("#flow-button").is_visible()
+
+
+def test_the_atlas_selects_a_head_with_the_main_view_scaling(page):
     import visualizer
-    page.get_by_role("tab", name="Head atlas").click()
+    from explorer.views import atlas_thumb_width
+    page.get_by_role("tab", name="Heads").click()
     atlas = page.locator("#atlas img")
     atlas.wait_for()
     natural_w = page.evaluate("document.querySelector('#atlas img').naturalWidth")
-    box = atlas.bounding_box()
-    _, layout = visualizer.atlas(np.zeros((12, 6, 25, 37)))
+    layout = visualizer.atlas_layout(12, 6, 25, 37, atlas_thumb_width(6))
     left, top, right, bottom = layout.box(4, 3)
-    scale = box["width"] / natural_w
-    before = image_src(page, "#atlas")
+    scale = atlas.bounding_box()["width"] / natural_w
+    before = src(page, "#atlas")
     atlas.click(position={"x": (left + right) / 2 * scale, "y": (top + bottom) / 2 * scale})
     page.wait_for_function("document.querySelector('#layer input[type=number]').value === '4'", timeout=30_000)
     assert page.locator("#head input").input_value() == "3"
@@ -82,16 +141,79 @@ def test_choosing_a_head_in_the_atlas_selects_it(page):
     page.screenshot(path=str(SCREENSHOTS / "head_atlas.png"), full_page=True)
 
 
-def test_export_downloads_numbers_with_sidecar(page, tmp_path):
-    page.get_by_role("tab", name="Animation & export").click()
-    page.locator("#export").click()
-    link = page.locator("#export-files a[download='analysis.json']")
-    link.wait_for(timeout=60_000)
-    with page.expect_download() as info:
-        link.click()
-    saved = tmp_path / "analysis.json"
-    info.value.save_as(saved)
-    meta = json.loads(saved.read_text())
-    assert (meta["grid_h"], meta["grid_w"], meta["layer"], meta["head"]) == (25, 37, 4, 3)
-    assert meta["arrays"]["cls_attention"]["shape"] == [12, 6, 25, 37]
-    assert meta["query_patch"] == [20, 30]  # the patch clicked last
+def test_an_example_click_analyses_and_clears_what_belonged_to_the_last_image(page):
+    page.get_by_role("tab", name="GIF").click()
+    page.get_by_role("button", name="Make GIF").click()
+    page.wait_for_selector("#gif img", timeout=120_000)
+    page.get_by_role("tab", name="Class token").click()
+    page.locator("#examples .gallery-item").nth(1).click()  # astronaut.png, 512 × 512
+    wait_for_status(page, "grid 37×37")
+    assert page.locator("#gif img").count() == 0 and page.locator("#rollout-view img").count() == 0
+    page.wait_for_selector("#cls-view img")
+
+
+def test_the_resolution_box_analyses_on_enter(page):
+    box = page.locator("#resolution input[type=number]")
+    box.fill("336")
+    box.press("Enter")
+    wait_for_status(page, "input 336×336")
+    assert page.locator("#resolution input[type=range]").get_attribute("max") == "2044"  # a value it can reach
+    page.get_by_role("tab", name="Rollout").click()
+    page.locator("#flow-button").wait_for(state="visible")  # 24 × 24 + 1 = 577 tokens: offered
+    assert "577 tokens" in page.locator("#flow-note").inner_text()
+
+
+def test_a_file_that_is_not_an_image_gets_a_plain_message_and_the_page_keeps_working(page, tmp_path):
+    junk = tmp_path / "holiday.png"
+    junk.write_bytes(b"this is not an image")
+    page.get_by_role("tab", name="Class token").click()
+    page.locator("#image-input button[aria-label='Remove Image']").click()
+    page.locator("#image-input input[type=file]").set_input_files(str(junk))
+    wait_for_status(page, "Could not analyse this image")
+    text = page.locator("body").inner_text()
+    assert "not a readable image" in text
+    assert not any(leak in text for leak in ("Traceback", "UnidentifiedImageError", "/tmp/", "Could not preprocess"))
+    assert page.locator("#layer input[type=range]").is_enabled()
+    page.locator("#image-input button[aria-label='Remove Image']").click()
+    page.locator("#image-input input[type=file]").set_input_files(str(ROOT / "assets" / "coffee.png"))
+    wait_for_status(page, "grid")
+    page.wait_for_selector("#cls-view img")
+
+
+def test_every_tab_opens_on_a_phone(site):
+    url, browser = site
+    phone = browser.new_page(viewport={"width": 390, "height": 844})
+    phone.goto(url)
+    phone.wait_for_selector("#cls-view img", timeout=60_000)
+    assert phone.locator("[aria-label='More tabs']").count() == 0 or not phone.locator(
+        "[aria-label='More tabs']").is_visible()
+    for name, shown in (("Rollout", "#rollout-view img"), ("Heads", "#atlas img"), ("Hidden states", "#norm-view img"),
+                        ("GIF", "text=Make GIF"), ("Class token", "#cls-view img")):
+        phone.get_by_role("tab", name=name).click()
+        phone.wait_for_selector(shown, timeout=60_000)
+    slider = phone.locator("#layer input[type=range]")
+    slider.focus()
+    phone.keyboard.press("ArrowLeft")
+    phone.wait_for_function("document.querySelector('#layer input[type=number]').value === '10'")
+    phone.screenshot(path=str(SCREENSHOTS / "phone.png"), full_page=True)
+    phone.close()
+
+
+def test_a_local_checkpoint_replaces_the_model_and_the_maps_change(site, tmp_path):
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+    config = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                              image_size=32, patch_size=8)
+    CLIPVisionModel(config).save_pretrained(tmp_path / "tiny-clip")
+    url, browser = site
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.goto(url)
+    page.wait_for_selector("#cls-view img", timeout=60_000)
+    before = src(page, "#cls-view")
+    page.get_by_text("Model", exact=True).click()
+    page.get_by_label("Or any hub id / local folder").fill(str(tmp_path / "tiny-clip"))
+    page.get_by_role("button", name="Load model and analyse").click()
+    wait_for_status(page, "tiny-clip (transformers CLIP)")
+    assert "2 layers × 4 heads" in status(page)
+    wait_for_change(page, "#cls-view", before)
+    assert page.locator("#head input").evaluate("e => e.value") == "mean"
+    page.close()
