@@ -1,0 +1,212 @@
+"""The page's and the API's handlers called directly, and what they stand on: the workspace, the cache, the model
+store (public mode, a copy per precision) and the checks on every field."""
+import math
+import threading
+import time
+from pathlib import Path
+
+import gradio as gr
+import pytest
+import torch
+from PIL import Image
+
+import app
+from explorer.api import Api
+from explorer.cache import AnalysisCache
+from explorer.inputs import UserError, head_choice, layer_index, number, uploaded_file
+from explorer.models import PUBLIC_REFUSAL, ModelPolicy, ModelStore
+from explorer.page import ANALYSIS_OUTPUTS, VIEW_OUTPUTS, Page
+from explorer.session import View
+from tests.helpers import random_image, tiny_loaded
+
+ROOT = Path(__file__).resolve().parents[1]
+CONTROLS = dict(layer=2, head="mean", direction="row", opacity=0.6, cmap="inferno", smooth=True, normalize="robust",
+                mass_on=False, mass=0.6, fusion="mean", discard=0.0, statistic="mean_distance", atlas_shared=False)
+
+
+def controls(**changes) -> list:
+    return list((CONTROLS | changes).values())
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    return app.workspace_for(tiny_loaded(), "cpu", None)
+
+
+@pytest.fixture
+def upload(workspace, tmp_path_factory):
+    """An image saved where Gradio keeps uploads, as the file object a client sends."""
+    def make(image: Image.Image, name: str = "photo.png") -> dict:
+        folder = Path(workspace.upload_roots[0]) / f"test-{time.time_ns()}"
+        folder.mkdir(parents=True)
+        image.save(folder / name)
+        return {"path": str(folder / name), "meta": {"_type": "gradio.FileData"}}
+    return make
+
+
+def test_analyze_then_render_each_tab(workspace, upload):
+    page = Page(workspace)
+    out = dict(zip(ANALYSIS_OUTPUTS, page.analyze(upload(random_image(45, 70)), 224, "default", "spread", "float32")))
+    view = out["view"]
+    assert isinstance(view, View) and "grid 18×28" in out["status"] and out["table"]["headers"][:2] == ["Layer", "Head"]
+    assert all(out[name] is None for name in VIEW_OUTPUTS)  # everything drawn from a previous image is cleared
+    drawn = {"cls": {"main", "patch", "grid", "patch_caption"}, "rollout": {"rollout", "rollout_caption"},
+             "heads": {"atlas", "chart"}, "hidden": {"norms", "pca", "similarity", "hidden_caption"}}
+    for tab, names in drawn.items():
+        values = dict(zip(VIEW_OUTPUTS, page.render(view, tab, *controls())))
+        assert {n for n, v in values.items() if not isinstance(v, dict)} == names, tab  # the rest: skipped
+    main = dict(zip(VIEW_OUTPUTS, page.render(view, "cls", *controls())))["main"]
+    assert main.width <= 640 and main.height > main.width * 45 / 70  # page size, with the colour bar below
+
+
+def test_a_click_moves_the_patch_everywhere(workspace, upload):
+    page = Page(workspace)
+    view = page.analyze(upload(random_image(45, 70, seed=3)), 224, "default", "spread", "float32")[0]
+    scene, analysis = page.current(view)
+    event = gr.SelectData(None, {"index": [scene.page.width * 0.9, scene.page.height * 0.1], "value": None})
+    clicked = page.click(view, event)
+    assert page.marker(clicked, analysis) == (1, 25)  # 10 % down 18 rows, 90 % across 28 columns
+    caption = dict(zip(VIEW_OUTPUTS, page.render(clicked, "cls", *controls())))["patch_caption"]
+    assert "row 1, column 25" in caption
+    on_colour_bar = gr.SelectData(None, {"index": [5, scene.page.height + 5], "value": None})
+    assert isinstance(page.click(clicked, on_colour_bar), dict)  # skipped: the view is unchanged
+
+
+def test_a_failed_analysis_is_a_message_not_an_error(workspace, upload, monkeypatch):
+    page = Page(workspace)
+    warnings = []
+    monkeypatch.setattr(gr, "Warning", lambda message, **kwargs: warnings.append(message))
+    out = dict(zip(ANALYSIS_OUTPUTS, page.analyze(upload(Image.new("RGB", (4, 40))), 224, "default", "spread",
+                                                  "float32")))
+    assert "Could not analyse this image" in out["status"] and out["view"] is None
+    assert warnings and "at least one patch" in warnings[0]
+    assert "layer" not in {k for k, v in out.items() if v is not None and not isinstance(v, dict)}
+
+
+def test_the_flow_offer_names_the_largest_resolution_that_works(workspace, upload):
+    page = Page(workspace)
+    out = dict(zip(ANALYSIS_OUTPUTS, page.analyze(upload(random_image(300, 451)), 518, "default", "spread",
+                                                  "float32")))
+    assert "largest resolution that works for it is" in out["flow_note"]  # patch 8: 65 × 43 patches at 518 px
+    assert out["flow_button"]["visible"] is False
+
+
+def test_downloads_carry_the_settings_and_the_view(workspace, upload):
+    import json
+    page = Page(workspace)
+    view = page.analyze(upload(random_image(40, 40)), 224, "default", "spread", "float32")[0]
+    files = page.download(view, "rollout", *controls(fusion="max", discard=0.5, mass_on=True, mass=0.4))["value"]
+    sidecar = json.loads(Path(files[1]).read_text())
+    assert sidecar["settings"] | {"tab": "rollout", "fusion": "max", "discard_ratio": 0.5, "mass_fraction": 0.4} \
+        == sidecar["settings"]
+    assert sidecar["rollout_discard_ratio"] == 0.5 and Path(files[2]).name == "current_view.png"
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("layer", "abc", "layer must be a whole number from -3 to 2"),
+    ("opacity", math.nan, "opacity must be a number from 0 to 1, got nan"),
+    ("cmap", "flag", "colormap must be one of"),
+    ("mass", math.inf, "mass fraction must be a number from 0.05 to 1, got inf"),
+    ("smooth", "yes", "smooth must be true or false"),
+    ("statistic", "__class__", "statistic must be one of"),
+])
+def test_page_controls_are_checked(workspace, upload, field, value, message):
+    page = Page(workspace)
+    view = page.analyze(upload(random_image(40, 40)), 224, "default", "spread", "float32")[0]
+    with pytest.raises(gr.Error, match=message):
+        page.render(view, "cls", *controls(**{field: value, "mass_on": True}))
+
+
+def test_inputs_refuse_hostile_values():
+    for value in (True, None, [], "1e400", "nan", float("inf"), "12abc"):
+        with pytest.raises(UserError):
+            number(value, "x", 0, 10)
+    assert number(" 3.5 ", "x", 0, 10) == 3.5 and layer_index(-1, 12) == 11 and layer_index("3", 12) == 3
+    assert head_choice(" MEAN ", 6, ("mean", "max", "min")) == "mean" and head_choice("5", 6, ("mean",)) == 5
+    for value in (6, -1, 2.0, True, "head 1"):
+        with pytest.raises(UserError):
+            head_choice(value, 6, ("mean",))
+    roots = [ROOT / "assets"]
+    assert uploaded_file({"path": str(ROOT / "assets" / "chelsea.png"), "meta": {"_type": "gradio.FileData"}},
+                         "image", roots).name == "chelsea.png"
+    refusals = set()
+    for path in (ROOT / "assets" / "nope.png", ROOT / "README.md", ROOT / "assets" / ".." / "README.md"):
+        with pytest.raises(UserError) as refused:
+            uploaded_file({"path": str(path), "meta": {"_type": "gradio.FileData"}}, "image", roots)
+        refusals.add(str(refused.value))
+    assert len(refusals) == 1  # the same words whether or not the file exists
+
+
+def test_identical_concurrent_requests_compute_once():
+    cache, calls = AnalysisCache(10**9), []
+
+    class Item:
+        nbytes = 10
+
+    def slow():
+        calls.append(1)
+        time.sleep(0.3)
+        return Item()
+
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(cache.get_or_compute("key", slow))) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(calls) == 1 and len({id(r) for r in results}) == 1
+
+
+def test_the_cache_keeps_to_its_budget_and_its_pins():
+    class Item:
+        def __init__(self, nbytes):
+            self.nbytes = nbytes
+
+    cache = AnalysisCache(100)
+    cache.put("pinned", Item(40), pin=True)
+    for i in range(5):
+        cache.put(i, Item(30))
+    assert "pinned" in cache and 4 in cache and cache.total_bytes <= 100
+    cache.put("big", Item(500))  # the newest is kept even alone over the budget
+    assert "big" in cache and "pinned" in cache and 4 not in cache
+
+
+def test_public_mode_gives_one_answer_for_every_local_path(tmp_path):
+    store = ModelStore(tiny_loaded(), device="cpu", policy=ModelPolicy(public=True))
+    (tmp_path / "weights").mkdir()
+    for path in (str(tmp_path / "weights"), str(tmp_path / "missing"), "/etc/passwd", "../../x", "~"):
+        with pytest.raises(UserError) as refused:
+            store.get(path)
+        assert str(refused.value) == PUBLIC_REFUSAL
+    local = ModelStore(tiny_loaded(), device="cpu")
+    with pytest.raises(Exception) as missing:
+        local.get(str(tmp_path / "missing"))
+    assert "no such file or folder" in str(missing.value)  # on one's own machine, local folders are read
+
+
+def test_public_mode_takes_a_hub_id_only_from_the_hub(monkeypatch, tmp_path):
+    """A hub-shaped id that is also a local path (here: the examples folder) is never read from disk."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    store = ModelStore(tiny_loaded(), device="cpu", policy=ModelPolicy(public=True))
+    monkeypatch.chdir(ROOT)
+    with pytest.raises(Exception) as refused:
+        store.get("assets/chelsea.png")
+    assert "hub" in str(refused.value) and "not a readable" not in str(refused.value)
+
+
+def test_half_precision_uses_a_copy_and_never_changes_the_shared_weights(workspace, upload):
+    store = ModelStore(tiny_loaded(), device="cpu")
+    base = store.get("default")
+    before = {k: v.clone() for k, v in base.model.state_dict().items()}
+    half = store.get("default", "bfloat16")
+    assert half.model is not base.model and next(half.model.parameters()).dtype == torch.bfloat16
+    from analysis import analyze
+    analyze(half, random_image(40, 40), 224, "bfloat16")
+    for name, value in base.model.state_dict().items():
+        assert value.dtype == torch.float32 and torch.equal(value, before[name]), name
+    assert store.get("default", "bfloat16") is half  # made once
+
+
+def test_half_precision_is_refused_on_a_cpu_server(workspace, upload):
+    with pytest.raises(UserError, match="offered on a GPU only"):
+        Api(workspace).open(upload(random_image(40, 40)), 224, dtype="float16")
