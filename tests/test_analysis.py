@@ -7,7 +7,7 @@ from analysis import analyze, head_statistics, rollout
 from analysis.rollout import kth_smallest
 from analysis.stats import patch_distances
 from model.vision import attention_with_lse, chunked_attention_with_lse
-from tests.helpers import dense_attentions, dense_flow, dense_rollout, random_image, tiny_loaded
+from tests.helpers import dense_attentions, dense_flow, dense_rollout, random_image, tiny_config, tiny_loaded
 
 TOL = 1e-5
 
@@ -66,7 +66,7 @@ def test_query_rows_and_columns_match_dense(case, head):
                                        cols[1:].reshape(5, 8).numpy(), atol=TOL)
 
 
-def dense_statistics(attentions, grid_w, num_prefix=1):
+def dense_statistics(attentions, grid_w, num_prefix=1, patch_size=tiny_config().patch_size):
     layers, heads = len(attentions), attentions[0].shape[0]
     num_patches = attentions[0].shape[-1] - num_prefix
     rows = torch.arange(num_prefix, num_prefix + num_patches)
@@ -80,6 +80,33 @@ def dense_statistics(attentions, grid_w, num_prefix=1):
         patch = a[:, num_prefix:, num_prefix:]
         out["mean_distance"][layer] = ((patch * distances).sum(-1) / patch.sum(-1)).mean(-1).numpy()
         out["cls_mass"][layer] = a[:, num_prefix:, 0].mean(-1).numpy()
+    return out | dense_paper_statistics(attentions, grid_w, num_prefix, patch_size)
+
+
+def dense_paper_statistics(attentions, grid_w, num_prefix, patch_size):
+    """The definitions, written out on full matrices with plain loops.
+
+    cls_patch_entropy: p_j = A[0, P + j] / Σ_k A[0, P + k] over the patches j (the map that is drawn);
+        H = −Σ_j p_j ln p_j.
+    mean_distance_px (Dosovitskiy et al. 2021, fig. 7): for every patch query i, Σ_j A[P + i, P + j] · d_ij over the
+        patch keys j, the prefix keys' attention dropped and not renormalised, where d_ij is the Euclidean distance in
+        pixels of the model input between the centres ((row + ½)·patch, (col + ½)·patch) of patches i and j; then
+        the mean over every patch query i.
+    """
+    num_patches = attentions[0].shape[-1] - num_prefix
+    centres = np.array([((r + 0.5) * patch_size, (c + 0.5) * patch_size)
+                        for r, c in (divmod(j, grid_w) for j in range(num_patches))])
+    pixel_distance = np.sqrt(((centres[:, None, :] - centres[None, :, :]) ** 2).sum(-1))  # (patches, patches)
+    layers, heads = len(attentions), attentions[0].shape[0]
+    out = {k: np.zeros((layers, heads)) for k in ("cls_patch_entropy", "mean_distance_px")}
+    for layer, a in enumerate(attentions):
+        a = a.double().numpy()
+        for head in range(heads):
+            p = a[head, 0, num_prefix:] / a[head, 0, num_prefix:].sum()
+            out["cls_patch_entropy"][layer, head] = -sum(x * np.log(x) for x in p if x > 0)
+            per_query = [sum(a[head, num_prefix + i, num_prefix + j] * pixel_distance[i, j] for j in range(num_patches))
+                         for i in range(num_patches)]
+            out["mean_distance_px"][layer, head] = np.mean(per_query)
     return out
 
 
