@@ -13,6 +13,7 @@ from model import ImageGeometry, LoadedModel
 
 from . import hidden
 from .flow import attention_flow
+from .memory import release_free_memory
 from .record import AttentionRecord, LayerAttention, fuse_heads
 from .rollout import rollout
 from .stats import DEFAULT_STAT_QUERIES, HeadStatistics, head_statistics, layer_statistics, stat_query_rows
@@ -161,6 +162,7 @@ def analyze(loaded: LoadedModel, image: Image.Image, long_side: int, dtype: str 
     def on_layer(index: int, attention: LayerAttention) -> None:
         cls_rows.append(attention.probs(slice(0, 1))[:, 0])
         per_layer.append(layer_statistics(attention, rows, num_prefix, geometry.grid_w, geometry.patch_size))
+        release_free_memory()
         report((index + 1) / layers, f"layer {index + 1}/{layers}")
 
     record = AttentionRecord(loaded.model.encoder.layers, geometry.patch_size, on_layer)

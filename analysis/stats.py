@@ -7,6 +7,7 @@ from dataclasses import dataclass, fields
 import numpy as np
 import torch
 
+from .memory import release_free_memory
 from .record import AttentionRecord, LayerAttention
 
 DEFAULT_STAT_QUERIES = 512  # patch queries averaged per layer (evenly spread); every one when there are fewer
@@ -95,6 +96,7 @@ def head_statistics(record: AttentionRecord, num_prefix: int, grid_w: int,
     layers = []
     for layer in range(record.num_layers):
         layers.append(layer_statistics(record.layer(layer), rows, num_prefix, grid_w, record.patch_size))
+        release_free_memory()
         if progress is not None:
             progress((layer + 1) / record.num_layers)
     return HeadStatistics.stack(layers, len(rows))
