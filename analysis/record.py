@@ -25,7 +25,7 @@ class LayerAttention:
 
     def __init__(self, query: torch.Tensor, key: torch.Tensor, lse: torch.Tensor, scale: float):
         self.query = query  # the model's dtype; blocks of rows are upcast when used
-        self.key = key.float().contiguous()  # every row needs all keys: laid out once for the matrix products
+        self.key = key.float()
         self.lse = lse.float()
         self.scale = scale
 
@@ -142,7 +142,7 @@ class AttentionRecord:
         if not torch.allclose(query[:, 0], expected, rtol=1e-3, atol=1e-3 * float(expected.abs().max())):
             raise RuntimeError(f"layer {index}'s queries rebuilt from hidden_states[{index}] differ from the "
                                "forward's: this model's hidden states are not its layers' inputs")
-        return LayerAttention(query.contiguous(), key, self.lse[index], self.scales[index])
+        return LayerAttention(query, key, self.lse[index], self.scales[index])
 
 
 def fuse_heads(probs: torch.Tensor, head: "int | str") -> torch.Tensor:
