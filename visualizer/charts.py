@@ -18,6 +18,12 @@ def render(figure: Figure) -> Image.Image:
     return Image.fromarray(np.asarray(canvas.buffer_rgba())).convert("RGB")
 
 
+def distinct_colours(count: int) -> np.ndarray:
+    """`count` RGBA colours, as distinct as the count allows: tab10, tab20, then turbo sampled evenly."""
+    palette = colormaps["tab10" if count <= 10 else "tab20" if count <= 20 else "turbo"]
+    return palette(np.arange(count) if palette.N <= 20 else np.linspace(0, 1, count))
+
+
 def stats_heatmap(values: np.ndarray, title: str, cmap: str = "viridis", label: str = "") -> Image.Image:
     """A (layers, heads) table of numbers as a heatmap, layers down and heads across, with a colour bar."""
     if np.ndim(values) != 2:
@@ -48,9 +54,7 @@ def line_chart(series: dict[str, np.ndarray], xlabel: str, ylabel: str, title: s
     figure = Figure(figsize=(6.5, 3.5), dpi=DPI, layout="constrained")
     axes = figure.add_subplot()
     others = [name for name in series if name != highlight]
-    palette = colormaps["tab10" if len(others) <= 10 else "tab20" if len(others) <= 20 else "turbo"]
-    colours = palette(np.arange(len(others)) if palette.N <= 20 else np.linspace(0, 1, len(others)))
-    for name, colour in zip(others, colours):
+    for name, colour in zip(others, distinct_colours(len(others))):
         axes.plot(np.arange(len(series[name])), series[name], marker="o", markersize=3, color=colour, label=name)
     if highlight is not None:
         values = series[highlight]
@@ -63,4 +67,31 @@ def line_chart(series: dict[str, np.ndarray], xlabel: str, ylabel: str, title: s
     axes.grid(alpha=0.3)
     if len(series) > 1:
         axes.legend(fontsize=7, ncols=1 + len(series) // 13, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    return render(figure)
+
+
+def depth_scatter(values: np.ndarray, ylabel: str, title: str,
+                  selected: tuple[int, int] | None = None) -> Image.Image:
+    """Every head's value against layer depth, one dot per layer × head coloured by head, as Dosovitskiy et al.
+    2021, fig. 7 draws the mean attention distance; `selected` (layer, head) is ringed in black."""
+    if np.ndim(values) != 2:
+        raise ValueError(f"values must be (layers, heads), got shape {np.shape(values)}")
+    layers, heads = values.shape
+    figure = Figure(figsize=(6.5, 3.8), dpi=DPI, layout="constrained")
+    axes = figure.add_subplot()
+    depth = np.arange(layers)
+    for head, colour in zip(range(heads), distinct_colours(heads)):
+        axes.scatter(depth, values[:, head], s=18, color=colour, label=f"head {head}", zorder=2)
+    if selected is not None:
+        layer, head = selected
+        axes.scatter([layer], [values[layer, head]], s=110, facecolors="none", edgecolors="black", linewidths=2,
+                     zorder=3)
+    axes.set_xlabel("network depth (layer)")
+    axes.set_ylabel(ylabel)
+    axes.set_title(title, fontsize=10)
+    axes.set_ylim(bottom=0)
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes.grid(alpha=0.3)
+    if heads <= 16:
+        axes.legend(fontsize=7, ncols=1 + heads // 9, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return render(figure)
