@@ -174,5 +174,5 @@ def analyze(loaded: LoadedModel, image: Image.Image, long_side: int, dtype: str 
     del output
     report(1.0, "done")
     return Analysis(loaded.name, geometry, num_prefix, record, torch.stack(cls_rows).cpu().numpy(),
-                    HeadStatistics.stack(per_layer, len(rows)),
-                    hidden.token_norms(record.hidden_states).cpu().numpy(), dtype=str(torch_dtype).removeprefix("torch."))
+                    HeadStatistics.stack(per_layer, len(rows)), hidden.token_norms(record.hidden_states).cpu().numpy(),
+                    dtype=str(torch_dtype).removeprefix("torch."))

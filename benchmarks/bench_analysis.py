@@ -191,12 +191,14 @@ def targets(default: dict, large: dict | None, vit_h: dict, rerender: dict, serv
             ratio = rows[v]["seconds"] / rows["a"]["seconds"]
             out.append((f"1022 px: ({v}) time ≤ {bound}× (a)", f"{ratio:.2f}×", ratio <= bound))
     if large is not None and large["size"] == 2044:
-        out.append(("2044 px (c): peak extra < 1 GB", f"{large['peak_extra_mb']:.0f} MB", large["peak_extra_mb"] < 1024))
+        mb = large["peak_extra_mb"]
+        out.append(("2044 px (c): peak extra < 1 GB", f"{mb:.0f} MB", mb < 1024))
     if 1022 in vit_h:
         mb = vit_h[1022]["c"]["peak_extra_mb"]
         out.append(("ViT-H/14 1022 px (c): peak extra < 1.5 GB", f"{mb:.0f} MB", mb < 1536))
     for name, bound in (("clicked patch, layer not yet rebuilt (row + overlay)", 60),
-                        ("clicked patch, layer rebuilt (row + overlay)", 15), ("layer change (overlay + head grid)", 20)):
+                        ("clicked patch, layer rebuilt (row + overlay)", 15),
+                        ("layer change (overlay + head grid)", 20)):
         out.append((f"1022 px: {name} < {bound} ms", f"{rerender[name]:.0f} ms", rerender[name] < bound))
     return out
 

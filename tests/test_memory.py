@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-# A narrow, deep tower at 1370 tokens: the previous layout kept augmented queries and keys, 2·L·heads·N·(head_dim + 1)
-# floats, and the hidden states, 202 MB (MB = 2^20 bytes); ours keeps the L + 1 layer inputs and L·heads·N
-# log-sum-exps (and class-token rows), 74 MB.
+# A narrow, deep tower at 1370 tokens: the previous layout kept augmented queries and keys,
+# 2·L·heads·N·(head_dim + 1) floats, and the hidden states, 202 MB (MB = 2^20 bytes); ours keeps the L + 1 layer
+# inputs and L·heads·N log-sum-exps (and class-token rows), 74 MB.
 LAYERS, WIDTH, HEADS, TOKENS = 48, 256, 16, 1370
 PREVIOUS_LAYOUT_MB = (2 * LAYERS * HEADS * TOKENS * (WIDTH // HEADS + 1) + (LAYERS + 1) * TOKENS * WIDTH) * 4 / 2**20
 PEAK_BOUND_MB = 150  # kept (74 MB) + one layer's forward, sweep blocks and rebuilt layer (measured: 120–123 MB)
