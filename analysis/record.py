@@ -86,7 +86,7 @@ class AttentionRecord:
                       scale: float) -> None:
         if query.shape[0] != 1:
             raise ValueError("the analysis records one image at a time")
-        self.lse.append(lse[0].float())
+        self.lse.append(lse[0].float().clone())  # its own storage: a kernel's lse may be a view of a padded one
         self.scales.append(scale)
         self.first_queries.append(query[0, :, 0].float().clone())
         if self.on_layer is not None:
@@ -121,8 +121,8 @@ class AttentionRecord:
 
     @property
     def nbytes(self) -> int:
-        pooling = [self.pooling] if self.pooling is not None else []
-        return sum(t.numel() * t.element_size() for t in (*self.hidden_states, *self.lse, *self.first_queries, *pooling))
+        kept = [*self.hidden_states, *self.lse, *self.first_queries, *([] if self.pooling is None else [self.pooling])]
+        return sum(t.numel() * t.element_size() for t in kept)
 
     def layer(self, index: int, keep: bool = False) -> LayerAttention:
         """Layer `index`'s attention, from the rebuild cache or rebuilt from its input (then cached if `keep`)."""
