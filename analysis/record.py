@@ -15,7 +15,7 @@ from torch import nn
 
 from .layer_cache import REBUILT
 
-BLOCK_ELEMENTS = 1 << 21  # attention probabilities held at once when sweeping a layer: 2M floats, 8 MB
+BLOCK_ELEMENTS = 1 << 21  # one head's attention probabilities held at once when sweeping a layer: 8 MB
 FUSIONS = ("mean", "max", "min")
 _SERIALS = itertools.count()  # names a record in the rebuild cache (an id() could be reused by a later record)
 
@@ -41,14 +41,28 @@ class LayerAttention:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.query, self.key, self.lse))
 
-    def log_probs(self, rows: torch.Tensor | slice) -> torch.Tensor:
-        """Log attention probabilities of the given query rows: (heads, rows, N), fp32."""
-        return torch.baddbmm(-self.lse[:, rows].unsqueeze(-1), self.query[:, rows].float(),
-                             self.key.transpose(-1, -2), alpha=self.scale)
+    def log_probs(self, rows: torch.Tensor | slice, head: int | None = None) -> torch.Tensor:
+        """Log attention probabilities of the given query rows: (heads, rows, N), or (rows, N) of one head; fp32."""
+        if head is None:
+            return torch.baddbmm(-self.lse[:, rows].unsqueeze(-1), self.query[:, rows].float(),
+                                 self.key.transpose(-1, -2), alpha=self.scale)
+        return torch.addmm(-self.lse[head, rows].unsqueeze(-1), self.query[head, rows].float(), self.key[head].T,
+                           alpha=self.scale)
 
-    def probs(self, rows: torch.Tensor | slice) -> torch.Tensor:
-        """Attention probabilities of the given query rows: (heads, rows, N), fp32."""
-        return self.log_probs(rows).exp_()
+    def probs(self, rows: torch.Tensor | slice, head: int | None = None) -> torch.Tensor:
+        """Attention probabilities of the given query rows: (heads, rows, N), or (rows, N) of one head; fp32."""
+        return self.log_probs(rows, head).exp_()
+
+    def fused_probs(self, rows: torch.Tensor | slice, head: "int | str") -> torch.Tensor:
+        """fuse_heads(self.probs(rows), head), built one head at a time: (rows, N), fp32."""
+        index = head_index(head)
+        if index is not None:
+            return self.probs(rows, index)
+        fused = self.probs(rows, 0)
+        combine = {"mean": torch.add, "max": torch.maximum, "min": torch.minimum}[head]
+        for other in range(1, self.num_heads):
+            combine(fused, self.probs(rows, other), out=fused)
+        return fused.div_(self.num_heads) if head == "mean" else fused
 
     def column(self, token: int) -> torch.Tensor:
         """How much every query attends to `token`: (heads, N), fp32."""
@@ -57,8 +71,8 @@ class LayerAttention:
                              alpha=self.scale)[..., 0].exp_()
 
     def block_rows(self) -> int:
-        """Query rows per block when sweeping the whole layer."""
-        return max(1, BLOCK_ELEMENTS // (self.num_heads * self.num_tokens))
+        """Query rows per block when sweeping the whole layer one head at a time."""
+        return max(1, BLOCK_ELEMENTS // self.num_tokens)
 
 
 class AttentionRecord:
@@ -147,14 +161,22 @@ class AttentionRecord:
         return LayerAttention(query, key, self.lse[index], self.scales[index])
 
 
+def head_index(head: "int | str") -> int | None:
+    """The index of a single head (an int or a digit string), None for a fusion; anything else is refused."""
+    if isinstance(head, int) or (isinstance(head, str) and head.isdigit()):
+        return int(head)
+    if head in FUSIONS:
+        return None
+    raise ValueError(f"head must be a head index or one of {FUSIONS}, got {head!r}")
+
+
 def fuse_heads(probs: torch.Tensor, head: "int | str") -> torch.Tensor:
     """One head's rows, or the heads fused by mean, max or min: (heads, ...) → (...)."""
-    if isinstance(head, int) or (isinstance(head, str) and head.isdigit()):
-        return probs[int(head)]
+    index = head_index(head)
+    if index is not None:
+        return probs[index]
     if head == "mean":
         return probs.mean(0)
     if head == "max":
         return probs.amax(0)
-    if head == "min":
-        return probs.amin(0)
-    raise ValueError(f"head must be a head index or one of {FUSIONS}, got {head!r}")
+    return probs.amin(0)

@@ -6,7 +6,7 @@ from collections.abc import Callable, Iterator
 import torch
 
 from .memory import release_free_memory
-from .record import AttentionRecord, LayerAttention, fuse_heads
+from .record import AttentionRecord, LayerAttention
 
 HIGH_BITS = 15  # the k-th smallest value is found from two histograms of the float's bit pattern
 
@@ -61,7 +61,7 @@ def residual_attention(attention: LayerAttention, fusion: str, start: int, step:
 
 def _fused_block(attention: LayerAttention, fusion: str, start: int, step: int,
                  threshold: float | None) -> torch.Tensor:
-    fused = fuse_heads(attention.probs(slice(start, start + step)), fusion)  # (rows, N)
+    fused = attention.fused_probs(slice(start, start + step), fusion)  # (rows, N)
     if threshold is not None:
         keep_cls = start == 0
         cls_value = fused[0, 0].clone() if keep_cls else None

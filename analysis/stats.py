@@ -11,6 +11,7 @@ from .memory import release_free_memory
 from .record import AttentionRecord, LayerAttention
 
 DEFAULT_STAT_QUERIES = 512  # patch queries averaged per layer (evenly spread); every one when there are fewer
+QUERY_SUMS = ("mean_entropy", "mean_distance", "mean_distance_px", "cls_mass")  # summed over query rows
 
 STAT_LABELS = {
     "cls_entropy": "entropy of the class token's whole row, prefix tokens included (nats)",
@@ -73,19 +74,21 @@ def layer_statistics(attention: LayerAttention, rows: torch.Tensor, num_prefix: 
     patch_map = cls_row[:, num_prefix:]
     out = {"cls_entropy": torch.special.entr(cls_row).sum(-1),
            "cls_patch_entropy": torch.special.entr(patch_map / patch_map.sum(-1, keepdim=True)).sum(-1)}
-    sums = {name: torch.zeros(attention.num_heads, device=rows.device)
-            for name in ("mean_entropy", "mean_distance", "mean_distance_px", "cls_mass")}
-    num_patches = attention.num_tokens - num_prefix
+    sums = torch.zeros(len(QUERY_SUMS), attention.num_heads, device=rows.device)
     for block in rows.split(attention.block_rows()):
-        log_probs = attention.log_probs(block)  # (heads, r, N)
-        probs = log_probs.exp()
-        sums["cls_mass"] += probs[..., 0].sum(-1)
-        sums["mean_entropy"] -= log_probs.mul_(probs).sum((-1, -2))
-        patch_probs = probs[..., num_prefix:]
-        weighted = torch.einsum("hrn,rn->hr", patch_probs, patch_distances(block, num_prefix, grid_w, num_patches))
-        sums["mean_distance"] += (weighted / patch_probs.sum(-1)).sum(-1)
-        sums["mean_distance_px"] += weighted.sum(-1) * patch_size
-    return out | {name: total / len(rows) for name, total in sums.items()}
+        distances = patch_distances(block, num_prefix, grid_w, attention.num_tokens - num_prefix)
+        for head in range(attention.num_heads):
+            sums[:, head] += _query_sums(attention.log_probs(block, head), distances, num_prefix, patch_size)
+    return out | dict(zip(QUERY_SUMS, sums / len(rows)))
+
+
+def _query_sums(log_probs: torch.Tensor, distances: torch.Tensor, num_prefix: int, patch_size: int) -> torch.Tensor:
+    """QUERY_SUMS summed over one head's block of query rows, from their log-probabilities (rows, N)."""
+    probs = log_probs.exp()
+    patch_probs = probs[:, num_prefix:]
+    weighted = torch.einsum("rn,rn->r", patch_probs, distances)  # Σ attention × distance over the patch keys
+    return torch.stack([-log_probs.mul_(probs).sum(), (weighted / patch_probs.sum(-1)).sum(),
+                        weighted.sum() * patch_size, probs[:, 0].sum()])
 
 
 def head_statistics(record: AttentionRecord, num_prefix: int, grid_w: int,
