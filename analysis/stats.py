@@ -15,12 +15,14 @@ QUERY_SUMS = ("mean_entropy", "mean_distance", "mean_distance_px", "cls_mass")  
 
 STAT_LABELS = {
     "cls_entropy": "entropy of the class token's whole row, prefix tokens included (nats)",
-    "cls_patch_entropy": "entropy of the class token's drawn patch map, renormalised over the patches (nats)",
-    "mean_entropy": "mean entropy of the patch queries' whole rows (nats)",
-    "mean_distance": "mean attention distance in patches: over patch keys, renormalised (patches)",
+    "cls_patch_entropy": "entropy of the class token's patch map as drawn, renormalised over the patches (nats)",
+    "mean_entropy": "entropy of a patch query's whole row, averaged over patch queries (nats)",
+    "mean_distance": ("mean attention distance: Σ attention × distance over patch keys, renormalised over them, "
+                      "averaged over patch queries (patches)"),
     "mean_distance_px": ("mean attention distance as in Dosovitskiy et al. 2021, fig. 7: Σ attention × distance "
-                         "over patch keys, prefix keys dropped without renormalising (pixels of the model input)"),
-    "cls_mass": "mean attention of patch queries to the class token",
+                         "between patch centres over patch keys, prefix keys dropped without renormalising, "
+                         "averaged over patch queries (pixels of the model input)"),
+    "cls_mass": "attention of a patch query to the class token, averaged over patch queries",
 }
 
 

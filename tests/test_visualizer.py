@@ -256,3 +256,13 @@ def test_depth_scatter_puts_each_head_at_its_value_and_rings_the_selection():
     assert dark(ringed) > dark(np.asarray(visualizer.depth_scatter(values, "px", "fig. 7"))) + 30
     with pytest.raises(ValueError, match="layers, heads"):
         visualizer.depth_scatter(np.ones(4), "px", "t")
+
+
+def test_long_chart_titles_wrap_inside_the_image():
+    title = "mean attention distance as in Dosovitskiy et al. 2021, fig. 7: " + "a long definition " * 8
+    charts = (visualizer.stats_heatmap(np.ones((3, 2)), title), visualizer.depth_scatter(np.ones((3, 2)), "px", title))
+    for chart in charts:
+        pixels = np.asarray(chart)
+        band = pixels[: pixels.shape[0] // 4]  # the title's rows
+        assert (band < 100).all(-1).any()  # the title is drawn ...
+        assert not (band[:, :3] < 200).any() and not (band[:, -3:] < 200).any()  # ... and not cut at either edge

@@ -1,6 +1,8 @@
 """Charts of per-layer × head numbers, drawn with matplotlib's object API (never pyplot)."""
 from __future__ import annotations
 
+import textwrap
+
 import numpy as np
 from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -9,6 +11,7 @@ from matplotlib.ticker import MaxNLocator
 from PIL import Image
 
 DPI = 100
+TITLE_CHARS_PER_INCH = 12  # at the titles' font size (10 pt): long titles, such as statistics' definitions, wrap
 
 
 def render(figure: Figure) -> Image.Image:
@@ -16,6 +19,12 @@ def render(figure: Figure) -> Image.Image:
     canvas = FigureCanvasAgg(figure)
     canvas.draw()
     return Image.fromarray(np.asarray(canvas.buffer_rgba())).convert("RGB")
+
+
+def set_title(figure: Figure, axes, title: str) -> None:
+    """The axes' title, wrapped to the figure's width."""
+    width = max(20, int(figure.get_figwidth() * TITLE_CHARS_PER_INCH))
+    axes.set_title(textwrap.fill(title, width), fontsize=10)
 
 
 def distinct_colours(count: int) -> np.ndarray:
@@ -37,7 +46,7 @@ def stats_heatmap(values: np.ndarray, title: str, cmap: str = "viridis", label: 
     axes.set_ylabel("layer")
     axes.xaxis.set_major_locator(MaxNLocator(nbins=16, integer=True))
     axes.yaxis.set_major_locator(MaxNLocator(nbins=16, integer=True))
-    axes.set_title(title, fontsize=10)
+    set_title(figure, axes, title)
     figure.colorbar(image, ax=axes, label=label)
     return render(figure)
 
@@ -62,7 +71,7 @@ def line_chart(series: dict[str, np.ndarray], xlabel: str, ylabel: str, title: s
                   label=highlight, zorder=3)
     axes.set_xlabel(xlabel)
     axes.set_ylabel(ylabel)
-    axes.set_title(title, fontsize=10)
+    set_title(figure, axes, title)
     axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes.grid(alpha=0.3)
     if len(series) > 1:
@@ -88,7 +97,7 @@ def depth_scatter(values: np.ndarray, ylabel: str, title: str,
                      zorder=3)
     axes.set_xlabel("network depth (layer)")
     axes.set_ylabel(ylabel)
-    axes.set_title(title, fontsize=10)
+    set_title(figure, axes, title)
     axes.set_ylim(bottom=0)
     axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes.grid(alpha=0.3)
