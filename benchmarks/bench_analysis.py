@@ -203,7 +203,7 @@ def targets(default: dict, large: dict | None, vit_h: dict, rerender: dict, serv
     return out
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[224, 518, 1022])
     parser.add_argument("--large", type=int, default=2044, help="size run for ours only (0 to skip)")
@@ -213,7 +213,11 @@ def main() -> None:
     parser.add_argument("--no-served", action="store_true", help="skip the served app's measurement (CPU only)")
     parser.add_argument("--child", nargs=4, metavar=("VARIANT", "SIZE", "MODEL", "REPEATS"), help=argparse.SUPPRESS)
     parser.add_argument("--rerender", type=int, help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
     if args.child:
         variant, size, model_kind, repeats = args.child
         print(json.dumps(run_variant(variant, int(size), model_kind, args.device, int(repeats))))
