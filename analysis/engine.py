@@ -1,4 +1,4 @@
-"""One forward pass → everything the explorer draws, holding O(layers × tokens × width) memory."""
+"""One forward pass → everything the explorer draws, keeping each layer's input and row log-sum-exps only."""
 from __future__ import annotations
 
 import logging
@@ -13,9 +13,10 @@ from model import ImageGeometry, LoadedModel
 
 from . import hidden
 from .flow import attention_flow
-from .record import AttentionRecord, fuse_heads
+from .memory import release_free_memory
+from .record import AttentionRecord, LayerAttention, fuse_heads
 from .rollout import rollout
-from .stats import DEFAULT_STAT_QUERIES, HeadStatistics, head_statistics
+from .stats import DEFAULT_STAT_QUERIES, HeadStatistics, head_statistics, layer_statistics, stat_query_rows
 
 logger = logging.getLogger(__name__)
 Progress = Callable[[float, str], None]
@@ -29,13 +30,12 @@ class Analysis:
     model_name: str
     geometry: ImageGeometry
     num_prefix_tokens: int
-    record: AttentionRecord
-    hidden_states: tuple[torch.Tensor, ...]  # layers + 1 of (N, D): embeddings, then each layer's output
+    record: AttentionRecord  # each layer's input and row log-sum-exps: any attention row is rebuilt from them
     cls_attention: np.ndarray  # (layers, heads, N): the class token's row, every layer and head
     statistics: HeadStatistics
     token_norms: np.ndarray  # (layers + 1, N)
     dtype: str = "float32"
-    _rollouts: dict = field(default_factory=dict, repr=False)  # rollout and flow maps, by their parameters
+    _derived: dict = field(default_factory=dict, repr=False)  # rollout and flow maps, other statistics, by parameters
 
     @property
     def num_layers(self) -> int:
@@ -46,9 +46,15 @@ class Analysis:
         return self.record.num_heads
 
     @property
+    def hidden_states(self) -> tuple[torch.Tensor, ...]:
+        """layers + 1 of (N, D): the embeddings, then each layer's output (layer l's input is hidden_states[l])."""
+        return self.record.hidden_states
+
+    @property
     def nbytes(self) -> int:
-        return (self.record.nbytes + sum(h.numel() * h.element_size() for h in self.hidden_states)
-                + self.cls_attention.nbytes + self.token_norms.nbytes)
+        """Everything this analysis keeps alive; rebuilt layers live in the shared, bounded `layer_cache.REBUILT`."""
+        return (self.record.nbytes + self.cls_attention.nbytes + self.token_norms.nbytes + self.statistics.nbytes
+                + sum(value.nbytes for value in self._derived.values()))
 
     def to_grid(self, values: "np.ndarray | torch.Tensor") -> np.ndarray:
         """(..., N) over all tokens → (..., grid_h, grid_w) over the patches."""
@@ -73,27 +79,37 @@ class Analysis:
                     progress: Callable[[float], None] | None = None) -> np.ndarray:
         """Attention rollout of the class token up to `last_layer` (default: all), cached: (grid_h, grid_w)."""
         last = self.num_layers - 1 if last_layer is None else int(last_layer)
-        key = (fusion, round(float(discard_ratio), 6), last)
-        if key not in self._rollouts:
-            self._rollouts[key] = rollout(self.record, fusion, discard_ratio, last, progress=progress)
-        return self.to_grid(self._rollouts[key])
+        key = ("rollout", fusion, round(float(discard_ratio), 6), last)
+        if key not in self._derived:
+            self._derived[key] = rollout(self.record, fusion, discard_ratio, last, progress=progress)
+        return self.to_grid(self._derived[key])
 
     def flow_map(self, fusion: str = "mean", progress: Callable[[float], None] | None = None) -> np.ndarray:
         """Attention flow to the class token from each patch (small token counts only), cached: (grid_h, grid_w)."""
         key = ("flow", fusion)
-        if key not in self._rollouts:
-            self._rollouts[key] = attention_flow(self.record, fusion, progress)
-        return self.to_grid(self._rollouts[key])
+        if key not in self._derived:
+            self._derived[key] = attention_flow(self.record, fusion, progress)
+        return self.to_grid(self._derived[key])
 
     def query_map(self, token: int, layer: int, head: "int | str", direction: str = "row") -> np.ndarray:
         """What `token` attends to (direction "row") or what attends to it ("column"): (grid_h, grid_w)."""
-        if direction == "row":
-            probs = self.record.probs(layer, slice(token, token + 1))[:, 0]
-        elif direction == "column":
-            probs = self.record.column(layer, token)
-        else:
+        if direction not in ("row", "column"):
             raise ValueError(f"direction must be 'row' or 'column', got {direction!r}")
+        attention = self.record.layer(layer, keep=True)  # clicking around one layer rebuilds it once
+        probs = attention.probs(slice(token, token + 1))[:, 0] if direction == "row" else attention.column(token)
         return self.to_grid(fuse_heads(probs, head))
+
+    def statistics_for(self, max_queries: int | None,
+                       progress: Callable[[float], None] | None = None) -> HeadStatistics:
+        """Head statistics over `max_queries` spread patch queries (None: every one, exact), cached; no new forward."""
+        rows = stat_query_rows(self.num_prefix_tokens, self.geometry.grid_h * self.geometry.grid_w, max_queries)
+        if len(rows) == self.statistics.num_queries:
+            return self.statistics
+        key = ("statistics", len(rows))
+        if key not in self._derived:
+            self._derived[key] = head_statistics(self.record, self.num_prefix_tokens, self.geometry.grid_w,
+                                                 max_queries, progress)
+        return self._derived[key]
 
     def norm_map(self, layer: int) -> tuple[np.ndarray, np.ndarray]:
         """Token norms after `layer` (layer -1: the embeddings) and the outlier mask: two (grid_h, grid_w)."""
@@ -113,35 +129,50 @@ class Analysis:
         return self.to_grid(hidden.cosine_similarity(self.hidden_states[layer + 1], token))
 
 
-def _resolve_dtype(loaded: LoadedModel, dtype: str | None) -> torch.dtype:
-    name = dtype or "float32"
-    if name not in DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {name!r}")
-    if DTYPES[name] != torch.float32 and loaded.device.type != "cuda":
+def _check_dtype(loaded: LoadedModel, dtype: str | None) -> torch.dtype:
+    """The model's own precision; another one is refused, since the analysis keeps using the module it ran."""
+    model_dtype = next(loaded.model.parameters()).dtype
+    if dtype is None:
+        return model_dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    if DTYPES[dtype] != torch.float32 and loaded.device.type != "cuda":
         raise ValueError("half precision is offered on GPU only; on CPU the analysis runs in float32")
-    return DTYPES[name]
+    if DTYPES[dtype] != model_dtype:
+        raise ValueError(f"this copy of the model is in {str(model_dtype).removeprefix('torch.')}: an analysis in "
+                         f"{dtype} needs a copy of the model in that precision (analyze never casts the model)")
+    return model_dtype
 
 
 @torch.inference_mode()
 def analyze(loaded: LoadedModel, image: Image.Image, long_side: int, dtype: str | None = None,
             max_stat_queries: int | None = DEFAULT_STAT_QUERIES, progress: Progress | None = None) -> Analysis:
-    """Runs the model once on `image` resized to about `long_side` px and derives every drawn quantity."""
+    """Runs the model once on `image` resized to about `long_side` px and derives every drawn quantity.
+
+    Class-token rows and head statistics come from each layer's own queries and keys while the forward holds
+    them; afterwards only the layers' inputs and row log-sum-exps are kept.
+    """
     report = progress or (lambda fraction, desc: None)
-    torch_dtype = _resolve_dtype(loaded, dtype)
+    torch_dtype = _check_dtype(loaded, dtype)
     pixels, geometry = loaded.preprocessing(image, long_side)
-    layers = loaded.config.num_hidden_layers
-    record = AttentionRecord(on_layer=lambda i: report(0.7 * (i + 1) / layers, f"layer {i + 1}/{layers}"))
-    model = loaded.model.to(torch_dtype)
+    num_prefix, layers = loaded.config.num_prefix_tokens, loaded.config.num_hidden_layers
+    rows = stat_query_rows(num_prefix, geometry.grid_h * geometry.grid_w, max_stat_queries).to(loaded.device)
+    cls_rows, per_layer = [], []
+
+    def on_layer(index: int, attention: LayerAttention) -> None:
+        cls_rows.append(attention.probs(slice(0, 1))[:, 0])
+        per_layer.append(layer_statistics(attention, rows, num_prefix, geometry.grid_w, geometry.patch_size))
+        release_free_memory()
+        report((index + 1) / layers, f"layer {index + 1}/{layers}")
+
+    record = AttentionRecord(loaded.model.encoder.layers, geometry.patch_size, on_layer)
     report(0.0, f"running the model at {geometry.input_h}×{geometry.input_w}")
-    output = model(pixels.to(loaded.device, torch_dtype), output_hidden_states=True,
-                   interpolate_pos_encoding=True, observer=record)
-    hidden_states = tuple(h[0] for h in output.hidden_states)  # views: no (layers + 1, N, D) copy
+    output = loaded.model(pixels.to(loaded.device, torch_dtype), output_hidden_states=True,
+                          interpolate_pos_encoding=True, observer=record)
+    record.keep([h[0] for h in output.hidden_states])  # the forward's own tensors: no copy
+    record.on_layer = None  # the closure would keep the per-layer tensors alive
     del output
-    num_prefix = loaded.config.num_prefix_tokens
-    cls_attention = torch.stack([record.probs(layer, slice(0, 1))[:, 0] for layer in range(layers)])
-    statistics = head_statistics(record, num_prefix, geometry.grid_w, max_stat_queries,
-                                 progress=lambda f: report(0.7 + 0.3 * f, "head statistics"))
     report(1.0, "done")
-    return Analysis(loaded.name, geometry, num_prefix, record, hidden_states,
-                    cls_attention.cpu().numpy(), statistics, hidden.token_norms(hidden_states).cpu().numpy(),
+    return Analysis(loaded.name, geometry, num_prefix, record, torch.stack(cls_rows).cpu().numpy(),
+                    HeadStatistics.stack(per_layer, len(rows)), hidden.token_norms(record.hidden_states).cpu().numpy(),
                     dtype=str(torch_dtype).removeprefix("torch."))

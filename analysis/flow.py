@@ -32,7 +32,7 @@ def flow_graph(record: AttentionRecord, fusion: str) -> csr_matrix:
     rows, cols, caps = [], [], []
     for layer in range(layers):
         top = layer == layers - 1  # only the class token matters at the last depth
-        attention = residual_attention(record, layer, fusion, 0, 1 if top else n).cpu().numpy()  # (targets, N)
+        attention = residual_attention(record.layer(layer), fusion, 0, 1 if top else n).cpu().numpy()  # (targets, N)
         targets, sources = np.nonzero(attention)
         rows.append(layer * n + sources)
         cols.append((layer + 1) * n + targets)

@@ -1,82 +1,182 @@
-"""What one forward pass keeps so that any attention row or column can be recomputed exactly, in O(N·D)."""
+"""What one forward pass keeps: each layer's input and the log-sum-exp of its score rows, nothing N×N.
+
+Any row or column of any head is rebuilt from these exactly: the layer's queries and keys come back from its
+input through `layer.query_key` (the function the forward itself used, O(N·D²)), and row i of a head is
+exp(scale · q_i · Kᵀ − lse_i), O(N·D) once the projections exist.
+"""
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, field
+import itertools
+import weakref
+from collections.abc import Callable, Sequence
 
 import torch
+from torch import nn
 
-BLOCK_ELEMENTS = 1 << 22  # attention probabilities held at once when sweeping a layer: 4M floats, 16 MB
+from .layer_cache import REBUILT
+
+BLOCK_ELEMENTS = 1 << 21  # one head's attention probabilities held at once when sweeping a layer: 8 MB
 FUSIONS = ("mean", "max", "min")
+_SERIALS = itertools.count()  # names a record in the rebuild cache (an id() could be reused by a later record)
 
 
-@dataclass
+class LayerAttention:
+    """One layer's queries and keys (heads, N, head_dim), its fp32 row log-sum-exps (heads, N) and scale."""
+
+    def __init__(self, query: torch.Tensor, key: torch.Tensor, lse: torch.Tensor, scale: float):
+        self.query = query  # the model's dtype; blocks of rows are upcast when used
+        self.key = key.float()
+        self.lse = lse.float()
+        self.scale = scale
+
+    @property
+    def num_heads(self) -> int:
+        return self.query.shape[0]
+
+    @property
+    def num_tokens(self) -> int:
+        return self.query.shape[1]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.query, self.key, self.lse))
+
+    def log_probs(self, rows: torch.Tensor | slice, head: int | None = None) -> torch.Tensor:
+        """Log attention probabilities of the given query rows: (heads, rows, N), or (rows, N) of one head; fp32."""
+        if head is None:
+            return torch.baddbmm(-self.lse[:, rows].unsqueeze(-1), self.query[:, rows].float(),
+                                 self.key.transpose(-1, -2), alpha=self.scale)
+        return torch.addmm(-self.lse[head, rows].unsqueeze(-1), self.query[head, rows].float(), self.key[head].T,
+                           alpha=self.scale)
+
+    def probs(self, rows: torch.Tensor | slice, head: int | None = None) -> torch.Tensor:
+        """Attention probabilities of the given query rows: (heads, rows, N), or (rows, N) of one head; fp32."""
+        return self.log_probs(rows, head).exp_()
+
+    def fused_probs(self, rows: torch.Tensor | slice, head: "int | str") -> torch.Tensor:
+        """fuse_heads(self.probs(rows), head), built one head at a time: (rows, N), fp32."""
+        index = head_index(head)
+        if index is not None:
+            return self.probs(rows, index)
+        fused = self.probs(rows, 0)
+        combine = {"mean": torch.add, "max": torch.maximum, "min": torch.minimum}[head]
+        for other in range(1, self.num_heads):
+            combine(fused, self.probs(rows, other), out=fused)
+        return fused.div_(self.num_heads) if head == "mean" else fused
+
+    def column(self, token: int) -> torch.Tensor:
+        """How much every query attends to `token`: (heads, N), fp32."""
+        key = self.key[:, token:token + 1]  # (heads, 1, head_dim)
+        return torch.baddbmm(-self.lse.unsqueeze(-1), self.query.float(), key.transpose(-1, -2),
+                             alpha=self.scale)[..., 0].exp_()
+
+    def block_rows(self) -> int:
+        """Query rows per block when sweeping the whole layer one head at a time."""
+        return max(1, BLOCK_ELEMENTS // self.num_tokens)
+
+
 class AttentionRecord:
-    """Per layer, augmented queries [q·scale, −lse] and keys [k, 1], each (heads, N, head_dim + 1).
+    """Observes a forward pass (one image); keeps per layer its fp32 row log-sum-exps, then the hidden states.
 
-    Their product is exactly the log-softmax, so row i of a head is exp(q̃_i · K̃ᵀ): the attention
-    probabilities rebuilt by one matrix product, without any reduction over the row.
+    hidden_states[l] is layer l's input (the embeddings for l = 0) and hidden_states[-1] the last layer's output.
+    The record holds the encoder layers that ran, so queries and keys are rebuilt with the forward's own weights
+    and dtype; rebuilt layers live in the process-wide, byte-bounded `layer_cache.REBUILT`.
     """
 
-    queries: list[torch.Tensor] = field(default_factory=list)
-    keys: list[torch.Tensor] = field(default_factory=list)
-    on_layer: Callable[[int], None] | None = None  # progress hook, called as each layer is recorded
+    def __init__(self, layers: Sequence[nn.Module], patch_size: int,
+                 on_layer: Callable[[int, LayerAttention], None] | None = None):
+        self.layers = layers
+        self.patch_size = patch_size  # pixels of the model input per patch side, for distances in pixels
+        self.on_layer = on_layer  # sees each layer's attention (the forward's own q, k) while it exists
+        self.lse: list[torch.Tensor] = []
+        self.scales: list[float] = []
+        self.first_queries: list[torch.Tensor] = []  # token 0's query per layer: checks every rebuild
+        self.hidden_states: tuple[torch.Tensor, ...] = ()
+        self.pooling: torch.Tensor | None = None  # an attention-pooling head's probe attention (heads, N)
+        self.serial = next(_SERIALS)
+        weakref.finalize(self, REBUILT.drop_owner, self.serial)
 
     def observe_layer(self, layer: int, query: torch.Tensor, key: torch.Tensor, lse: torch.Tensor,
                       scale: float) -> None:
         if query.shape[0] != 1:
             raise ValueError("the analysis records one image at a time")
-        query, key = query[0].float(), key[0].float()  # (heads, N, head_dim)
-        self.queries.append(torch.cat([query * scale, -lse[0].float().unsqueeze(-1)], dim=-1))
-        self.keys.append(torch.cat([key, torch.ones_like(key[..., :1])], dim=-1))
+        self.lse.append(lse[0].float().clone())  # its own storage: a kernel's lse may be a view of a padded one
+        self.scales.append(scale)
+        self.first_queries.append(query[0, :, 0].float().clone())
         if self.on_layer is not None:
-            self.on_layer(layer)
+            self.on_layer(layer, LayerAttention(query[0], key[0], lse[0], scale))
+
+    def observe_pooling(self, probs: torch.Tensor) -> None:
+        if probs.shape[0] != 1:
+            raise ValueError("the analysis records one image at a time")
+        self.pooling = probs[0].float()
+
+    def keep(self, hidden_states: Sequence[torch.Tensor]) -> None:
+        """Takes the forward's hidden states, (N, D) each: layers + 1 of them."""
+        if len(hidden_states) != len(self.lse) + 1:
+            raise ValueError(f"expected {len(self.lse) + 1} hidden states, got {len(hidden_states)}")
+        self.hidden_states = tuple(hidden_states)
 
     @property
     def device(self) -> torch.device:
-        return self.queries[0].device
+        return self.lse[0].device
 
     @property
     def num_layers(self) -> int:
-        return len(self.queries)
+        return len(self.lse)
 
     @property
     def num_heads(self) -> int:
-        return self.queries[0].shape[0]
+        return self.lse[0].shape[0]
 
     @property
     def num_tokens(self) -> int:
-        return self.queries[0].shape[1]
+        return self.lse[0].shape[1]
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (*self.queries, *self.keys))
+        kept = [*self.hidden_states, *self.lse, *self.first_queries, *([] if self.pooling is None else [self.pooling])]
+        return sum(t.numel() * t.element_size() for t in kept)
 
-    def log_probs(self, layer: int, rows: torch.Tensor | slice) -> torch.Tensor:
-        """Log attention probabilities of the given query rows: (heads, rows, N), fp32."""
-        return torch.matmul(self.queries[layer][:, rows], self.keys[layer].transpose(-1, -2))
+    def layer(self, index: int, keep: bool = False) -> LayerAttention:
+        """Layer `index`'s attention, from the rebuild cache or rebuilt from its input (then cached if `keep`)."""
+        found = REBUILT.get((self.serial, index))
+        if found is not None:
+            return found
+        attention = self._rebuild(index)
+        if keep:
+            REBUILT.put((self.serial, index), attention)
+        return attention
 
-    def probs(self, layer: int, rows: torch.Tensor | slice) -> torch.Tensor:
-        """Attention probabilities of the given query rows: (heads, rows, N), fp32."""
-        return self.log_probs(layer, rows).exp_()
+    @torch.inference_mode()
+    def _rebuild(self, index: int) -> LayerAttention:
+        layer_input = self.hidden_states[index]
+        query, key = self.layers[index].query_key(layer_input.unsqueeze(0))  # (1, heads, N, head_dim)
+        query, key = query[0].float(), key[0].float()
+        expected = self.first_queries[index]
+        tolerance = max(1e-3, 8 * torch.finfo(layer_input.dtype).eps)  # any rounding; a wrong input is off by O(1)
+        if not torch.allclose(query[:, 0], expected, rtol=tolerance, atol=tolerance * float(expected.abs().max())):
+            raise RuntimeError(f"layer {index}'s queries rebuilt from hidden_states[{index}] differ from the "
+                               "forward's: this model's hidden states are not its layers' inputs")
+        return LayerAttention(query, key, self.lse[index], self.scales[index])
 
-    def column(self, layer: int, token: int) -> torch.Tensor:
-        """How much every query attends to `token`: (heads, N), fp32."""
-        key = self.keys[layer][:, token:token + 1]  # (heads, 1, head_dim + 1)
-        return torch.matmul(self.queries[layer], key.transpose(-1, -2))[..., 0].exp_()
 
-    def block_rows(self) -> int:
-        return max(1, BLOCK_ELEMENTS // (self.num_heads * self.num_tokens))
+def head_index(head: "int | str") -> int | None:
+    """The index of a single head (an int or a digit string), None for a fusion; anything else is refused."""
+    if isinstance(head, int) or (isinstance(head, str) and head.isdigit()):
+        return int(head)
+    if head in FUSIONS:
+        return None
+    raise ValueError(f"head must be a head index or one of {FUSIONS}, got {head!r}")
 
 
 def fuse_heads(probs: torch.Tensor, head: "int | str") -> torch.Tensor:
     """One head's rows, or the heads fused by mean, max or min: (heads, ...) → (...)."""
-    if isinstance(head, int) or (isinstance(head, str) and head.isdigit()):
-        return probs[int(head)]
+    index = head_index(head)
+    if index is not None:
+        return probs[index]
     if head == "mean":
         return probs.mean(0)
     if head == "max":
         return probs.amax(0)
-    if head == "min":
-        return probs.amin(0)
-    raise ValueError(f"head must be a head index or one of {FUSIONS}, got {head!r}")
+    return probs.amin(0)

@@ -5,7 +5,8 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from .record import AttentionRecord, fuse_heads
+from .memory import release_free_memory
+from .record import AttentionRecord, LayerAttention
 
 HIGH_BITS = 15  # the k-th smallest value is found from two histograms of the float's bit pattern
 
@@ -26,38 +27,41 @@ def rollout(record: AttentionRecord, fusion: str = "mean", discard_ratio: float 
     weights = torch.zeros(n, device=record.device)
     weights[token] = 1.0
     for step, layer in enumerate(range(last, -1, -1)):
-        threshold = discard_threshold(record, layer, fusion, discard_ratio)
-        weights = _propagate(record, layer, fusion, threshold, weights)
+        attention = record.layer(layer)  # one rebuild serves the threshold's passes and the propagation
+        threshold = discard_threshold(attention, fusion, discard_ratio)
+        weights = _propagate(attention, fusion, threshold, weights)
+        del attention  # freed before the next layer is rebuilt
+        release_free_memory()
         if progress is not None:
             progress((step + 1) / (last + 1))
     return weights
 
 
-def _propagate(record: AttentionRecord, layer: int, fusion: str, threshold: float | None,
+def _propagate(attention: LayerAttention, fusion: str, threshold: float | None,
                weights: torch.Tensor) -> torch.Tensor:
-    """weights · Â_layer, computing only the row blocks whose weight is not zero."""
+    """weights · Â, computing only the row blocks whose weight is not zero."""
     out = torch.zeros_like(weights)
-    step = record.block_rows()
-    for start in range(0, record.num_tokens, step):
+    step = attention.block_rows()
+    for start in range(0, attention.num_tokens, step):
         w = weights[start:start + step]
         if not torch.any(w):
             continue
-        out += w @ residual_attention(record, layer, fusion, start, step, threshold)
+        out += w @ residual_attention(attention, fusion, start, step, threshold)
     return out
 
 
-def residual_attention(record: AttentionRecord, layer: int, fusion: str, start: int, step: int,
+def residual_attention(attention: LayerAttention, fusion: str, start: int, step: int,
                        threshold: float | None = None) -> torch.Tensor:
     """Rows start..start+step of Â = rownorm(drop(fuse(A)) + I), the matrix rollout and flow chain: (rows, N)."""
-    fused = _fused_block(record, layer, fusion, start, step, threshold)
+    fused = _fused_block(attention, fusion, start, step, threshold)
     rows = torch.arange(fused.shape[0], device=fused.device)
     fused[rows, start + rows] += 1.0
     return fused / fused.sum(-1, keepdim=True)
 
 
-def _fused_block(record: AttentionRecord, layer: int, fusion: str, start: int, step: int,
+def _fused_block(attention: LayerAttention, fusion: str, start: int, step: int,
                  threshold: float | None) -> torch.Tensor:
-    fused = fuse_heads(record.probs(layer, slice(start, start + step)), fusion)  # (rows, N)
+    fused = attention.fused_probs(slice(start, start + step), fusion)  # (rows, N)
     if threshold is not None:
         keep_cls = start == 0
         cls_value = fused[0, 0].clone() if keep_cls else None
@@ -67,17 +71,17 @@ def _fused_block(record: AttentionRecord, layer: int, fusion: str, start: int, s
     return fused
 
 
-def discard_threshold(record: AttentionRecord, layer: int, fusion: str, discard_ratio: float) -> float | None:
+def discard_threshold(attention: LayerAttention, fusion: str, discard_ratio: float) -> float | None:
     """The value at or below which entries are dropped: the k-th smallest of the fused N×N matrix."""
-    n = record.num_tokens
+    n = attention.num_tokens
     k = int(n * n * discard_ratio)
     if k == 0:
         return None
 
     def blocks() -> Iterator[torch.Tensor]:
-        step = record.block_rows()
+        step = attention.block_rows()
         for start in range(0, n, step):
-            yield _fused_block(record, layer, fusion, start, step, None)
+            yield _fused_block(attention, fusion, start, step, None)
 
     return kth_smallest(blocks, k)
 

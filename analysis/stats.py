@@ -2,20 +2,27 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
 
-from .record import AttentionRecord
+from .memory import release_free_memory
+from .record import AttentionRecord, LayerAttention
 
 DEFAULT_STAT_QUERIES = 512  # patch queries averaged per layer (evenly spread); every one when there are fewer
+QUERY_SUMS = ("mean_entropy", "mean_distance", "mean_distance_px", "cls_mass")  # summed over query rows
 
 STAT_LABELS = {
-    "cls_entropy": "entropy of the class token's row (nats)",
-    "mean_entropy": "mean entropy of the patch queries' rows (nats)",
-    "mean_distance": "mean attention distance (patches)",
-    "cls_mass": "mean attention of patch queries to the class token",
+    "cls_entropy": "entropy of the class token's whole row, prefix tokens included (nats)",
+    "cls_patch_entropy": "entropy of the class token's patch map as drawn, renormalised over the patches (nats)",
+    "mean_entropy": "entropy of a patch query's whole row, averaged over patch queries (nats)",
+    "mean_distance": ("mean attention distance: Σ attention × distance over patch keys, renormalised over them, "
+                      "averaged over patch queries (patches)"),
+    "mean_distance_px": ("mean attention distance as in Dosovitskiy et al. 2021, fig. 7: Σ attention × distance "
+                         "between patch centres over patch keys, prefix keys dropped without renormalising, "
+                         "averaged over patch queries (pixels of the model input)"),
+    "cls_mass": "attention of a patch query to the class token, averaged over patch queries",
 }
 
 
@@ -24,13 +31,26 @@ class HeadStatistics:
     """Each field is (layers, heads); see STAT_LABELS. `num_queries` patch queries were averaged."""
 
     cls_entropy: np.ndarray
+    cls_patch_entropy: np.ndarray
     mean_entropy: np.ndarray
     mean_distance: np.ndarray
+    mean_distance_px: np.ndarray
     cls_mass: np.ndarray
     num_queries: int
 
     def as_dict(self) -> dict[str, np.ndarray]:
         return {name: getattr(self, name) for name in STAT_LABELS}
+
+    @property
+    def nbytes(self) -> int:
+        return sum(values.nbytes for values in self.as_dict().values())
+
+    @classmethod
+    def stack(cls, layers: list[dict[str, torch.Tensor]], num_queries: int) -> "HeadStatistics":
+        """From one `layer_statistics` result per layer."""
+        names = [f.name for f in fields(cls) if f.name != "num_queries"]
+        return cls(num_queries=num_queries,
+                   **{name: torch.stack([layer[name] for layer in layers]).cpu().numpy() for name in names})
 
 
 def stat_query_rows(num_prefix: int, num_patches: int, max_queries: int | None) -> torch.Tensor:
@@ -49,31 +69,39 @@ def patch_distances(rows: torch.Tensor, num_prefix: int, grid_w: int, num_patche
     return torch.cdist(query_xy, keys)
 
 
+def layer_statistics(attention: LayerAttention, rows: torch.Tensor, num_prefix: int, grid_w: int,
+                     patch_size: int) -> dict[str, torch.Tensor]:
+    """Every statistic of STAT_LABELS for one layer, (heads,) each, averaged over the patch query `rows`."""
+    cls_row = attention.probs(slice(0, 1))[:, 0]  # (heads, N)
+    patch_map = cls_row[:, num_prefix:]
+    out = {"cls_entropy": torch.special.entr(cls_row).sum(-1),
+           "cls_patch_entropy": torch.special.entr(patch_map / patch_map.sum(-1, keepdim=True)).sum(-1)}
+    sums = torch.zeros(len(QUERY_SUMS), attention.num_heads, device=rows.device)
+    for block in rows.split(attention.block_rows()):
+        distances = patch_distances(block, num_prefix, grid_w, attention.num_tokens - num_prefix)
+        for head in range(attention.num_heads):
+            sums[:, head] += _query_sums(attention.log_probs(block, head), distances, num_prefix, patch_size)
+    return out | dict(zip(QUERY_SUMS, sums / len(rows)))
+
+
+def _query_sums(log_probs: torch.Tensor, distances: torch.Tensor, num_prefix: int, patch_size: int) -> torch.Tensor:
+    """QUERY_SUMS summed over one head's block of query rows, from their log-probabilities (rows, N)."""
+    probs = log_probs.exp()
+    patch_probs = probs[:, num_prefix:]
+    weighted = torch.einsum("rn,rn->r", patch_probs, distances)  # Σ attention × distance over the patch keys
+    return torch.stack([-log_probs.mul_(probs).sum(), (weighted / patch_probs.sum(-1)).sum(),
+                        weighted.sum() * patch_size, probs[:, 0].sum()])
+
+
 def head_statistics(record: AttentionRecord, num_prefix: int, grid_w: int,
                     max_queries: int | None = DEFAULT_STAT_QUERIES,
                     progress: Callable[[float], None] | None = None) -> HeadStatistics:
-    """Entropy, attention distance (Dosovitskiy et al. 2021, fig. 7) and class-token mass for every head."""
-    num_patches = record.num_tokens - num_prefix
-    device = record.device
-    rows = stat_query_rows(num_prefix, num_patches, max_queries).to(device)
-    layers, heads = record.num_layers, record.num_heads
-    sums = {name: torch.zeros(layers, heads, device=device) for name in ("mean_entropy", "mean_distance", "cls_mass")}
-    cls_entropy = torch.zeros(layers, heads, device=device)
-    step = record.block_rows()
-    for layer in range(layers):
-        cls_row = record.probs(layer, slice(0, 1))[:, 0]  # (heads, N)
-        cls_entropy[layer] = torch.special.entr(cls_row).sum(-1)
-        for start in range(0, len(rows), step):
-            block = rows[start:start + step]
-            log_probs = record.log_probs(layer, block)  # (heads, r, N)
-            probs = log_probs.exp()
-            sums["mean_entropy"][layer] -= (probs * log_probs).sum((-1, -2))
-            patch_probs = probs[..., num_prefix:]
-            distance = torch.einsum("hrn,rn->hr", patch_probs,
-                                    patch_distances(block, num_prefix, grid_w, num_patches))
-            sums["mean_distance"][layer] += (distance / patch_probs.sum(-1)).sum(-1)
-            sums["cls_mass"][layer] += probs[..., 0].sum(-1)
+    """Entropies, attention distances (Dosovitskiy et al. 2021, fig. 7) and class-token mass for every head."""
+    rows = stat_query_rows(num_prefix, record.num_tokens - num_prefix, max_queries).to(record.device)
+    layers = []
+    for layer in range(record.num_layers):
+        layers.append(layer_statistics(record.layer(layer), rows, num_prefix, grid_w, record.patch_size))
+        release_free_memory()
         if progress is not None:
-            progress((layer + 1) / layers)
-    means = {name: (total / len(rows)).cpu().numpy() for name, total in sums.items()}
-    return HeadStatistics(cls_entropy=cls_entropy.cpu().numpy(), num_queries=len(rows), **means)
+            progress((layer + 1) / record.num_layers)
+    return HeadStatistics.stack(layers, len(rows))

@@ -1,16 +1,19 @@
 """Side-by-side time and peak memory of the analysis against a plain forward and transformers' eager attentions.
 
-Each (variant, size) runs in a fresh process so its peak RSS is its own (CPU), or is read from
-torch.cuda.max_memory_allocated (GPU). Prints a markdown table with the ratios.
+Each (variant, size) runs in a fresh process; its peak extra memory is its resident set's high-water mark above
+the resident set after loading (CPU, the mark reset through /proc), or torch.cuda.max_memory_allocated above the
+memory allocated after loading (GPU). Prints markdown tables with the ratios, then every target of issue 11 with
+its measured value.
 
-    python benchmarks/bench_analysis.py                      # default model, 224 / 518 / 1022 px, plus 2044 px
-    python benchmarks/bench_analysis.py --vit-h              # adds a ViT-H/14 (IDEFICS-sized, random weights) at 1022 px
+    python benchmarks/bench_analysis.py                      # default model, 224 / 518 / 1022 px, 2044 px, served app
+    python benchmarks/bench_analysis.py --vit-h              # adds a ViT-H/14 (IDEFICS-sized, random weights)
+    python benchmarks/bench_analysis.py --vit-h --vit-h-sizes 1022 2044   # on a GPU
 """
 from __future__ import annotations
 
 import argparse
 import json
-import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -18,16 +21,18 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
+from measure import PeakMeter  # noqa: E402  (after the path: it imports the analysis package)
+
+IMAGE, WARMUP_IMAGE = ROOT / "assets" / "astronaut.png", ROOT / "assets" / "chelsea.png"
 VARIANTS = {
     "a": "plain forward, fused attention, no attentions returned",
     "b": "ours: CLS maps + head statistics, every layer and head",
     "c": "ours: (b) + rollout",
     "d": "transformers Dinov2Model output_attentions=True (eager) + CLS maps + rollout from its matrices",
 }
-
-
 def load(model_kind: str, device: str):
     from model import IdeficsVisionConfig, IdeficsVisionTransformer, LoadedModel, Preprocessing, load_model
     if model_kind == "default":
@@ -81,11 +86,12 @@ def run_variant(variant: str, size: int, model_kind: str, device: str, repeats: 
     from analysis import analyze
     from model.preprocess import load_image
     loaded = load(model_kind, device)
-    image = load_image(str(Path(__file__).resolve().parents[1] / "assets" / "astronaut.png"))
+    image = load_image(str(IMAGE))
     pixels, geometry = loaded.preprocessing(image, size)
     pixels = pixels.to(loaded.device)
     hf = to_transformers_dinov2(loaded) if variant == "d" else None
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    kept = []
 
     def once():
         with torch.inference_mode():
@@ -95,50 +101,59 @@ def run_variant(variant: str, size: int, model_kind: str, device: str, repeats: 
                 result = analyze(loaded, image, size)
                 if variant == "c":
                     result.rollout_map()
+                kept.append(result.nbytes)
             else:
                 dense_cls_and_rollout(hf(pixels, output_attentions=True).attentions)
         sync()
 
-    baseline_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        baseline_gpu = torch.cuda.memory_allocated()
+    meter = PeakMeter(device)
+    meter.start()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         once()
         times.append(time.perf_counter() - start)
-    peak_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - baseline_kb) / 1024
-    if device == "cuda":
-        peak_mb = (torch.cuda.max_memory_allocated() - baseline_gpu) / 2**20
     return {"variant": variant, "size": size, "tokens": geometry.grid_h * geometry.grid_w + 1,
-            "seconds": min(times[1:] or times), "peak_extra_mb": peak_mb}
+            "seconds": min(times[1:] or times), "peak_extra_mb": meter.peak_extra_mb(),
+            "kept_mb": kept[-1] / 2**20 if kept else None}
 
 
 def rerender_timings(size: int, device: str) -> dict:
-    """Milliseconds to redraw after the analysis exists: another layer, head, or clicked patch."""
+    """Milliseconds to redraw after the analysis exists: another layer, head, or clicked patch (median of 7)."""
     from analysis import analyze
+    from analysis.layer_cache import REBUILT
     from explorer import views
     from model import load_model
     from model.preprocess import load_image
     loaded = load_model(None, device=device)
-    image = load_image(str(Path(__file__).resolve().parents[1] / "assets" / "astronaut.png"))
+    image = load_image(str(IMAGE))
     result = analyze(loaded, image, size)
-    image = views.Scene.of(image)
+    scene = views.Scene.of(image)
     style = views.Style()
+
+    def click(layer: int, head: "int | str", direction: str, rebuilt: bool):
+        def redraw():
+            if not rebuilt:
+                REBUILT.clear()
+            views.patch_view(result, scene, 200, 300, layer, head, direction, style)
+        return redraw
+
     cases = {
-        "layer change (overlay + head grid)": lambda: views.cls_view(result, image, 7, "mean", style),
-        "head change (overlay)": lambda: views.cls_view(result, image, 7, 3, style, with_grid=False),
-        "clicked patch (row + overlay)": lambda: views.patch_view(result, image, 200, 300, 9, "mean", "row", style),
-        "clicked patch (column + overlay)": lambda: views.patch_view(result, image, 250, 120, 9, 2, "column", style),
+        "layer change (overlay + head grid)": lambda: views.cls_view(result, scene, 7, "mean", style),
+        "head change (overlay)": lambda: views.cls_view(result, scene, 7, 3, style, with_grid=False),
+        "clicked patch, layer not yet rebuilt (row + overlay)": click(9, "mean", "row", rebuilt=False),
+        "clicked patch, layer rebuilt (row + overlay)": click(9, "mean", "row", rebuilt=True),
+        "clicked patch, layer rebuilt (column + overlay)": click(9, 2, "column", rebuilt=True),
     }
     out = {}
-    for name, fn in cases.items():
-        fn()
-        start = time.perf_counter()
-        for _ in range(5):
-            fn()
-        out[name] = (time.perf_counter() - start) / 5 * 1000
+    for name, redraw in cases.items():
+        redraw()
+        samples = []
+        for _ in range(7):
+            start = time.perf_counter()
+            redraw()
+            samples.append((time.perf_counter() - start) * 1000)
+        out[name] = statistics.median(samples)
     return out
 
 
@@ -148,15 +163,61 @@ def spawn(device: str, *args: str) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def main() -> None:
+def table_line(model: str, row: dict, a_seconds: float | None = None, d_mb: float | None = None) -> str:
+    ours_mb = row["peak_extra_mb"]
+    ratio = f"{row['seconds'] / a_seconds:.2f}×" if a_seconds else ""
+    mem = f"{d_mb / ours_mb:.1f}×" if d_mb and row["variant"] in "bc" and ours_mb >= 16 else "–"
+    kept = f"{row['kept_mb']:.1f}" if row["kept_mb"] is not None else "–"
+    return (f"| {model} | {row['size']} | {row['tokens']} | ({row['variant']}) | {row['seconds']:.2f} | "
+            f"{ours_mb:.0f} | {kept} | {ratio} | {mem} |")
+
+
+def targets(default: dict, large: dict | None, vit_h: dict, rerender: dict, served: dict | None) -> list[tuple]:
+    """(target, measured, met) for every target of issue 11 that this run measured."""
+    out = []
+    if 1022 in default:
+        rows = default[1022]
+        eager = rows["d"]["peak_extra_mb"]
+        for v in "bc":
+            ratio = eager / rows[v]["peak_extra_mb"]
+            out.append((f"1022 px ({v}): eager peak / ours ≥ 30×", f"{ratio:.1f}×", ratio >= 30))
+        if served is not None:
+            ratio = eager / served["peak_extra_mb"]
+            out.append(("1022 px, served app (/cls_attention + /rollout): eager peak / ours ≥ 30×",
+                        f"{ratio:.1f}× ({served['peak_extra_mb']:.0f} MB)", ratio >= 30))
+        out.append(("1022 px: bytes kept per analysis ≤ 110 MB", f"{rows['b']['kept_mb']:.1f} MB",
+                    rows["b"]["kept_mb"] <= 110))
+        for v, bound in (("b", 1.3), ("c", 2.5)):
+            ratio = rows[v]["seconds"] / rows["a"]["seconds"]
+            out.append((f"1022 px: ({v}) time ≤ {bound}× (a)", f"{ratio:.2f}×", ratio <= bound))
+    if large is not None and large["size"] == 2044:
+        mb = large["peak_extra_mb"]
+        out.append(("2044 px (c): peak extra < 1 GB", f"{mb:.0f} MB", mb < 1024))
+    if 1022 in vit_h:
+        mb = vit_h[1022]["c"]["peak_extra_mb"]
+        out.append(("ViT-H/14 1022 px (c): peak extra < 1.5 GB", f"{mb:.0f} MB", mb < 1536))
+    for name, bound in (("clicked patch, layer not yet rebuilt (row + overlay)", 60),
+                        ("clicked patch, layer rebuilt (row + overlay)", 15),
+                        ("layer change (overlay + head grid)", 20)):
+        out.append((f"1022 px: {name} < {bound} ms", f"{rerender[name]:.0f} ms", rerender[name] < bound))
+    return out
+
+
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[224, 518, 1022])
     parser.add_argument("--large", type=int, default=2044, help="size run for ours only (0 to skip)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--vit-h", action="store_true", help="also run a ViT-H/14 (IDEFICS sizes) at 1022 px")
+    parser.add_argument("--vit-h", action="store_true", help="also run a ViT-H/14 (IDEFICS sizes), (a) and (c)")
+    parser.add_argument("--vit-h-sizes", type=int, nargs="+", default=[1022])
+    parser.add_argument("--no-served", action="store_true", help="skip the served app's measurement (CPU only)")
     parser.add_argument("--child", nargs=4, metavar=("VARIANT", "SIZE", "MODEL", "REPEATS"), help=argparse.SUPPRESS)
     parser.add_argument("--rerender", type=int, help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
     if args.child:
         variant, size, model_kind, repeats = args.child
         print(json.dumps(run_variant(variant, int(size), model_kind, args.device, int(repeats))))
@@ -164,31 +225,36 @@ def main() -> None:
     if args.rerender:
         print(json.dumps(rerender_timings(args.rerender, args.device)))
         return
-    print(f"device: {args.device}, torch threads: {torch.get_num_threads()}\n")
-    print("| model | px | tokens | variant | seconds | peak extra MB | time / (a) | (d) peak / ours |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(f"device: {args.device}, torch threads: {torch.get_num_threads()}; MB = 2^20 bytes\n")
+    print("| model | px | tokens | variant | seconds | peak extra MB | kept MB | time / (a) | (d) peak / ours |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    default = {}
     for size in args.sizes:
-        rows = {v: spawn(args.device, "--child", v, str(size), "default", "2") for v in VARIANTS}
-        for v, row in rows.items():
-            ratio = row["seconds"] / rows["a"]["seconds"]
-            ours_mb = row["peak_extra_mb"]
-            mem = f"{rows['d']['peak_extra_mb'] / ours_mb:.1f}×" if v in "bc" and ours_mb >= 16 else "–"
-            print(f"| DINOv2-S/14 | {size} | {row['tokens']} | ({v}) | {row['seconds']:.2f} | "
-                  f"{ours_mb:.0f} | {ratio:.2f}× | {mem} |", flush=True)
-        print(f"| | {size} | | (c) vs (d) speed-up | {rows['d']['seconds'] / rows['c']['seconds']:.2f}× | | | |")
-    if args.large:
-        row = spawn(args.device, "--child", "c", str(args.large), "default", "1")
-        print(f"| DINOv2-S/14 | {args.large} | {row['tokens']} | (c) | {row['seconds']:.2f} | "
-              f"{row['peak_extra_mb']:.0f} | | |", flush=True)
-    if args.vit_h:
-        for v in ("a", "c"):
-            row = spawn(args.device, "--child", v, "1022", "vit-h", "1")
-            print(f"| ViT-H/14 random | 1022 | {row['tokens']} | ({v}) | {row['seconds']:.2f} | "
-                  f"{row['peak_extra_mb']:.0f} | | |", flush=True)
+        rows = default[size] = {v: spawn(args.device, "--child", v, str(size), "default", "2") for v in VARIANTS}
+        for row in rows.values():
+            print(table_line("DINOv2-S/14", row, rows["a"]["seconds"], rows["d"]["peak_extra_mb"]), flush=True)
+        print(f"| | {size} | | (c) vs (d) speed-up | {rows['d']['seconds'] / rows['c']['seconds']:.2f}× | | | | |")
+    large = spawn(args.device, "--child", "c", str(args.large), "default", "1") if args.large else None
+    if large is not None:
+        print(table_line("DINOv2-S/14", large), flush=True)
+    vit_h = {}
+    for size in args.vit_h_sizes if args.vit_h else []:
+        rows = vit_h[size] = {v: spawn(args.device, "--child", v, str(size), "vit-h", "1") for v in "ac"}
+        for row in rows.values():
+            print(table_line("ViT-H/14 random", row, rows["a"]["seconds"]), flush=True)
     rerender = spawn(args.device, "--rerender", "1022")
-    print("\nre-render at 1022 px (ms): " + ", ".join(f"{k}: {v:.0f}" for k, v in rerender.items()))
+    print("\nre-render at 1022 px (ms, median of 7): " + ", ".join(f"{k}: {v:.0f}" for k, v in rerender.items()))
+    served = None
+    if args.device == "cpu" and not args.no_served:
+        from served_memory import served_peak_extra_mb
+        served = served_peak_extra_mb(1022, IMAGE, WARMUP_IMAGE)
+        print(f"served app, /cls_attention + /rollout at 1022 px: peak extra {served['peak_extra_mb']:.0f} MB "
+              f"({served['seconds']:.1f} s)")
     for v, text in VARIANTS.items():
         print(f"({v}) {text}")
+    print("\n| target | measured | met |\n|---|---|---|")
+    for name, value, met in targets(default, large, vit_h, rerender, served):
+        print(f"| {name} | {value} | {'yes' if met else 'NO'} |")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ from analysis import analyze, head_statistics, rollout
 from analysis.rollout import kth_smallest
 from analysis.stats import patch_distances
 from model.vision import attention_with_lse, chunked_attention_with_lse
-from tests.helpers import dense_attentions, dense_flow, dense_rollout, random_image, tiny_loaded
+from tests.helpers import dense_attentions, dense_flow, dense_rollout, random_image, tiny_config, tiny_loaded
 
 TOL = 1e-5
 
@@ -66,7 +66,7 @@ def test_query_rows_and_columns_match_dense(case, head):
                                        cols[1:].reshape(5, 8).numpy(), atol=TOL)
 
 
-def dense_statistics(attentions, grid_w, num_prefix=1):
+def dense_statistics(attentions, grid_w, num_prefix=1, patch_size=tiny_config().patch_size):
     layers, heads = len(attentions), attentions[0].shape[0]
     num_patches = attentions[0].shape[-1] - num_prefix
     rows = torch.arange(num_prefix, num_prefix + num_patches)
@@ -80,6 +80,33 @@ def dense_statistics(attentions, grid_w, num_prefix=1):
         patch = a[:, num_prefix:, num_prefix:]
         out["mean_distance"][layer] = ((patch * distances).sum(-1) / patch.sum(-1)).mean(-1).numpy()
         out["cls_mass"][layer] = a[:, num_prefix:, 0].mean(-1).numpy()
+    return out | dense_paper_statistics(attentions, grid_w, num_prefix, patch_size)
+
+
+def dense_paper_statistics(attentions, grid_w, num_prefix, patch_size):
+    """The definitions, written out on full matrices with plain loops.
+
+    cls_patch_entropy: p_j = A[0, P + j] / Σ_k A[0, P + k] over the patches j (the map that is drawn);
+        H = −Σ_j p_j ln p_j.
+    mean_distance_px (Dosovitskiy et al. 2021, fig. 7): for every patch query i, Σ_j A[P + i, P + j] · d_ij over the
+        patch keys j, the prefix keys' attention dropped and not renormalised, where d_ij is the Euclidean distance in
+        pixels of the model input between the centres ((row + ½)·patch, (col + ½)·patch) of patches i and j; then
+        the mean over every patch query i.
+    """
+    num_patches = attentions[0].shape[-1] - num_prefix
+    centres = np.array([((r + 0.5) * patch_size, (c + 0.5) * patch_size)
+                        for r, c in (divmod(j, grid_w) for j in range(num_patches))])
+    pixel_distance = np.sqrt(((centres[:, None, :] - centres[None, :, :]) ** 2).sum(-1))  # (patches, patches)
+    layers, heads = len(attentions), attentions[0].shape[0]
+    out = {k: np.zeros((layers, heads)) for k in ("cls_patch_entropy", "mean_distance_px")}
+    for layer, a in enumerate(attentions):
+        a = a.double().numpy()
+        for head in range(heads):
+            p = a[head, 0, num_prefix:] / a[head, 0, num_prefix:].sum()
+            out["cls_patch_entropy"][layer, head] = -sum(x * np.log(x) for x in p if x > 0)
+            per_query = [sum(a[head, num_prefix + i, num_prefix + j] * pixel_distance[i, j] for j in range(num_patches))
+                         for i in range(num_patches)]
+            out["mean_distance_px"][layer, head] = np.mean(per_query)
     return out
 
 
@@ -169,3 +196,156 @@ def test_attention_flow_refuses_large_token_counts(case):
     check_flow_size(MAX_FLOW_TOKENS)
     with pytest.raises(ValueError, match="lower the resolution"):
         check_flow_size(MAX_FLOW_TOKENS + 1)
+
+
+def test_rebuilt_layers_give_every_row_and_column_of_the_dense_attention(case):
+    from analysis.layer_cache import REBUILT
+    _, analysis, attentions = case
+    REBUILT.clear()
+    for layer, dense in enumerate(attentions):
+        attention = analysis.record.layer(layer)  # rebuilt from hidden_states[layer] and the kept lse
+        np.testing.assert_allclose(attention.probs(slice(None)).numpy(), dense.numpy(), atol=TOL)
+        np.testing.assert_allclose(attention.column(7).numpy(), dense[:, :, 7].numpy(), atol=TOL)
+    assert len(REBUILT) == 0  # sweeps do not fill the cache; clicks do
+    analysis.query_map(analysis.token_at(1, 1), 2, "mean")
+    assert len(REBUILT) == 1 and analysis.record.layer(2) is analysis.record.layer(2)
+
+
+def test_an_analysis_keeps_layer_inputs_and_lse_and_counts_what_it_derives(case):
+    loaded = case[0]
+    analysis = analyze(loaded, random_image(45, 70), long_side=64)
+    layers, heads, n, d = 3, 4, 41, 32
+    assert analysis.record.layers is loaded.model.encoder.layers  # the module that ran, never a cast copy
+    assert len(analysis.hidden_states) == layers + 1 and analysis.hidden_states[0].shape == (n, d)
+    inputs_and_lse = (layers + 1) * n * d * 4 + layers * heads * n * 4
+    small = analysis.cls_attention.nbytes + analysis.token_norms.nbytes + analysis.statistics.nbytes + layers * d * 4
+    assert analysis.nbytes == inputs_and_lse + small
+    before = analysis.nbytes
+    analysis.rollout_map("min", 0.25)
+    assert analysis.nbytes == before + n * 4
+
+
+def test_exact_statistics_come_from_the_kept_inputs_without_a_new_forward():
+    loaded = tiny_loaded(num_register_tokens=0)
+    image = random_image(45, 70)
+    analysis = analyze(loaded, image, long_side=64, max_stat_queries=10)
+    assert analysis.statistics.num_queries == 10
+    assert analysis.statistics_for(10) is analysis.statistics
+    before = analysis.nbytes
+    exact = analysis.statistics_for(None)
+    assert analysis.statistics_for(None) is exact and analysis.nbytes == before + exact.nbytes
+    pixels, _ = loaded.preprocessing(image, 64)
+    expected = dense_statistics(dense_attentions(loaded, pixels), grid_w=8)
+    assert exact.num_queries == 40
+    for name, values in exact.as_dict().items():
+        np.testing.assert_allclose(values, expected[name], atol=TOL, err_msg=name)
+
+
+def test_class_token_entropies_of_a_head_that_attends_to_itself():
+    """Whole-row entropy: H = −Σ_j a_0j ln a_0j over every token; patch-map entropy: the same over the patches,
+    renormalised, p_j = a_0j / Σ_k a_0k. One head, 16 patches: the class token keeps 97% on itself and spreads
+    3% evenly, so its row reads as focused while the patch map it draws is exactly uniform."""
+    from analysis import LayerAttention
+    from analysis.stats import layer_statistics
+    patches, self_mass = 16, 0.97
+    score = np.log(self_mass * patches / (1 - self_mass))  # e^s / (e^s + 16) = 0.97
+    query = torch.zeros(1, 1 + patches, 2)
+    query[0, 0, 0] = score
+    key = torch.zeros(1, 1 + patches, 2)
+    key[0, 0, 0], key[0, 1:, 1] = 1.0, 1.0
+    lse = torch.logsumexp(query @ key.transpose(-1, -2), -1)
+    stats = layer_statistics(LayerAttention(query, key, lse, 1.0), torch.arange(1, 1 + patches), 1, 4, 14)
+    share = (1 - self_mass) / patches
+    whole_row = -(self_mass * np.log(self_mass) + patches * share * np.log(share))
+    assert stats["cls_entropy"].item() == pytest.approx(whole_row, abs=1e-5)
+    assert stats["cls_patch_entropy"].item() == pytest.approx(np.log(patches), abs=1e-5)
+
+
+def test_pixel_distance_counts_prefix_keys_as_zero_and_patch_distance_renormalises():
+    """Every patch query puts 1/2 on the class token and 1/2 on its right neighbour (one patch, 14 px away):
+    fig. 7's distance is ½ · 14 = 7 px; the patch-based one, renormalised over patch keys, is 1 patch."""
+    from analysis import LayerAttention
+    from analysis.stats import layer_statistics
+    grid_w, patches = 4, 4  # one row of four patches; the last query looks left instead
+    probs = torch.zeros(1, 1 + patches, 1 + patches)
+    probs[0, :, 0] = 0.5
+    for i in range(patches):
+        probs[0, 1 + i, 1 + (i + 1 if i + 1 < patches else i - 1)] = 0.5
+    probs[0, 0, 0] = 1.0
+    log_probs = probs.clamp_min(1e-30).log()
+    # log_probs = q · kᵀ − lse with k = identity and lse = 0
+    attention = LayerAttention(log_probs, torch.eye(1 + patches).unsqueeze(0), torch.zeros(1, 1 + patches), 1.0)
+    stats = layer_statistics(attention, torch.arange(1, 1 + patches), 1, grid_w, 14)
+    assert stats["mean_distance_px"].item() == pytest.approx(7.0, abs=1e-4)
+    assert stats["mean_distance"].item() == pytest.approx(1.0, abs=1e-4)
+    assert stats["cls_mass"].item() == pytest.approx(0.5, abs=1e-6)
+
+
+def test_rebuild_cache_stays_within_its_budget_and_forgets_dead_records():
+    import gc
+
+    from analysis.layer_cache import REBUILT, LayerCache
+
+    class Entry:
+        def __init__(self, nbytes):
+            self.nbytes = nbytes
+
+    cache = LayerCache(max_bytes=100)
+    for layer in range(5):
+        cache.put((0, layer), Entry(40))
+    assert cache.total_bytes == 80 and cache.get((0, 0)) is None and cache.get((0, 4)) is not None
+    cache.put((1, 0), Entry(500))  # larger than the budget: kept alone, as the newest
+    assert len(cache) == 1 and cache.total_bytes == 500
+    cache.drop_owner(1)
+    assert len(cache) == 0
+    REBUILT.clear()
+    analysis = analyze(tiny_loaded(), random_image(40, 40), long_side=32)
+    analysis.query_map(analysis.token_at(0, 0), 1, 0)
+    assert len(REBUILT) == 1
+    del analysis
+    gc.collect()
+    assert len(REBUILT) == 0
+
+
+def test_rebuild_refuses_hidden_states_that_are_not_the_layers_inputs():
+    analysis = analyze(tiny_loaded(), random_image(40, 40), long_side=32)
+    record = analysis.record
+    record.hidden_states = (record.hidden_states[1], *record.hidden_states[1:])  # layer 0 given layer 1's input
+    with pytest.raises(RuntimeError, match="not its layers' inputs"):
+        record.layer(0)
+
+
+def test_pooling_attention_is_kept_and_counted():
+    analysis = analyze(tiny_loaded(), random_image(40, 40), long_side=32)
+    before = analysis.nbytes
+    analysis.record.observe_pooling(torch.softmax(torch.randn(1, 4, 17), -1))
+    assert analysis.record.pooling.shape == (4, 17) and analysis.nbytes == before + 4 * 17 * 4
+
+
+def test_analysis_refuses_a_precision_other_than_the_models():
+    loaded = tiny_loaded()
+    with pytest.raises(ValueError, match="GPU only"):
+        analyze(loaded, random_image(40, 40), long_side=32, dtype="float16")
+    assert analyze(loaded, random_image(40, 40), long_side=32, dtype="float32").dtype == "float32"
+    assert next(loaded.model.parameters()).dtype == torch.float32
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_rows_are_rebuilt_with_the_models_own_weights(dtype):
+    loaded = tiny_loaded(num_register_tokens=0)
+    image = random_image(45, 70)
+    pixels, _ = loaded.preprocessing(image, 64)
+    attentions = dense_attentions(loaded, pixels)
+    loaded.model.to("cuda", dtype)
+    name = str(dtype).removeprefix("torch.")
+    analysis = analyze(loaded, image, long_side=64, dtype=name, max_stat_queries=None)
+    with pytest.raises(ValueError, match="needs a copy of the model"):
+        analyze(loaded, image, long_side=64, dtype="float32")
+    assert next(loaded.model.parameters()).dtype == dtype and analysis.dtype == name
+    for layer, dense in enumerate(attentions):
+        rows = analysis.record.layer(layer).probs(slice(None))
+        assert (rows.sum(-1) - 1).abs().max() < 1e-2  # the kept lse fits the rebuilt queries and keys
+        for head in range(4):  # the class token's row, rebuilt, against the one taken during the forward
+            np.testing.assert_allclose(analysis.query_map(0, layer, head), analysis.cls_map(layer, head), atol=1e-3)
+        np.testing.assert_allclose(analysis.cls_maps(layer), dense[:, 0, 1:].reshape(4, 5, 8).numpy(), atol=0.1)

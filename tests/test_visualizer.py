@@ -275,3 +275,30 @@ def test_npz_and_json_round_trip(tmp_path):
                               "norms": {"shape": [5], "dtype": "float16"}}
     with pytest.raises(ValueError, match="arrays"):
         visualizer.export_npz(tmp_path / "x", arrays, {"arrays": 1})
+
+
+def test_depth_scatter_puts_each_head_at_its_value_and_rings_the_selection():
+    values = np.array([[90.0, 10.0], [50.0, 50.0]])  # layer 0: head 0 far, head 1 near
+    chart = np.asarray(visualizer.depth_scatter(values, "mean attention distance (px)", "fig. 7"))
+    assert chart.shape[2] == 3 and chart.shape[1] > 400
+
+    def leftmost_dot_row(index):  # the layer-0 dot: the legend's markers are on the right
+        ys, xs = np.nonzero((chart == colormaps["tab10"](index, bytes=True)[:3]).all(-1))
+        return ys[xs <= xs.min() + 3].mean()
+
+    assert leftmost_dot_row(0) < leftmost_dot_row(1) - 50  # larger values are drawn higher
+    ringed = np.asarray(visualizer.depth_scatter(values, "px", "fig. 7", selected=(1, 0)))
+    dark = lambda image: int((image < 40).all(-1).sum())
+    assert dark(ringed) > dark(np.asarray(visualizer.depth_scatter(values, "px", "fig. 7"))) + 30
+    with pytest.raises(ValueError, match="layers, heads"):
+        visualizer.depth_scatter(np.ones(4), "px", "t")
+
+
+def test_long_chart_titles_wrap_inside_the_image():
+    title = "mean attention distance as in Dosovitskiy et al. 2021, fig. 7: " + "a long definition " * 8
+    charts = (visualizer.stats_heatmap(np.ones((3, 2)), title), visualizer.depth_scatter(np.ones((3, 2)), "px", title))
+    for chart in charts:
+        pixels = np.asarray(chart)
+        band = pixels[: pixels.shape[0] // 4]  # the title's rows
+        assert (band < 100).all(-1).any()  # the title is drawn ...
+        assert not (band[:, :3] < 200).any() and not (band[:, -3:] < 200).any()  # ... and not cut at either edge

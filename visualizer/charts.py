@@ -1,6 +1,8 @@
 """Charts of per-layer × head numbers, drawn with matplotlib's object API (never pyplot)."""
 from __future__ import annotations
 
+import textwrap
+
 import numpy as np
 from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -11,6 +13,7 @@ from PIL import Image
 
 DPI = 100
 SELECTED = "#00c8ff"  # the selected layer × head, as in the atlas
+TITLE_CHARS_PER_INCH = 12  # at the titles' font size (10 pt): long titles, such as statistics' definitions, wrap
 
 
 def render(figure: Figure) -> Image.Image:
@@ -18,6 +21,18 @@ def render(figure: Figure) -> Image.Image:
     canvas = FigureCanvasAgg(figure)
     canvas.draw()
     return Image.fromarray(np.asarray(canvas.buffer_rgba())).convert("RGB")
+
+
+def set_title(figure: Figure, axes, title: str) -> None:
+    """The axes' title, wrapped to the figure's width."""
+    width = max(20, int(figure.get_figwidth() * TITLE_CHARS_PER_INCH))
+    axes.set_title(textwrap.fill(title, width), fontsize=10)
+
+
+def distinct_colours(count: int) -> np.ndarray:
+    """`count` RGBA colours, as distinct as the count allows: tab10, tab20, then turbo sampled evenly."""
+    palette = colormaps["tab10" if count <= 10 else "tab20" if count <= 20 else "turbo"]
+    return palette(np.arange(count) if palette.N <= 20 else np.linspace(0, 1, count))
 
 
 def stats_heatmap(values: np.ndarray, title: str, cmap: str = "viridis", label: str = "",
@@ -35,7 +50,7 @@ def stats_heatmap(values: np.ndarray, title: str, cmap: str = "viridis", label: 
     axes.set_ylabel("layer")
     axes.xaxis.set_major_locator(MaxNLocator(nbins=16, integer=True))
     axes.yaxis.set_major_locator(MaxNLocator(nbins=16, integer=True))
-    axes.set_title(title, fontsize=10)
+    set_title(figure, axes, title)
     if selected is not None:
         layer, head = selected
         axes.add_patch(Rectangle((head - 0.5, layer - 0.5), 1, 1, fill=False, edgecolor=SELECTED, linewidth=2.5))
@@ -55,9 +70,7 @@ def line_chart(series: dict[str, np.ndarray], xlabel: str, ylabel: str, title: s
     figure = Figure(figsize=(6.5, 3.5), dpi=DPI, layout="constrained")
     axes = figure.add_subplot()
     others = [name for name in series if name != highlight]
-    palette = colormaps["tab10" if len(others) <= 10 else "tab20" if len(others) <= 20 else "turbo"]
-    colours = palette(np.arange(len(others)) if palette.N <= 20 else np.linspace(0, 1, len(others)))
-    for name, colour in zip(others, colours):
+    for name, colour in zip(others, distinct_colours(len(others))):
         axes.plot(np.arange(len(series[name])), series[name], marker="o", markersize=3, color=colour, label=name)
     if highlight is not None:
         values = series[highlight]
@@ -65,9 +78,36 @@ def line_chart(series: dict[str, np.ndarray], xlabel: str, ylabel: str, title: s
                   label=highlight, zorder=3)
     axes.set_xlabel(xlabel)
     axes.set_ylabel(ylabel)
-    axes.set_title(title, fontsize=10)
+    set_title(figure, axes, title)
     axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes.grid(alpha=0.3)
     if len(series) > 1:
         axes.legend(fontsize=7, ncols=1 + len(series) // 13, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    return render(figure)
+
+
+def depth_scatter(values: np.ndarray, ylabel: str, title: str,
+                  selected: tuple[int, int] | None = None) -> Image.Image:
+    """Every head's value against layer depth, one dot per layer × head coloured by head, as Dosovitskiy et al.
+    2021, fig. 7 draws the mean attention distance; `selected` (layer, head) is ringed in black."""
+    if np.ndim(values) != 2:
+        raise ValueError(f"values must be (layers, heads), got shape {np.shape(values)}")
+    layers, heads = values.shape
+    figure = Figure(figsize=(6.5, 3.8), dpi=DPI, layout="constrained")
+    axes = figure.add_subplot()
+    depth = np.arange(layers)
+    for head, colour in zip(range(heads), distinct_colours(heads)):
+        axes.scatter(depth, values[:, head], s=18, color=colour, label=f"head {head}", zorder=2)
+    if selected is not None:
+        layer, head = selected
+        axes.scatter([layer], [values[layer, head]], s=110, facecolors="none", edgecolors="black", linewidths=2,
+                     zorder=3)
+    axes.set_xlabel("network depth (layer)")
+    axes.set_ylabel(ylabel)
+    set_title(figure, axes, title)
+    axes.set_ylim(bottom=0)
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes.grid(alpha=0.3)
+    if heads <= 16:
+        axes.legend(fontsize=7, ncols=1 + heads // 9, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return render(figure)
