@@ -136,8 +136,6 @@ def _check_dtype(loaded: LoadedModel, dtype: str | None) -> torch.dtype:
         return model_dtype
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    if DTYPES[dtype] != torch.float32 and loaded.device.type != "cuda":
-        raise ValueError("half precision is offered on GPU only; on CPU the analysis runs in float32")
     if DTYPES[dtype] != model_dtype:
         raise ValueError(f"this copy of the model is in {str(model_dtype).removeprefix('torch.')}: an analysis in "
                          f"{dtype} needs a copy of the model in that precision (analyze never casts the model)")

@@ -14,6 +14,7 @@ from PIL import Image
 import app
 from explorer.api import Api
 from explorer.files import FileStore
+from explorer.page import ANALYSIS_OUTPUTS, VIEW_OUTPUTS
 from explorer.web import BUSY, NOT_A_FILE, REMOTE
 from explorer.web import FOREIGN as FOREIGN_FILE
 from tests.helpers import tiny_loaded
@@ -87,7 +88,8 @@ def test_the_page_answers_a_bad_upload_with_a_message_and_clears_its_views(clien
     result = client.call("analyze", page_analyze(client, client.upload(fake)))
     assert result.success and "Could not analyse this image" in result.data[1]
     assert result.warnings == ["The file is not a readable image (it may be corrupt or of an unsupported format)."]
-    assert all(value is None for value in result.data[9:])  # nothing drawn from the previous image either
+    views = result.data[ANALYSIS_OUTPUTS.index("main"):]
+    assert len(views) == len(VIEW_OUTPUTS) and all(value is None for value in views)  # nor from the last image
 
 
 def test_remote_urls_are_never_fetched(client):
