@@ -19,9 +19,10 @@ from analysis import FUSIONS, STAT_LABELS
 from explorer import views
 from explorer.api import Api
 from explorer.cache import AnalysisCache
+from explorer.handlers import Controls
 from explorer.files import FileStore
 from explorer.models import DEFAULT, WELL_KNOWN, ModelPolicy, ModelStore
-from explorer.page import ANALYSIS_OUTPUTS, TAB_LABELS, VIEW_OUTPUTS, Page
+from explorer.page import ANALYSIS_OUTPUTS, STAT_COLUMNS, TAB_LABELS, VIEW_OUTPUTS, Page, stat_definitions
 from explorer.session import DEFAULT_RESOLUTION, MIN_RESOLUTION, Workspace, resolution_limits
 from explorer.web import RequestGuard
 from model import LoadedModel
@@ -142,12 +143,16 @@ def build_demo(loaded: LoadedModel | None = None, device: str | None = None, pol
                                     "that head everywhere.")
                         c["atlas_shared"] = gr.Checkbox(False, label="One scale for every thumbnail")
                         c["atlas"] = _view("Atlas", "atlas")
-                        c["statistic"] = gr.Dropdown([(label, name) for name, label in STAT_LABELS.items()],
-                                                     value="mean_distance", label="Statistic")
+                        c["statistic"] = gr.Dropdown([(STAT_COLUMNS.get(name, name), name) for name in STAT_LABELS],
+                                                     value="mean_distance_px", label="Statistic")
                         c["chart"] = _view("Statistic per layer × head", "chart")
+                        c["scatter"] = _view("Mean attention distance against depth (Dosovitskiy et al. 2021, fig. 7)",
+                                             "distance-figure")
                         c["table"] = gr.Dataframe(label="Head statistics (click a row; sortable)", interactive=False,
                                                   elem_id="stats-table", max_height=360, wrap=True,
                                                   column_widths=["70px", "70px"])
+                        with gr.Accordion("What each statistic is", open=False):
+                            gr.Markdown(stat_definitions())
                     with gr.Tab(TAB_LABELS["hidden"], id="hidden"):
                         c["hidden_caption"] = gr.Markdown(elem_id="hidden-caption")
                         with gr.Row():
@@ -178,23 +183,22 @@ def build_demo(loaded: LoadedModel | None = None, device: str | None = None, pol
                 load_button = gr.Button("Load model and analyse")
                 model_status = gr.Markdown()
             with gr.Accordion("Advanced", open=False):
-                stat_mode = gr.Radio([("512 spread queries", "spread"), ("all queries (exact)", "all")],
-                                     value="spread", label="Head statistics averaged over")
+                c["stat_mode"] = gr.Radio([("512 spread queries", "spread"), ("all queries (exact)", "all")],
+                                          value="spread", label="Head statistics averaged over")
                 dtype = gr.Radio(["float32", "float16", "bfloat16"], value="float32", label="Precision",
                                  visible=workspace.models.device_type == "cuda")
                 c["smooth"] = gr.Checkbox(True, label="Smooth maps (bilinear); off shows crisp patches")
                 c["normalize"] = gr.Radio(["robust", "minmax", "max"], value="robust", label="Map scaling",
                                           info="robust: min to 99th percentile, so a few sink tokens don't hide the rest")
 
-        controls = [c[name] for name in ("layer", "head", "direction", "opacity", "cmap", "smooth", "normalize",
-                                         "mass_on", "mass", "fusion", "discard", "statistic", "atlas_shared")]
+        controls = [c[name] for name in Controls.FIELDS]
         private = {"api_visibility": "private", "preprocess": False}
         render = dict(fn=page.render, inputs=[view, tab, *controls], outputs=[c[n] for n in VIEW_OUTPUTS],
                       show_progress="hidden", concurrency_id="render", concurrency_limit=2, **private)
-        prepare = dict(fn=page.prepare_tab, inputs=[view, tab, c["fusion"], c["discard"]], outputs=None,
+        prepare = dict(fn=page.prepare_tab, inputs=[view, tab, c["fusion"], c["discard"], c["stat_mode"]], outputs=None,
                        concurrency_id="model", **private)
 
-        analyze = dict(fn=page.analyze, inputs=[image_in, c["resolution"], model_key, stat_mode, dtype],
+        analyze = dict(fn=page.analyze, inputs=[image_in, c["resolution"], model_key, dtype],
                        outputs=[c[n] for n in ANALYSIS_OUTPUTS], concurrency_id="model", **private)
         gr.on([demo.load, image_in.change, c["resolution"].release, apply_resolution.click], **analyze
               ).then(**prepare).then(**render)
@@ -204,7 +208,8 @@ def build_demo(loaded: LoadedModel | None = None, device: str | None = None, pol
         gr.on([c[n].change for n in ("layer", "head", "direction", "cmap", "smooth", "normalize", "mass_on",
                                      "statistic", "atlas_shared", "opacity", "mass")],
               trigger_mode="always_last", **render)
-        gr.on([c["fusion"].change, c["discard"].change], trigger_mode="always_last", **prepare).then(**render)
+        gr.on([c[n].change for n in ("fusion", "discard", "stat_mode")], trigger_mode="always_last", **prepare
+              ).then(**render)
         for clickable in ("main", "patch", "similarity"):
             c[clickable].select(page.click, view, view, concurrency_id="render", **private).then(**render)
         c["atlas"].select(page.select_in_atlas, view, [c["layer"], c["head"]], concurrency_id="render", **private)

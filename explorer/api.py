@@ -10,7 +10,7 @@ import visualizer
 from analysis import FUSIONS, STAT_LABELS
 
 from . import exports, views
-from .handlers import Handlers, check_colormap, check_discard, guarded, point
+from .handlers import Handlers, check_colormap, check_discard, check_stat_mode, guarded, point, statistics
 from .inputs import UserError, choice, head_choice, layer_index, number
 from .session import DEFAULT_RESOLUTION
 
@@ -76,10 +76,21 @@ class Api(Handlers):
                         model: str = "default") -> dict:
         """Per layer × head statistics (see "labels"): over 512 patch queries spread over the grid ("spread"),
         or over every query ("all", exact)."""
-        _, _, analysis, _ = self.open(image, resolution, model, stat_mode=queries)
-        stats = analysis.statistics
+        _, _, analysis, _ = self.open(image, resolution, model)
+        stats = statistics(analysis, check_stat_mode(queries))
         return {"labels": STAT_LABELS, "num_queries": stats.num_queries,
                 **{name: values.round(6).tolist() for name, values in stats.as_dict().items()}}
+
+    def attention_distance(self, image: FileData, resolution: int = DEFAULT_RESOLUTION, queries: str = "spread",
+                           model: str = "default") -> tuple[FileData, dict]:
+        """Dosovitskiy et al. 2021, fig. 7: every head's mean attention distance (pixels of the model input)
+        against layer depth, as a scatter plot and as numbers."""
+        _, _, analysis, _ = self.open(image, resolution, model)
+        stats = statistics(analysis, check_stat_mode(queries))
+        figure = views.distance_figure(stats)
+        return self.png(figure, "mean_attention_distance"), {
+            "definition": STAT_LABELS["mean_distance_px"], "num_queries": stats.num_queries,
+            "patch_size": analysis.geometry.patch_size, "mean_distance_px": stats.mean_distance_px.round(4).tolist()}
 
     def hidden_states(self, image: FileData, layer: int = -1, x: float = 0.0, y: float = 0.0,
                       resolution: int = DEFAULT_RESOLUTION,
@@ -115,5 +126,6 @@ class Api(Handlers):
     def register(self) -> None:
         """Adds the endpoints to the Blocks being built, all in the one concurrency group that runs the model."""
         for endpoint in (self.cls_attention, self.patch_attention, self.rollout, self.attention_flow,
-                         self.head_statistics, self.hidden_states, self.layer_animation, self.export):
+                         self.head_statistics, self.attention_distance, self.hidden_states, self.layer_animation,
+                         self.export):
             gr.api(guarded(endpoint), api_name=endpoint.__name__, concurrency_id="model")

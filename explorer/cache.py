@@ -74,6 +74,13 @@ class AnalysisCache:
                 self._pinned.add(key)
             self._store(key, item)
 
+    def drop(self, which: Callable[[Hashable], bool]) -> None:
+        """Forgets every item whose key `which` accepts (pinned ones too)."""
+        with self._lock:
+            for key in [key for key in self._items if which(key)]:
+                del self._items[key]
+                self._pinned.discard(key)
+
     def pin(self, key: Hashable) -> None:
         """Keeps `key` whatever the budget (it still counts towards it)."""
         with self._lock:

@@ -6,7 +6,7 @@ import re
 import numpy as np
 
 import visualizer
-from analysis import STAT_LABELS, Analysis
+from analysis import STAT_LABELS, Analysis, HeadStatistics
 
 
 def safe_stem(text: str) -> str:
@@ -14,17 +14,19 @@ def safe_stem(text: str) -> str:
 
 
 def numbers(analysis: Analysis, layer: int, head: "int | str", token: int | None = None,
-            settings: dict | None = None) -> tuple[bytes, bytes]:
-    """Every layer × head class-token map, the rollout (with the settings' fusion and discard ratio), head statistics,
-    token norms and (given a token) its row and column; the sidecar names every setting."""
+            settings: dict | None = None, statistics: HeadStatistics | None = None) -> tuple[bytes, bytes]:
+    """Every layer × head class-token map, the rollout (with the settings' fusion and discard ratio), head statistics
+    (the analysis's own unless given), token norms and (given a token) its row and column; the sidecar names every
+    setting."""
     settings = {"fusion": "mean", "discard_ratio": 0.0, **(settings or {})}
+    statistics = statistics or analysis.statistics
     g = analysis.geometry
     arrays = {
         "cls_attention": np.stack([analysis.cls_maps(layer_) for layer_ in range(analysis.num_layers)]),
         "cls_self_attention": analysis.cls_attention[:, :, 0],
         "rollout": analysis.rollout_map(settings["fusion"], settings["discard_ratio"]),
         "token_norms": analysis.to_grid(analysis.token_norms),
-        **{f"stat_{name}": values for name, values in analysis.statistics.as_dict().items()},
+        **{f"stat_{name}": values for name, values in statistics.as_dict().items()},
     }
     if token is not None:
         arrays["query_row"] = analysis.query_map(token, layer, head, "row")
@@ -44,6 +46,6 @@ def numbers(analysis: Analysis, layer: int, head: "int | str", token: int | None
         "query_patch": None if token is None else list(divmod(token - analysis.num_prefix_tokens, g.grid_w)),
         "axes": {"cls_attention": "layer, head, row, column", "stat_*": "layer, head",
                  "token_norms": "depth (0 = embeddings), row, column"},
-        "statistics": STAT_LABELS, "statistics_queries": analysis.statistics.num_queries,
+        "statistics": STAT_LABELS, "statistics_queries": statistics.num_queries,
     }
     return visualizer.npz_bytes(arrays, metadata)

@@ -15,7 +15,7 @@ from gradio.data_classes import FileData
 from PIL import Image
 
 import visualizer
-from analysis import DTYPES, FUSIONS, Analysis
+from analysis import DTYPES, FUSIONS, STAT_LABELS, Analysis
 from analysis.flow import MAX_FLOW_TOKENS
 from analysis.stats import DEFAULT_STAT_QUERIES
 from model import CheckpointError, InvalidImageError
@@ -71,22 +71,33 @@ class Controls:
     style: views.Style = views.Style()
     fusion: str = "mean"
     discard: float = 0.0
-    statistic: str = "mean_distance"
+    statistic: str = "mean_distance_px"
     atlas_shared: bool = False
+    stat_mode: str = "spread"
 
     FIELDS = ("layer", "head", "direction", "opacity", "cmap", "smooth", "normalize", "mass_on", "mass", "fusion",
-              "discard", "statistic", "atlas_shared")  # the order the page passes them in
+              "discard", "statistic", "atlas_shared", "stat_mode")  # the order the page passes them in
 
     @classmethod
-    def parse(cls, analysis: Analysis, statistics: tuple[str, ...], layer: Any, head: Any, direction: Any,
-              opacity: Any, cmap: Any, smooth: Any, normalize: Any, mass_on: Any, mass: Any, fusion: Any,
-              discard: Any, statistic: Any, atlas_shared: Any) -> "Controls":
+    def parse(cls, analysis: Analysis, layer: Any, head: Any, direction: Any, opacity: Any, cmap: Any, smooth: Any,
+              normalize: Any, mass_on: Any, mass: Any, fusion: Any, discard: Any, statistic: Any,
+              atlas_shared: Any, stat_mode: Any) -> "Controls":
         mass_fraction = number(mass, "mass fraction", 0.05, 1.0) if flag(mass_on, "threshold") else None
         style = views.Style(number(opacity, "opacity", 0.0, 1.0), check_colormap(cmap), flag(smooth, "smooth"),
                             choice(normalize, "map scaling", NORMALIZATIONS), mass_fraction)
         return cls(layer_index(layer, analysis.num_layers), head_choice(head, analysis.num_heads, FUSIONS),
                    choice(direction, "direction", DIRECTIONS), style, choice(fusion, "fusion", FUSIONS),
-                   check_discard(discard), choice(statistic, "statistic", statistics), flag(atlas_shared, "shared"))
+                   check_discard(discard), choice(statistic, "statistic", tuple(STAT_LABELS)),
+                   flag(atlas_shared, "shared"), check_stat_mode(stat_mode))
+
+
+def check_stat_mode(value: Any) -> str:
+    return choice(value, "statistics", tuple(STAT_MODES))
+
+
+def statistics(analysis: Analysis, stat_mode: str, progress: Callable[[float], None] | None = None):
+    """The head statistics over 512 spread patch queries, or over every one (exact; from the kept inputs)."""
+    return analysis.statistics_for(STAT_MODES[stat_mode], progress)
 
 
 def check_colormap(value: Any) -> str:
@@ -133,13 +144,11 @@ class Handlers:
     def __init__(self, workspace: Workspace):
         self.workspace = workspace
 
-    def open(self, image: Any, res: Any, model: Any = "default", stat_mode: Any = "spread", dtype: Any = "float32",
+    def open(self, image: Any, res: Any, model: Any = "default", dtype: Any = "float32",
              progress: Callable[[float, str], None] | None = None) -> tuple[str, views.Scene, Analysis, AnalysisKey]:
         """Checks an upload and the analysis settings, and returns the (cached or new) analysis."""
         source, scene = self.workspace.upload(image, "image", warn)
-        key = self.workspace.key(scene, check_resolution(res), model_name(model),
-                                 STAT_MODES[choice(stat_mode, "statistics", tuple(STAT_MODES))],
-                                 self.precision(dtype))
+        key = self.workspace.key(scene, check_resolution(res), model_name(model), self.precision(dtype))
         return source, scene, self.workspace.analysis(key, source, progress), key
 
     def flow_offer(self, analysis: Analysis, scene: views.Scene, key: AnalysisKey) -> tuple[str, bool]:

@@ -10,6 +10,7 @@ import os
 import re
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -65,6 +66,7 @@ class ModelPolicy:
 class ModelStore:
     def __init__(self, default: LoadedModel | None = None, max_extra: int = 2, device: str | None = None,
                  policy: ModelPolicy | None = None):
+        self.on_unload: Callable[[str], None] = lambda key: None  # told which model was dropped
         self._default = default
         self._extra: OrderedDict[str, LoadedModel] = OrderedDict()
         self._copies: dict[tuple[str, str], LoadedModel] = {}  # (key, dtype) → a converted copy
@@ -114,6 +116,7 @@ class ModelStore:
                 dropped, _ = self._extra.popitem(last=False)
                 self._copies = {k: v for k, v in self._copies.items() if k[0] != dropped}
                 logger.info("unloaded %s", dropped)
+                self.on_unload(dropped)  # its analyses hold its layers: they go too, or the weights would stay
         return loaded
 
     @property

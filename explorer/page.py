@@ -12,41 +12,54 @@ from typing import Any
 import gradio as gr
 
 import visualizer
-from analysis import FUSIONS, STAT_LABELS, Analysis
+from analysis import FUSIONS, STAT_LABELS, Analysis, HeadStatistics
 
 from . import exports, views
-from .handlers import Controls, Handlers, check_discard, flow_offer, guarded, user_message, warn
+from .handlers import (Controls, Handlers, check_discard, check_stat_mode, guarded, statistics, user_message,
+                       warn)
 from .inputs import choice, head_choice, number, text
 from .session import View, resolution_limits
 
 TAB_LABELS = {"cls": "Class token", "rollout": "Rollout", "heads": "Heads", "hidden": "Hidden states",
               "animation": "GIF"}
 TABS = tuple(TAB_LABELS)
-VIEW_OUTPUTS = ("main", "patch", "grid", "patch_caption", "rollout", "rollout_caption", "atlas", "chart",
-                "norms", "pca", "similarity", "hidden_caption")
-ANALYSIS_OUTPUTS = ("view", "status", "layer", "head", "resolution", "table", "flow", "flow_note", "flow_button",
+VIEW_OUTPUTS = ("main", "patch", "grid", "patch_caption", "rollout", "rollout_caption", "atlas", "chart", "scatter",
+                "table", "norms", "pca", "similarity", "hidden_caption")
+ANALYSIS_OUTPUTS = ("view", "status", "layer", "head", "resolution", "flow", "flow_note", "flow_button",
                     "gif", "gif_file", "export_files", *VIEW_OUTPUTS)
 STATISTICS = tuple(STAT_LABELS)
+STAT_COLUMNS = {  # short column titles with units; STAT_LABELS gives each definition in full
+    "cls_entropy": "CLS entropy, whole row (nats)",
+    "cls_patch_entropy": "CLS entropy, drawn map (nats)",
+    "mean_entropy": "Query entropy (nats)",
+    "mean_distance": "Attention distance (patches)",
+    "mean_distance_px": "Attention distance, fig. 7 (px)",
+    "cls_mass": "Attention to CLS",
+}
 
 
 def as_outputs(values: dict[str, Any], names: tuple[str, ...]) -> tuple:
     return tuple(values.get(name, gr.skip()) for name in names)
 
 
-def stats_table(analysis: Analysis) -> dict:
+def stats_table(stats: HeadStatistics) -> dict:
     """One row per layer × head, columns named in words with their units."""
-    stats = analysis.statistics.as_dict()
-    rows = [[layer, head, *(round(float(stats[name][layer, head]), 4) for name in STATISTICS)]
-            for layer in range(analysis.num_layers) for head in range(analysis.num_heads)]
-    return {"headers": ["Layer", "Head", *(STAT_LABELS[name][:1].upper() + STAT_LABELS[name][1:] for name in STATISTICS)],
-            "data": rows}
+    values = stats.as_dict()
+    layers, heads = values[STATISTICS[0]].shape
+    rows = [[layer, head, *(round(float(values[name][layer, head]), 4) for name in STATISTICS)]
+            for layer in range(layers) for head in range(heads)]
+    return {"headers": ["Layer", "Head", *(STAT_COLUMNS.get(name, name) for name in STATISTICS)], "data": rows}
+
+
+def stat_definitions() -> str:
+    """Each statistic's short name and its definition, for the page."""
+    return "\n".join(f"- **{STAT_COLUMNS.get(name, name)}**: {STAT_LABELS[name]}." for name in STATISTICS)
 
 
 class Page(Handlers):
     """Handlers of the page's events; the analysis and images live in the shared workspace, the visitor keeps a View."""
 
-    def analyze(self, image: Any, res: Any, model: Any, stat_mode: Any, dtype: Any,
-                progress: gr.Progress = gr.Progress()) -> tuple:
+    def analyze(self, image: Any, res: Any, model: Any, dtype: Any, progress: gr.Progress = gr.Progress()) -> tuple:
         """A new image, resolution or model: analyse it and clear every view drawn from the previous one."""
         cleared = {name: None for name in ANALYSIS_OUTPUTS if name not in ("layer", "head", "resolution")}
         cleared |= {name: gr.update(value=None, visible=False) for name in ("flow", "flow_button", "export_files")}
@@ -54,8 +67,7 @@ class Page(Handlers):
             return as_outputs({**cleared, "status": "Upload an image, or pick an example."}, ANALYSIS_OUTPUTS)
         started = time.perf_counter()
         try:
-            source, scene, analysis, key = self.open(image, res, model, stat_mode, dtype,
-                                                     lambda f, desc: progress(f, desc=desc))
+            source, scene, analysis, key = self.open(image, res, model, dtype, lambda f, desc: progress(f, desc=desc))
         except Exception as err:  # a message, no red badges: the controls stay usable
             message = user_message(err)
             warn(message)
@@ -70,7 +82,7 @@ class Page(Handlers):
             "layer": gr.update(maximum=last, value=last),
             "head": gr.update(choices=views.head_choices(analysis.num_heads), value="mean"),
             "resolution": gr.update(minimum=low, maximum=high, step=analysis.geometry.patch_size, value=key.resolution),
-            "table": stats_table(analysis), "flow_note": note, "flow_button": gr.update(visible=offered),
+            "flow_note": note, "flow_button": gr.update(visible=offered),
         }, ANALYSIS_OUTPUTS)
 
     def warm(self, path: str, res: int) -> None:
@@ -95,7 +107,7 @@ class Page(Handlers):
         if view is None:
             return as_outputs({}, VIEW_OUTPUTS)
         scene, analysis = self.current(view)
-        c = Controls.parse(analysis, STATISTICS, *controls)
+        c = Controls.parse(analysis, *controls)
         draw = {"cls": self._cls, "rollout": self._rollout, "heads": self._heads, "hidden": self._hidden,
                 "animation": lambda *_: {}}[choice(tab, "tab", TABS)]
         return as_outputs(draw(view, scene, analysis, c), VIEW_OUTPUTS)
@@ -132,9 +144,11 @@ class Page(Handlers):
         selected = (c.layer, c.head) if isinstance(c.head, int) else None
         atlas, _ = views.atlas_view(analysis, c.style, selected, c.atlas_shared,
                                     views.atlas_thumb_width(analysis.num_heads))
-        values = analysis.statistics.as_dict()[c.statistic]
-        chart = visualizer.stats_heatmap(values, STAT_LABELS[c.statistic], "viridis", selected=selected)
-        return {"atlas": atlas, "chart": chart}
+        stats = statistics(analysis, c.stat_mode)
+        chart = visualizer.stats_heatmap(stats.as_dict()[c.statistic], STAT_LABELS[c.statistic], "viridis",
+                                         selected=selected)
+        return {"atlas": atlas, "chart": chart, "scatter": views.distance_figure(stats, selected),
+                "table": stats_table(stats)}
 
     def _hidden(self, view: View, scene: views.Scene, analysis: Analysis, c: Controls) -> dict:
         row, col = self.marker(view, analysis)
@@ -187,21 +201,25 @@ class Page(Handlers):
         return int(layer), str(head_choice(evt.row_value[1], analysis.num_heads, ()))
 
     @guarded
-    def prepare_tab(self, view: View | None, tab: str, fusion: str, discard: float,
+    def prepare_tab(self, view: View | None, tab: str, fusion: str, discard: float, stat_mode: str,
                     progress: gr.Progress = gr.Progress()) -> None:
-        """The slow part of a tab, before it is drawn: the rollout, with a progress bar."""
-        if view is None or choice(tab, "tab", TABS) != "rollout":
+        """The slow part of a tab, with a progress bar, before it is drawn: the rollout, or exact statistics."""
+        tab = choice(tab, "tab", TABS)
+        if view is None or tab not in ("rollout", "heads"):
             return
         _, analysis = self.current(view)
-        analysis.rollout_map(choice(fusion, "fusion", FUSIONS), check_discard(discard),
-                             progress=lambda f: progress(f, desc="rollout"))
+        if tab == "rollout":
+            analysis.rollout_map(choice(fusion, "fusion", FUSIONS), check_discard(discard),
+                                 progress=lambda f: progress(f, desc="rollout"))
+        else:
+            statistics(analysis, check_stat_mode(stat_mode), lambda f: progress(f, desc="statistics over every query"))
 
     @guarded
     def flow(self, view: View | None, *controls: Any, progress: gr.Progress = gr.Progress()) -> Any:
         if view is None:
             return gr.skip()
         scene, analysis = self.current(view)
-        c = Controls.parse(analysis, STATISTICS, *controls)
+        c = Controls.parse(analysis, *controls)
         return gr.update(visible=True, value=views.flow_view(analysis, scene.page, c.fusion, c.style, legend=True,
                                                              progress=lambda f: progress(f, desc="max-flow per token")))
 
@@ -210,7 +228,7 @@ class Page(Handlers):
         if view is None:
             raise gr.Error("Analyse an image first.", print_exception=False)
         scene, analysis = self.current(view)
-        c = Controls.parse(analysis, STATISTICS, *controls)
+        c = Controls.parse(analysis, *controls)
         mode = choice(mode, "animation", ("cls", "rollout"))
         frames, captions = views.layer_frames(analysis, scene.page, mode, c.head, c.style,
                                               lambda f: progress(f, desc="frames"))
@@ -223,14 +241,15 @@ class Page(Handlers):
         if view is None:
             raise gr.Error("Analyse an image first.", print_exception=False)
         scene, analysis = self.current(view)
-        c = Controls.parse(analysis, STATISTICS, *controls)
+        c = Controls.parse(analysis, *controls)
         row, col = self.marker(view, analysis)
         tab = choice(tab, "tab", TABS)
         settings = {"tab": tab, "fusion": c.fusion, "discard_ratio": c.discard, "direction": c.direction,
                     "opacity": c.style.opacity, "colormap": c.style.cmap, "smooth": c.style.smooth,
                     "scaling": c.style.normalize, "mass_fraction": c.style.mass, "statistic": c.statistic,
-                    "clicked_patch": [row, col]}
-        npz, sidecar = exports.numbers(analysis, c.layer, c.head, analysis.token_at(row, col), settings)
+                    "statistics_queries": c.stat_mode, "atlas_one_scale": c.atlas_shared, "clicked_patch": [row, col]}
+        npz, sidecar = exports.numbers(analysis, c.layer, c.head, analysis.token_at(row, col), settings,
+                                       statistics(analysis, c.stat_mode))
         on_screen = self._screen_view(tab, view, scene, analysis, c)
         files = [self.file(npz, "analysis.npz").path, self.file(sidecar, "analysis.json").path,
                  self.png(on_screen, "current_view").path]

@@ -31,7 +31,6 @@ class AnalysisKey:
     model: str
     digest: str  # of the decoded image
     resolution: int
-    stat_queries: int | None = DEFAULT_STAT_QUERIES
     dtype: str = "float32"
 
 
@@ -64,6 +63,7 @@ class Workspace:
         self.upload_roots = tuple(Path(root).resolve() for root in upload_roots)
         self.device_slots = device_slots
         self._device = threading.BoundedSemaphore(device_slots)
+        models.on_unload = lambda model: cache.drop(lambda key: key[0] == "analysis" and key[1].model == model)
 
     def upload(self, value, name: str = "image", warn: Warn | None = None) -> tuple[str, Scene]:
         """(source path, scene) of an uploaded image: checked, decoded once, then served from the cache."""
@@ -82,9 +82,8 @@ class Workspace:
         digest = image_digest(image)
         return self.cache.get_or_compute(("scene", digest), lambda: Scene.of(image, digest))
 
-    def key(self, scene: Scene, resolution: int, model: str = DEFAULT, stat_queries: int | None = DEFAULT_STAT_QUERIES,
-            dtype: str = "float32") -> AnalysisKey:
-        return AnalysisKey(self.models.check(model), scene.digest, resolution, stat_queries, dtype)
+    def key(self, scene: Scene, resolution: int, model: str = DEFAULT, dtype: str = "float32") -> AnalysisKey:
+        return AnalysisKey(self.models.check(model), scene.digest, resolution, dtype)
 
     def analysis(self, key: AnalysisKey, source: str, progress: Progress | None = None) -> Analysis:
         """The analysis for `key`, computed once (concurrent identical requests wait for it), then cached."""
@@ -92,14 +91,14 @@ class Workspace:
             scene = self.scene(source, digest=key.digest)
             loaded = self.models.get(key.model, key.dtype)
             with self._device:
-                return analyze_scene(loaded, scene, key.resolution, key.dtype, key.stat_queries, progress)
+                return analyze_scene(loaded, scene, key.resolution, key.dtype, progress)
         return self.cache.get_or_compute(("analysis", key), compute)
 
 
 def analyze_scene(loaded: LoadedModel, scene: Scene, resolution: int, dtype: str = "float32",
-                  stat_queries: int | None = DEFAULT_STAT_QUERIES, progress: Progress | None = None) -> Analysis:
+                  progress: Progress | None = None) -> Analysis:
     """The analysis of an upload, its geometry in the upload's own pixels (the model may see a reduced copy)."""
-    analysis = analyze(loaded, scene.image, resolution, dtype, stat_queries, progress)
+    analysis = analyze(loaded, scene.image, resolution, dtype, DEFAULT_STAT_QUERIES, progress)
     width, height = scene.original_size
     analysis.geometry = dataclasses.replace(analysis.geometry, orig_w=width, orig_h=height)
     return analysis

@@ -154,6 +154,13 @@ def atlas_view(analysis: Analysis, style: Style, selected: tuple[int, int] | Non
     return visualizer.with_colorbar(image, style.cmap, *value_range, "class-token attention, one scale"), layout
 
 
+def distance_figure(statistics, selected: tuple[int, int] | None = None) -> Image.Image:
+    """Dosovitskiy et al. 2021, fig. 7: each head's mean attention distance in pixels against layer depth."""
+    return visualizer.depth_scatter(statistics.mean_distance_px, "mean attention distance (pixels)",
+                                    f"Mean attention distance per head against depth ({statistics.num_queries} "
+                                    "queries per layer)", selected)
+
+
 def atlas_thumb_width(num_heads: int) -> int:
     return int(np.clip(840 // max(1, num_heads), 48, 120))
 

@@ -21,7 +21,8 @@ from tests.helpers import random_image, tiny_loaded
 
 ROOT = Path(__file__).resolve().parents[1]
 CONTROLS = dict(layer=2, head="mean", direction="row", opacity=0.6, cmap="inferno", smooth=True, normalize="robust",
-                mass_on=False, mass=0.6, fusion="mean", discard=0.0, statistic="mean_distance", atlas_shared=False)
+                mass_on=False, mass=0.6, fusion="mean", discard=0.0, statistic="mean_distance_px", atlas_shared=False,
+                stat_mode="spread")
 
 
 def controls(**changes) -> list:
@@ -46,22 +47,36 @@ def upload(workspace, tmp_path_factory):
 
 def test_analyze_then_render_each_tab(workspace, upload):
     page = Page(workspace)
-    out = dict(zip(ANALYSIS_OUTPUTS, page.analyze(upload(random_image(45, 70)), 224, "default", "spread", "float32")))
+    out = dict(zip(ANALYSIS_OUTPUTS, page.analyze(upload(random_image(45, 70)), 224, "default", "float32")))
     view = out["view"]
-    assert isinstance(view, View) and "grid 18×28" in out["status"] and out["table"]["headers"][:2] == ["Layer", "Head"]
+    assert isinstance(view, View) and "grid 18×28" in out["status"]
     assert all(out[name] is None for name in VIEW_OUTPUTS)  # everything drawn from a previous image is cleared
     drawn = {"cls": {"main", "patch", "grid", "patch_caption"}, "rollout": {"rollout", "rollout_caption"},
-             "heads": {"atlas", "chart"}, "hidden": {"norms", "pca", "similarity", "hidden_caption"}}
+             "heads": {"atlas", "chart", "scatter", "table"}, "hidden": {"norms", "pca", "similarity", "hidden_caption"}}
     for tab, names in drawn.items():
         values = dict(zip(VIEW_OUTPUTS, page.render(view, tab, *controls())))
-        assert {n for n, v in values.items() if not isinstance(v, dict)} == names, tab  # the rest: skipped
+        assert {n for n, v in values.items() if v != gr.skip()} == names, tab  # the rest: skipped
     main = dict(zip(VIEW_OUTPUTS, page.render(view, "cls", *controls())))["main"]
     assert main.width <= 640 and main.height > main.width * 45 / 70  # page size, with the colour bar below
+    table = dict(zip(VIEW_OUTPUTS, page.render(view, "heads", *controls())))["table"]
+    assert table["headers"][:3] == ["Layer", "Head", "CLS entropy, whole row (nats)"] and len(table["data"]) == 12
+
+
+def test_exact_statistics_come_from_the_kept_inputs_without_a_new_forward(workspace, upload, monkeypatch):
+    page = Page(workspace)
+    view = page.analyze(upload(random_image(150, 220, seed=5)), 224, "default", "float32")[0]
+    _, analysis = page.current(view)
+    monkeypatch.setattr("explorer.session.analyze_scene", lambda *a, **k: pytest.fail("a new forward"))
+    page.prepare_tab(view, "heads", "mean", 0.0, "all")
+    table = dict(zip(VIEW_OUTPUTS, page.render(view, "heads", *controls(stat_mode="all"))))["table"]
+    spread = dict(zip(VIEW_OUTPUTS, page.render(view, "heads", *controls())))["table"]
+    assert analysis.statistics_for(None).num_queries == 19 * 28 > 512 == analysis.statistics.num_queries
+    assert table["data"] != spread["data"]
 
 
 def test_a_click_moves_the_patch_everywhere(workspace, upload):
     page = Page(workspace)
-    view = page.analyze(upload(random_image(45, 70, seed=3)), 224, "default", "spread", "float32")[0]
+    view = page.analyze(upload(random_image(45, 70, seed=3)), 224, "default", "float32")[0]
     scene, analysis = page.current(view)
     event = gr.SelectData(None, {"index": [scene.page.width * 0.9, scene.page.height * 0.1], "value": None})
     clicked = page.click(view, event)
@@ -76,8 +91,7 @@ def test_a_failed_analysis_is_a_message_not_an_error(workspace, upload, monkeypa
     page = Page(workspace)
     warnings = []
     monkeypatch.setattr(gr, "Warning", lambda message, **kwargs: warnings.append(message))
-    out = dict(zip(ANALYSIS_OUTPUTS, page.analyze(upload(Image.new("RGB", (4, 40))), 224, "default", "spread",
-                                                  "float32")))
+    out = dict(zip(ANALYSIS_OUTPUTS, page.analyze(upload(Image.new("RGB", (4, 40))), 224, "default", "float32")))
     assert "Could not analyse this image" in out["status"] and out["view"] is None
     assert warnings and "at least one patch" in warnings[0]
     assert "layer" not in {k for k, v in out.items() if v is not None and not isinstance(v, dict)}
@@ -85,8 +99,7 @@ def test_a_failed_analysis_is_a_message_not_an_error(workspace, upload, monkeypa
 
 def test_the_flow_offer_names_the_largest_resolution_that_works(workspace, upload):
     page = Page(workspace)
-    out = dict(zip(ANALYSIS_OUTPUTS, page.analyze(upload(random_image(300, 451)), 518, "default", "spread",
-                                                  "float32")))
+    out = dict(zip(ANALYSIS_OUTPUTS, page.analyze(upload(random_image(300, 451)), 518, "default", "float32")))
     assert "largest resolution that works for it is" in out["flow_note"]  # patch 8: 65 × 43 patches at 518 px
     assert out["flow_button"]["visible"] is False
 
@@ -94,7 +107,7 @@ def test_the_flow_offer_names_the_largest_resolution_that_works(workspace, uploa
 def test_downloads_carry_the_settings_and_the_view(workspace, upload):
     import json
     page = Page(workspace)
-    view = page.analyze(upload(random_image(40, 40)), 224, "default", "spread", "float32")[0]
+    view = page.analyze(upload(random_image(40, 40)), 224, "default", "float32")[0]
     files = page.download(view, "rollout", *controls(fusion="max", discard=0.5, mass_on=True, mass=0.4))["value"]
     sidecar = json.loads(Path(files[1]).read_text())
     assert sidecar["settings"] | {"tab": "rollout", "fusion": "max", "discard_ratio": 0.5, "mass_fraction": 0.4} \
@@ -112,7 +125,7 @@ def test_downloads_carry_the_settings_and_the_view(workspace, upload):
 ])
 def test_page_controls_are_checked(workspace, upload, field, value, message):
     page = Page(workspace)
-    view = page.analyze(upload(random_image(40, 40)), 224, "default", "spread", "float32")[0]
+    view = page.analyze(upload(random_image(40, 40)), 224, "default", "float32")[0]
     with pytest.raises(gr.Error, match=message):
         page.render(view, "cls", *controls(**{field: value, "mass_on": True}))
 
@@ -169,6 +182,22 @@ def test_the_cache_keeps_to_its_budget_and_its_pins():
     assert "pinned" in cache and 4 in cache and cache.total_bytes <= 100
     cache.put("big", Item(500))  # the newest is kept even alone over the budget
     assert "big" in cache and "pinned" in cache and 4 not in cache
+
+
+def test_unloading_a_model_drops_its_analyses(tmp_path, upload):
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+    config = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                              image_size=32, patch_size=8)
+    for name in ("a", "b"):
+        CLIPVisionModel(config).save_pretrained(tmp_path / name)
+    workspace = app.workspace_for(tiny_loaded(), "cpu", None)
+    workspace.models.max_extra = 1
+    api = Api(workspace)
+    image = upload(random_image(40, 40))
+    api.cls_attention(image, model=str(tmp_path / "a"), resolution=224)
+    assert any(key[0] == "analysis" and key[1].model.endswith("a") for key in workspace.cache._items)
+    api.cls_attention(image, model=str(tmp_path / "b"), resolution=224)  # "a" is unloaded, and its analysis
+    assert not any(key[0] == "analysis" and key[1].model.endswith("a") for key in workspace.cache._items)
 
 
 def test_public_mode_gives_one_answer_for_every_local_path(tmp_path):

@@ -24,8 +24,8 @@ def client():
 
 def test_endpoints_are_named(client):
     names = set(client.view_api(return_format="dict")["named_endpoints"])
-    assert {"/cls_attention", "/patch_attention", "/rollout", "/attention_flow", "/head_statistics", "/hidden_states",
-            "/layer_animation", "/export"} <= names
+    assert {"/cls_attention", "/patch_attention", "/rollout", "/attention_flow", "/head_statistics",
+            "/attention_distance", "/hidden_states", "/layer_animation", "/export"} <= names
 
 
 def test_cls_attention_returns_every_head_on_the_grid(client):
@@ -52,8 +52,12 @@ def test_rollout_statistics_hidden_and_animation(client):
     _, rollout = client.predict(handle_file(CAT), "max", 0.5, RES, api_name="/rollout")
     assert np.array(rollout["map"]).shape == (15, 22)
     stats = client.predict(handle_file(CAT), RES, api_name="/head_statistics")
-    assert np.array(stats["mean_distance"]).shape == (12, 6)
+    assert np.array(stats["mean_distance"]).shape == (12, 6) and stats["num_queries"] == 330
     assert 0 < np.array(stats["mean_distance"]).mean() < 27  # within the grid's diagonal
+    exact = client.predict(handle_file(CAT), 518, "all", api_name="/head_statistics")
+    assert exact["num_queries"] == 925  # every patch query, where 512 are spread by default
+    figure, distances = client.predict(handle_file(CAT), RES, api_name="/attention_distance")
+    assert np.array(distances["mean_distance_px"]).shape == (12, 6) and Image.open(figure).width > 400
     norms, pca, similarity, info = client.predict(handle_file(CAT), 11, 100.0, 100.0, RES, api_name="/hidden_states")
     assert np.array(info["norms"]).shape == (15, 22) and Image.open(pca).size == (451, 300)
     gif = client.predict(handle_file(CAT), "cls", "mean", RES, api_name="/layer_animation")
