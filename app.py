@@ -21,6 +21,7 @@ from explorer.api import Api
 from explorer.cache import AnalysisCache
 from explorer.handlers import Controls
 from explorer.files import FileStore
+from explorer.gpu import on_zero_gpu
 from explorer.models import DEFAULT, WELL_KNOWN, ModelPolicy, ModelStore
 from explorer.page import ANALYSIS_OUTPUTS, STAT_COLUMNS, TAB_LABELS, VIEW_OUTPUTS, Page, stat_definitions
 from explorer.session import DEFAULT_RESOLUTION, MIN_RESOLUTION, Workspace, resolution_limits
@@ -61,6 +62,7 @@ ENTER_APPLIES_RESOLUTION = """() => {
 
 
 def workspace_for(loaded: LoadedModel | None, device: str | None, policy: ModelPolicy | None) -> Workspace:
+    device = device or ("cpu" if on_zero_gpu() else None)  # on ZeroGPU, models live on the CPU between leases
     models = ModelStore(loaded, device=device, policy=policy or ModelPolicy.from_env())
     slots = MODEL_SLOTS or (2 if models.device_type == "cuda" else 1)
     root = Path(gr.utils.get_upload_folder())

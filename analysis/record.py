@@ -117,6 +117,17 @@ class AttentionRecord:
             raise ValueError(f"expected {len(self.lse) + 1} hidden states, got {len(hidden_states)}")
         self.hidden_states = tuple(hidden_states)
 
+    def moved(self, device: "str | torch.device", layers: Sequence[nn.Module] | None) -> "AttentionRecord":
+        """A copy with every kept tensor on `device`, rebuilding with `layers` (the same weights, wherever they are):
+        what crosses back from a GPU worker (ZeroGPU) holds tensors only, and is given the CPU model's layers."""
+        moved = AttentionRecord(layers, self.patch_size)
+        moved.lse = [t.to(device) for t in self.lse]
+        moved.scales = list(self.scales)
+        moved.first_queries = [t.to(device) for t in self.first_queries]
+        moved.hidden_states = tuple(t.to(device) for t in self.hidden_states)
+        moved.pooling = None if self.pooling is None else self.pooling.to(device)
+        return moved
+
     @property
     def device(self) -> torch.device:
         return self.lse[0].device

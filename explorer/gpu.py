@@ -1,9 +1,12 @@
 """ZeroGPU: on a Hugging Face Space with ZeroGPU hardware, the forward pass runs inside `spaces.GPU`, which lends a
-GPU for the duration of one call; elsewhere (no `spaces`, or not on ZeroGPU) `spaces.GPU` leaves the function as it
-is and the app runs unchanged."""
+GPU to one call in a process of its own; elsewhere (no `spaces`, or not on ZeroGPU) `spaces.GPU` returns the
+function as it is and the app runs unchanged, on the CPU or a GPU of its own."""
 from __future__ import annotations
 
-from collections.abc import Callable
+from PIL import Image
+
+from analysis import Analysis, analyze
+from model import LoadedModel
 
 try:
     import spaces
@@ -11,6 +14,7 @@ except ImportError:  # not installed: running on one's own machine
     spaces = None
 
 GPU_SECONDS = (15, 240)  # the shortest and longest GPU lease asked for one analysis
+GPU_DEVICE = "cuda"
 
 
 def on_zero_gpu() -> bool:
@@ -21,13 +25,22 @@ def on_zero_gpu() -> bool:
     return bool(Config.zero_gpu)
 
 
-def lease_seconds(num_layers: int, num_tokens: int, width: int) -> int:
+def lease_seconds(loaded: LoadedModel, image: Image.Image, resolution: int, dtype: str = "float32") -> int:
     """The GPU time to ask for: the forward and the per-layer sweeps grow as layers × (N²·D + N·D²)."""
-    work = num_layers * (num_tokens ** 2 * width + 12 * num_tokens * width ** 2)
+    config = loaded.config
+    geometry = loaded.preprocessing.geometry(image.height, image.width, resolution)
+    tokens, width = geometry.grid_h * geometry.grid_w + config.num_prefix_tokens, config.hidden_size
+    work = config.num_hidden_layers * (tokens ** 2 * width + 12 * tokens * width ** 2)
     low, high = GPU_SECONDS
     return int(min(high, max(low, 10 + work / 2e11)))
 
 
-def gpu_task(fn: Callable, duration: Callable[..., int]) -> Callable:
-    """`fn` run with a GPU lent for `duration(*args)` seconds on ZeroGPU; `fn` itself anywhere else."""
-    return spaces.GPU(duration=duration)(fn) if spaces is not None else fn
+def analyze_on_gpu(loaded: LoadedModel, image: Image.Image, resolution: int, dtype: str = "float32") -> Analysis:
+    """The analysis on the lent GPU, returned with CPU tensors and no module (the caller attaches its own)."""
+    model = loaded.model.to(GPU_DEVICE)  # the lease's process has its own copy: the caller's stays on the CPU
+    analysis = analyze(LoadedModel(model, loaded.preprocessing, loaded.name), image, resolution, dtype)
+    analysis.record = analysis.record.moved("cpu", None)
+    return analysis
+
+
+GPU_ANALYZE = spaces.GPU(duration=lease_seconds)(analyze_on_gpu) if spaces is not None else analyze_on_gpu

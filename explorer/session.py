@@ -14,6 +14,7 @@ from model import LoadedModel, load_image
 
 from .cache import AnalysisCache, image_digest
 from .files import FileStore
+from .gpu import GPU_ANALYZE, on_zero_gpu
 from .inputs import UserError, uploaded_file
 from .models import DEFAULT, ModelStore
 from .views import Scene
@@ -97,8 +98,15 @@ class Workspace:
 
 def analyze_scene(loaded: LoadedModel, scene: Scene, resolution: int, dtype: str = "float32",
                   progress: Progress | None = None) -> Analysis:
-    """The analysis of an upload, its geometry in the upload's own pixels (the model may see a reduced copy)."""
-    analysis = analyze(loaded, scene.image, resolution, dtype, DEFAULT_STAT_QUERIES, progress)
+    """The analysis of an upload, its geometry in the upload's own pixels (the model may see a reduced copy).
+
+    On ZeroGPU the forward runs on a lent GPU (no progress bar crosses to its process) and rows are rebuilt here,
+    on the CPU, with the same weights."""
+    if on_zero_gpu():
+        analysis = GPU_ANALYZE(loaded, scene.image, resolution, dtype)
+        analysis.record = analysis.record.moved("cpu", loaded.model.encoder.layers)
+    else:
+        analysis = analyze(loaded, scene.image, resolution, dtype, DEFAULT_STAT_QUERIES, progress)
     width, height = scene.original_size
     analysis.geometry = dataclasses.replace(analysis.geometry, orig_w=width, orig_h=height)
     return analysis

@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 
 import gradio as gr
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -239,3 +240,35 @@ def test_half_precision_uses_a_copy_and_never_changes_the_shared_weights(workspa
 def test_half_precision_is_refused_on_a_cpu_server(workspace, upload):
     with pytest.raises(UserError, match="offered on a GPU only"):
         Api(workspace).open(upload(random_image(40, 40)), 224, dtype="float16")
+
+
+def test_the_zero_gpu_path_returns_tensors_only_and_rebuilds_with_the_callers_weights(monkeypatch, upload):
+    """As on ZeroGPU, where the forward runs in a lent GPU's process: simulated here with that 'GPU' on the CPU."""
+    from explorer import gpu, session
+    workspace = app.workspace_for(tiny_loaded(), "cpu", None)
+    image = upload(random_image(45, 70, seed=9))
+    expected = Api(workspace).open(image, 224)[2]
+    monkeypatch.setattr(gpu, "GPU_DEVICE", "cpu")
+    monkeypatch.setattr(session, "on_zero_gpu", lambda: True)
+    crossed = []
+
+    def lease(*args):
+        result = gpu.analyze_on_gpu(*args)
+        crossed.append(result.record.layers)
+        return result
+
+    monkeypatch.setattr(session, "GPU_ANALYZE", lease)
+    workspace.cache.clear()
+    got = Api(workspace).open(image, 224)[2]
+    assert crossed == [None]  # only tensors come back from the lease
+    assert got.record.layers is workspace.models.get("default").model.encoder.layers
+    token = got.token_at(3, 4)
+    np.testing.assert_allclose(got.query_map(token, 1, "mean", "column"), expected.query_map(token, 1, "mean", "column"),
+                               atol=1e-6)
+    np.testing.assert_allclose(got.cls_attention, expected.cls_attention, atol=1e-6)
+    from types import SimpleNamespace
+    from model import IdeficsVisionConfig, Preprocessing
+    vit_h = SimpleNamespace(config=IdeficsVisionConfig(hidden_size=1280, num_attention_heads=16, num_hidden_layers=32,
+                                                       patch_size=14), preprocessing=Preprocessing(14))
+    leases = [gpu.lease_seconds(vit_h, Image.new("RGB", (side, side)), side) for side in (224, 1022, 2044)]
+    assert leases[0] == gpu.GPU_SECONDS[0] < leases[1] < leases[2] <= gpu.GPU_SECONDS[1]
