@@ -32,7 +32,7 @@ def lease_seconds(loaded: LoadedModel, image: Image.Image, resolution: int, dtyp
     tokens, width = geometry.grid_h * geometry.grid_w + config.num_prefix_tokens, config.hidden_size
     work = config.num_hidden_layers * (tokens ** 2 * width + 12 * tokens * width ** 2)
     low, high = GPU_SECONDS
-    return int(min(high, max(low, 10 + work / 2e11)))
+    return int(min(high, max(low, 10 + work / 1e12)))  # ~4 FLOPs per unit of work at ~4 TFLOP/s: generous
 
 
 def analyze_on_gpu(loaded: LoadedModel, image: Image.Image, resolution: int, dtype: str = "float32") -> Analysis:
