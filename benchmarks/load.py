@@ -143,6 +143,7 @@ def main() -> None:
             outcomes = list(pool.map(lambda i: call(clients[i], pictures[i], 2), range(args.concurrent)))
         print(row("concurrent, 518 px", outcomes, time.perf_counter() - started, sampler, server, managed, base),
               flush=True)
+        failures = [o for o in outcomes if o.startswith("error")]
         client, outcomes = Client(url, verbose=False), []
         started = time.perf_counter()
         for i, picture in enumerate(pictures[args.concurrent:]):
@@ -151,9 +152,9 @@ def main() -> None:
                 print(row(f"sequential, first {i + 1}", outcomes, time.perf_counter() - started, sampler, server,
                           managed, base), flush=True)
         sampler.running = False
-        errors = [o for o in outcomes if o.startswith("error")]
-        if errors:
-            print("\nfirst error:", errors[0])
+        failures += [o for o in outcomes if o.startswith("error")]
+        for failure in sorted(set(failures))[:5]:
+            print(f"\n{failures.count(failure)} × {failure}")
     finally:
         server.kill()
         shutil.rmtree(work, ignore_errors=True)
