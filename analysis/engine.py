@@ -17,6 +17,7 @@ from .memory import release_free_memory
 from .record import AttentionRecord, LayerAttention, fuse_heads
 from .rollout import rollout
 from .stats import DEFAULT_STAT_QUERIES, HeadStatistics, head_statistics, layer_statistics, stat_query_rows
+from .summary import Summary, summary_of, summary_rows, top_vector
 
 logger = logging.getLogger(__name__)
 Progress = Callable[[float, str], None]
@@ -31,9 +32,11 @@ class Analysis:
     geometry: ImageGeometry
     num_prefix_tokens: int
     record: AttentionRecord  # each layer's input and row log-sum-exps: any attention row is rebuilt from them
-    cls_attention: np.ndarray  # (layers, heads, N): the class token's row, every layer and head
+    cls_attention: np.ndarray  # (layers, heads, N): the row standing in for the class token (see `summary`)
     statistics: HeadStatistics
     token_norms: np.ndarray  # (layers + 1, N)
+    summary: Summary  # what cls_attention, rollout, flow and the class-token statistics describe, in words
+    distillation_attention: np.ndarray | None = None  # (layers, heads, N): the distillation token's row (DeiT)
     dtype: str = "float32"
     _derived: dict = field(default_factory=dict, repr=False)  # rollout and flow maps, other statistics, by parameters
 
@@ -53,8 +56,9 @@ class Analysis:
     @property
     def nbytes(self) -> int:
         """Everything this analysis keeps alive; rebuilt layers live in the shared, bounded `layer_cache.REBUILT`."""
-        return (self.record.nbytes + self.cls_attention.nbytes + self.token_norms.nbytes + self.statistics.nbytes
-                + sum(value.nbytes for value in self._derived.values()))
+        distillation = 0 if self.distillation_attention is None else self.distillation_attention.nbytes
+        return (self.record.nbytes + self.cls_attention.nbytes + distillation + self.token_norms.nbytes
+                + self.statistics.nbytes + sum(value.nbytes for value in self._derived.values()))
 
     def to_grid(self, values: "np.ndarray | torch.Tensor") -> np.ndarray:
         """(..., N) over all tokens → (..., grid_h, grid_w) over the patches."""
@@ -67,28 +71,52 @@ class Analysis:
         """Token index of patch (row, col)."""
         return self.num_prefix_tokens + row * self.geometry.grid_w + col
 
+    @property
+    def pooling_attention(self) -> np.ndarray | None:
+        """The attention-pooling probe's attention over every token, per head: (heads, N); None without a head."""
+        return None if self.record.pooling is None else self.record.pooling.cpu().numpy()
+
     def cls_maps(self, layer: int) -> np.ndarray:
-        """The class token's attention to every patch for each head of `layer`: (heads, grid_h, grid_w)."""
+        """The class token's (or its stand-in's, see `summary`) map for each head: (heads, grid_h, grid_w)."""
         return self.to_grid(self.cls_attention[layer])
 
     def cls_map(self, layer: int, head: "int | str") -> np.ndarray:
-        """One head's class-token map, or the heads fused ("mean", "max", "min"): (grid_h, grid_w)."""
+        """One head's class-token (or stand-in) map, or the heads fused ("mean", "max", "min"): (grid_h, grid_w)."""
         return self.to_grid(fuse_heads(torch.from_numpy(self.cls_attention[layer]), head))
+
+    def distillation_map(self, layer: int, head: "int | str") -> np.ndarray:
+        """One head's (or the fused heads') distillation-token map: (grid_h, grid_w)."""
+        if self.distillation_attention is None:
+            raise ValueError("this model has no distillation token")
+        return self.to_grid(fuse_heads(torch.from_numpy(self.distillation_attention[layer]), head))
+
+    def pooling_map(self, head: "int | str") -> np.ndarray:
+        """One head's (or the fused heads') attention-pooling probe map, after the last layer: (grid_h, grid_w)."""
+        if self.record.pooling is None:
+            raise ValueError("this model has no attention-pooling head")
+        return self.to_grid(fuse_heads(self.record.pooling, head))
+
+    def _top(self, fusion: str) -> torch.Tensor | None:
+        """The vector rollout and flow start from (None: the class token), as `summary.rollout_top` says."""
+        return top_vector(self.summary, self.record.pooling, fusion, self.record.num_tokens, self.record.device)
 
     def rollout_map(self, fusion: str = "mean", discard_ratio: float = 0.0, last_layer: int | None = None,
                     progress: Callable[[float], None] | None = None) -> np.ndarray:
-        """Attention rollout of the class token up to `last_layer` (default: all), cached: (grid_h, grid_w)."""
+        """Attention rollout of the class token (or its stand-in) up to `last_layer` (default: all), cached."""
         last = self.num_layers - 1 if last_layer is None else int(last_layer)
         key = ("rollout", fusion, round(float(discard_ratio), 6), last)
         if key not in self._derived:
-            self._derived[key] = rollout(self.record, fusion, discard_ratio, last, progress=progress)
+            self._derived[key] = rollout(self.record, fusion, discard_ratio, last, progress=progress,
+                                         top=self._top(fusion))
         return self.to_grid(self._derived[key])
 
     def flow_map(self, fusion: str = "mean", progress: Callable[[float], None] | None = None) -> np.ndarray:
-        """Attention flow to the class token from each patch (small token counts only), cached: (grid_h, grid_w)."""
+        """Attention flow to the class token (or its stand-in's sink) from each patch (small token counts), cached."""
         key = ("flow", fusion)
         if key not in self._derived:
-            self._derived[key] = attention_flow(self.record, fusion, progress)
+            top = self._top(fusion)
+            self._derived[key] = attention_flow(self.record, fusion, progress,
+                                                None if top is None else top.cpu().numpy())
         return self.to_grid(self._derived[key])
 
     def query_map(self, token: int, layer: int, head: "int | str", direction: str = "row") -> np.ndarray:
@@ -108,7 +136,8 @@ class Analysis:
         key = ("statistics", len(rows))
         if key not in self._derived:
             self._derived[key] = head_statistics(self.record, self.num_prefix_tokens, self.geometry.grid_w,
-                                                 max_queries, progress)
+                                                 max_queries, progress, torch.from_numpy(self.cls_attention),
+                                                 self.summary.class_token)
         return self._derived[key]
 
     def norm_map(self, layer: int) -> tuple[np.ndarray, np.ndarray]:
@@ -147,19 +176,25 @@ def analyze(loaded: LoadedModel, image: Image.Image, long_side: int, dtype: str 
             max_stat_queries: int | None = DEFAULT_STAT_QUERIES, progress: Progress | None = None) -> Analysis:
     """Runs the model once on `image` resized to about `long_side` px and derives every drawn quantity.
 
-    Class-token rows and head statistics come from each layer's own queries and keys while the forward holds
-    them; afterwards only the layers' inputs and row log-sum-exps are kept.
+    Class-token rows (or the mean attention received, without a class token) and head statistics come from each
+    layer's own queries and keys while the forward holds them; afterwards only the layers' inputs and row
+    log-sum-exps are kept.
     """
     report = progress or (lambda fraction, desc: None)
     torch_dtype = _check_dtype(loaded, dtype)
     pixels, geometry = loaded.preprocessing(image, long_side)
-    num_prefix, layers = loaded.config.num_prefix_tokens, loaded.config.num_hidden_layers
+    config, summary = loaded.config, summary_of(loaded.config)
+    num_prefix, layers = config.num_prefix_tokens, config.num_hidden_layers
     rows = stat_query_rows(num_prefix, geometry.grid_h * geometry.grid_w, max_stat_queries).to(loaded.device)
-    cls_rows, per_layer = [], []
+    distillation = slice(int(config.class_token), int(config.class_token) + 1)  # the token after the class token
+    cls_rows, distillation_rows, per_layer = [], [], []
 
     def on_layer(index: int, attention: LayerAttention) -> None:
-        cls_rows.append(attention.probs(slice(0, 1))[:, 0])
-        per_layer.append(layer_statistics(attention, rows, num_prefix, geometry.grid_w, geometry.patch_size))
+        cls_rows.append(summary_rows(attention, summary))
+        if summary.distillation:
+            distillation_rows.append(attention.probs(distillation)[:, 0])
+        per_layer.append(layer_statistics(attention, rows, num_prefix, geometry.grid_w, geometry.patch_size,
+                                          cls_rows[-1], summary.class_token))
         release_free_memory()
         report((index + 1) / layers, f"layer {index + 1}/{layers}")
 
@@ -173,4 +208,5 @@ def analyze(loaded: LoadedModel, image: Image.Image, long_side: int, dtype: str 
     report(1.0, "done")
     return Analysis(loaded.name, geometry, num_prefix, record, torch.stack(cls_rows).cpu().numpy(),
                     HeadStatistics.stack(per_layer, len(rows)), hidden.token_norms(record.hidden_states).cpu().numpy(),
+                    summary, torch.stack(distillation_rows).cpu().numpy() if distillation_rows else None,
                     dtype=str(torch_dtype).removeprefix("torch."))

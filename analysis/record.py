@@ -70,6 +70,15 @@ class LayerAttention:
         return torch.baddbmm(-self.lse.unsqueeze(-1), self.query.float(), key.transpose(-1, -2),
                              alpha=self.scale)[..., 0].exp_()
 
+    def mean_row(self) -> torch.Tensor:
+        """The mean of every query row, per head (the mean attention each token receives): (heads, N), fp32."""
+        total = torch.zeros(self.num_heads, self.num_tokens, device=self.key.device)
+        step = self.block_rows()
+        for head in range(self.num_heads):
+            for start in range(0, self.num_tokens, step):
+                total[head] += self.probs(slice(start, start + step), head).sum(0)
+        return total.div_(self.num_tokens)
+
     def block_rows(self) -> int:
         """Query rows per block when sweeping the whole layer one head at a time."""
         return max(1, BLOCK_ELEMENTS // self.num_tokens)

@@ -13,19 +13,28 @@ HIGH_BITS = 15  # the k-th smallest value is found from two histograms of the fl
 
 def rollout(record: AttentionRecord, fusion: str = "mean", discard_ratio: float = 0.0,
             last_layer: int | None = None, token: int = 0,
-            progress: Callable[[float], None] | None = None) -> torch.Tensor:
+            progress: Callable[[float], None] | None = None, top: torch.Tensor | None = None) -> torch.Tensor:
     """Row `token` of Â_last ··· Â_0, where Â = rownorm(drop(fuse(A)) + I), as vit-explain defines it.
 
     drop() zeroes the `discard_ratio` fraction of smallest entries of the fused matrix, never entry (0, 0).
     Returns (N,) fp32. Unlike vit-explain, rows are normalised by their own sums (its broadcast divides by
     the sum of the row with the column's index).
+
+    Args:
+        top: (N,) weights over the tokens at the top, giving top · Â_last ··· Â_0 instead (`token` unused): what
+            stands in for the class token in models without one (see `summary.top_vector`).
     """
     if not 0.0 <= discard_ratio < 1.0:
         raise ValueError(f"discard_ratio must be in [0, 1), got {discard_ratio}")
     last = record.num_layers - 1 if last_layer is None else last_layer
     n = record.num_tokens
-    weights = torch.zeros(n, device=record.device)
-    weights[token] = 1.0
+    if top is None:
+        weights = torch.zeros(n, device=record.device)
+        weights[token] = 1.0
+    else:
+        if top.shape != (n,):
+            raise ValueError(f"top must have one weight per token, shape ({n},), got {tuple(top.shape)}")
+        weights = top.float().to(record.device)
     for step, layer in enumerate(range(last, -1, -1)):
         attention = record.layer(layer)  # one rebuild serves the threshold's passes and the propagation
         threshold = discard_threshold(attention, fusion, discard_ratio)

@@ -14,15 +14,18 @@ DEFAULT_STAT_QUERIES = 512  # patch queries averaged per layer (evenly spread); 
 QUERY_SUMS = ("mean_entropy", "mean_distance", "mean_distance_px", "cls_mass")  # summed over query rows
 
 STAT_LABELS = {
-    "cls_entropy": "entropy of the class token's whole row, prefix tokens included (nats)",
-    "cls_patch_entropy": "entropy of the class token's patch map as drawn, renormalised over the patches (nats)",
+    "cls_entropy": ("entropy of the class token's whole row, prefix tokens included (without a class token: of the "
+                    "mean attention each token receives) (nats)"),
+    "cls_patch_entropy": ("entropy of the class token's patch map as drawn (without a class token: of the mean "
+                          "attention received), renormalised over the patches (nats)"),
     "mean_entropy": "entropy of a patch query's whole row, averaged over patch queries (nats)",
     "mean_distance": ("mean attention distance: Σ attention × distance over patch keys, renormalised over them, "
                       "averaged over patch queries (patches)"),
     "mean_distance_px": ("mean attention distance as in Dosovitskiy et al. 2021, fig. 7: Σ attention × distance "
                          "between patch centres over patch keys, prefix keys dropped without renormalising, "
                          "averaged over patch queries (pixels of the model input)"),
-    "cls_mass": "attention of a patch query to the class token, averaged over patch queries",
+    "cls_mass": ("attention of a patch query to the class token, averaged over patch queries (NaN without a class "
+                 "token)"),
 }
 
 
@@ -70,9 +73,15 @@ def patch_distances(rows: torch.Tensor, num_prefix: int, grid_w: int, num_patche
 
 
 def layer_statistics(attention: LayerAttention, rows: torch.Tensor, num_prefix: int, grid_w: int,
-                     patch_size: int) -> dict[str, torch.Tensor]:
-    """Every statistic of STAT_LABELS for one layer, (heads,) each, averaged over the patch query `rows`."""
-    cls_row = attention.probs(slice(0, 1))[:, 0]  # (heads, N)
+                     patch_size: int, summary_row: torch.Tensor | None = None,
+                     class_token: bool = True) -> dict[str, torch.Tensor]:
+    """Every statistic of STAT_LABELS for one layer, (heads,) each, averaged over the patch query `rows`.
+
+    Args:
+        summary_row: (heads, N), the row the class-token entropies describe; None: the class token's, row 0.
+        class_token: False: there is none, and cls_mass is NaN.
+    """
+    cls_row = attention.probs(slice(0, 1))[:, 0] if summary_row is None else summary_row  # (heads, N)
     patch_map = cls_row[:, num_prefix:]
     out = {"cls_entropy": torch.special.entr(cls_row).sum(-1),
            "cls_patch_entropy": torch.special.entr(patch_map / patch_map.sum(-1, keepdim=True)).sum(-1)}
@@ -81,6 +90,8 @@ def layer_statistics(attention: LayerAttention, rows: torch.Tensor, num_prefix: 
         distances = patch_distances(block, num_prefix, grid_w, attention.num_tokens - num_prefix)
         for head in range(attention.num_heads):
             sums[:, head] += _query_sums(attention.log_probs(block, head), distances, num_prefix, patch_size)
+    if not class_token:
+        sums[QUERY_SUMS.index("cls_mass")] = float("nan")
     return out | dict(zip(QUERY_SUMS, sums / len(rows)))
 
 
@@ -95,12 +106,20 @@ def _query_sums(log_probs: torch.Tensor, distances: torch.Tensor, num_prefix: in
 
 def head_statistics(record: AttentionRecord, num_prefix: int, grid_w: int,
                     max_queries: int | None = DEFAULT_STAT_QUERIES,
-                    progress: Callable[[float], None] | None = None) -> HeadStatistics:
-    """Entropies, attention distances (Dosovitskiy et al. 2021, fig. 7) and class-token mass for every head."""
+                    progress: Callable[[float], None] | None = None, summary_rows: torch.Tensor | None = None,
+                    class_token: bool = True) -> HeadStatistics:
+    """Entropies, attention distances (Dosovitskiy et al. 2021, fig. 7) and class-token mass for every head.
+
+    Args:
+        summary_rows: (layers, heads, N), the rows the class-token entropies describe; None: each layer's row 0.
+        class_token: False: there is none, and cls_mass is NaN.
+    """
     rows = stat_query_rows(num_prefix, record.num_tokens - num_prefix, max_queries).to(record.device)
     layers = []
     for layer in range(record.num_layers):
-        layers.append(layer_statistics(record.layer(layer), rows, num_prefix, grid_w, record.patch_size))
+        summary_row = None if summary_rows is None else summary_rows[layer].to(record.device)
+        layers.append(layer_statistics(record.layer(layer), rows, num_prefix, grid_w, record.patch_size, summary_row,
+                                       class_token))
         release_free_memory()
         if progress is not None:
             progress((layer + 1) / record.num_layers)

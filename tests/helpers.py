@@ -38,8 +38,10 @@ def dense_attentions(loaded: LoadedModel, pixels: torch.Tensor) -> list[torch.Te
     return [a[0] for a in out.attentions]
 
 
-def dense_rollout(attentions: list[torch.Tensor], fusion: str, discard_ratio: float, last_layer: int) -> torch.Tensor:
-    """vit-explain's rollout on full matrices (rows normalised by their own sums)."""
+def dense_rollout(attentions: list[torch.Tensor], fusion: str, discard_ratio: float, last_layer: int,
+                  top: torch.Tensor | None = None) -> torch.Tensor:
+    """vit-explain's rollout on full matrices (rows normalised by their own sums): row 0 of Â_last ··· Â_0, or
+    top · Â_last ··· Â_0 given the (N,) vector `top`."""
     n = attentions[0].shape[-1]
     result = torch.eye(n, dtype=torch.float64)
     for attention in attentions[:last_layer + 1]:
@@ -53,7 +55,7 @@ def dense_rollout(attentions: list[torch.Tensor], fusion: str, discard_ratio: fl
         a = flat.view(n, n) + torch.eye(n, dtype=torch.float64)
         a = a / a.sum(-1, keepdim=True)
         result = a @ result
-    return result[0]
+    return result[0] if top is None else top.double() @ result
 
 
 def residual_matrices(attentions: list[torch.Tensor], fusion: str) -> list[torch.Tensor]:
@@ -66,17 +68,25 @@ def residual_matrices(attentions: list[torch.Tensor], fusion: str) -> list[torch
     return out
 
 
-def dense_flow(attentions: list[torch.Tensor], fusion: str) -> list[float]:
-    """Attention flow by a plain float Edmonds–Karp on the layered graph (independent of scipy)."""
+def dense_flow(attentions: list[torch.Tensor], fusion: str, top: list[float] | None = None) -> list[float]:
+    """Attention flow by a plain float Edmonds–Karp on the layered graph (independent of scipy).
+
+    Node l·N + i is token i at depth l; token j at depth l feeds token i at depth l + 1 with capacity Â_l[i, j]
+    (`residual_matrices`). Without `top`, the sink is token 0 (the class token) at the top depth L; given `top` (N,),
+    it is a super-sink, node (L + 1)·N, fed by every token i at depth L with capacity top[i]. A token's flow is the
+    max-flow from its node at depth 0 to the sink.
+    """
     from collections import deque
     matrices = residual_matrices(attentions, fusion)
     n, layers = matrices[0].shape[0], len(matrices)
     capacity: dict[int, dict[int, float]] = {}
     for layer, a in enumerate(matrices):
-        for i in range(1 if layer == layers - 1 else n):
+        for i in range(1 if top is None and layer == layers - 1 else n):
             for j in range(n):
                 capacity.setdefault(layer * n + j, {})[(layer + 1) * n + i] = float(a[i, j])
-    sink = layers * n
+    sink = layers * n if top is None else (layers + 1) * n
+    for i, weight in enumerate(top or []):
+        capacity.setdefault(layers * n + i, {})[sink] = float(weight)
 
     def max_flow(source: int) -> float:
         residual = {u: dict(vs) for u, vs in capacity.items()}
@@ -103,3 +113,24 @@ def dense_flow(attentions: list[torch.Tensor], fusion: str) -> list[float]:
             total += push
 
     return [max_flow(token) for token in range(n)]
+
+
+@torch.no_grad()
+def randomize(model: torch.nn.Module, seed: int) -> None:
+    """Random weights far from transformers' init (zero biases, unit norms, tiny class tokens hide mistakes)."""
+    generator = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        noise = torch.randn(p.shape, generator=generator)
+        if p.ndim >= 2 and "position" not in name and "token" not in name and "probe" not in name:
+            p.copy_(noise * 1.5 / p[0].numel() ** 0.5)
+        elif name.endswith("weight") and "norm" in name:
+            p.copy_(1 + 0.2 * noise)
+        else:
+            p.copy_(0.5 * noise)
+
+
+def save(model, folder, seed, **kwargs):
+    """A transformers model with `randomize`d weights, saved to `folder` and read back with eager attention."""
+    randomize(model, seed)
+    model.save_pretrained(folder, **kwargs)
+    return type(model).from_pretrained(folder, attn_implementation="eager").eval()

@@ -9,6 +9,7 @@ import transformers as tf
 from transformers.models.idefics2.modeling_idefics2 import Idefics2VisionTransformer
 
 from model import load_model
+from tests.helpers import randomize, save
 
 TOL = 1e-5
 TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32,
@@ -22,20 +23,6 @@ BUCKET_SIZES = SIZES + [(64, 40), (656, 48)]  # grids 8×5 (coordinates on bucke
 
 def assert_close(a, b):
     assert a.shape == b.shape and (a - b).abs().max().item() < TOL, (a - b).abs().max().item()
-
-
-@torch.no_grad()
-def randomize(model: torch.nn.Module, seed: int) -> None:
-    """Random weights far from transformers' init (zero biases, unit norms, tiny class tokens hide mistakes)."""
-    generator = torch.Generator().manual_seed(seed)
-    for name, p in model.named_parameters():
-        noise = torch.randn(p.shape, generator=generator)
-        if p.ndim >= 2 and "position" not in name and "token" not in name and "probe" not in name:
-            p.copy_(noise * 1.5 / p[0].numel() ** 0.5)
-        elif name.endswith("weight") and "norm" in name:
-            p.copy_(1 + 0.2 * noise)
-        else:
-            p.copy_(0.5 * noise)
 
 
 def check(loaded, tower, sizes, interpolate=True, first_tokens=None):
@@ -54,12 +41,6 @@ def check(loaded, tower, sizes, interpolate=True, first_tokens=None):
             assert_close(a, b)
         if first_tokens:  # the pooled output: the mean of these normalised prefix tokens
             assert_close(got.pooler_output, expected.last_hidden_state[:, :first_tokens].mean(dim=1))
-
-
-def save(model, folder, seed, **kwargs):
-    randomize(model, seed)
-    model.save_pretrained(folder, **kwargs)
-    return type(model).from_pretrained(folder, attn_implementation="eager").eval()
 
 
 # ---- ViT and DeiT ----
