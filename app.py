@@ -114,6 +114,7 @@ def build_demo(loaded: LoadedModel | None = None, device: str | None = None, pol
                     c["opacity"] = gr.Slider(0, 1, 0.6, step=0.05, label="Opacity", elem_id="opacity", min_width=140)
                 with gr.Tabs() as tab_bar:
                     with gr.Tab(TAB_LABELS["cls"], id="cls"):
+                        c["summary"] = gr.Markdown(elem_id="summary")
                         with gr.Row(equal_height=False):
                             c["main"] = _view("Class-token attention (click a patch)", "cls-view")
                             with gr.Column(min_width=240):
@@ -127,6 +128,7 @@ def build_demo(loaded: LoadedModel | None = None, device: str | None = None, pol
                                                        elem_id="mass-on")
                             c["mass"] = gr.Slider(0.05, 1, 0.6, step=0.05, label="of the attention mass (DINO)",
                                                   min_width=160)
+                        c["second"] = _view("The model's other summary", "second-view", visible=False)
                         c["grid"] = _view("Every head of this layer", "head-grid")
                     with gr.Tab(TAB_LABELS["rollout"], id="rollout"):
                         with gr.Row():

@@ -30,10 +30,13 @@ class Api(Handlers):
         overlay = views.cls_view(analysis, scene.large, layer, head, style)
         grid = views.head_grid(analysis, scene.thumb, layer, style)
         maps = analysis.cls_maps(layer)
-        payload = {"model": analysis.model_name, "layer": layer, "num_heads": len(maps),
-                   "grid_h": analysis.geometry.grid_h, "grid_w": analysis.geometry.grid_w,
-                   "geometry": analysis.geometry.to_dict(),
-                   "cls_self_attention": analysis.cls_attention[layer, :, 0].tolist(), "maps": maps.round(7).tolist()}
+        payload = {"model": analysis.model_name, "summary": analysis.summary.to_dict(), "layer": layer,
+                   "num_heads": len(maps), "grid_h": analysis.geometry.grid_h, "grid_w": analysis.geometry.grid_w,
+                   "geometry": analysis.geometry.to_dict(), "maps": maps.round(7).tolist()}
+        if analysis.summary.class_token:
+            payload["cls_self_attention"] = analysis.cls_attention[layer, :, 0].tolist()
+        if analysis.summary.pooling:
+            payload["pooling_maps"] = analysis.to_grid(analysis.pooling_attention).round(7).tolist()
         return self.png(overlay, "cls_attention"), self.png(grid, "head_grid"), payload
 
     def patch_attention(self, image: FileData, x: float, y: float, layer: int = -1, head: str = "mean",
@@ -58,7 +61,7 @@ class Api(Handlers):
         overlay = views.rollout_view(analysis, scene.large, fusion, discard, API_STYLE)
         values = analysis.rollout_map(fusion, discard)
         return self.png(overlay, "rollout"), {"fusion": fusion, "discard_ratio": discard,
-                                              "map": values.round(8).tolist()}
+                                              "summary": analysis.summary.to_dict(), "map": values.round(8).tolist()}
 
     def attention_flow(self, image: FileData, fusion: str = "mean", resolution: int = 336,
                        model: str = "default") -> tuple[FileData, dict]:
@@ -69,7 +72,7 @@ class Api(Handlers):
         if not offered:
             raise UserError(note.replace("**", ""))
         overlay = views.flow_view(analysis, scene.large, fusion, API_STYLE)
-        return self.png(overlay, "attention_flow"), {"fusion": fusion,
+        return self.png(overlay, "attention_flow"), {"fusion": fusion, "summary": analysis.summary.to_dict(),
                                                      "map": analysis.flow_map(fusion).round(7).tolist()}
 
     def head_statistics(self, image: FileData, resolution: int = DEFAULT_RESOLUTION, queries: str = "spread",
@@ -78,8 +81,9 @@ class Api(Handlers):
         or over every query ("all", exact)."""
         _, _, analysis, _ = self.open(image, resolution, model)
         stats = statistics(analysis, check_stat_mode(queries))
-        return {"labels": STAT_LABELS, "num_queries": stats.num_queries,
-                **{name: values.round(6).tolist() for name, values in stats.as_dict().items()}}
+        return visualizer.jsonable({"labels": STAT_LABELS, "summary": analysis.summary.to_dict(),
+                                    "num_queries": stats.num_queries,
+                                    **{name: values.round(6) for name, values in stats.as_dict().items()}})
 
     def attention_distance(self, image: FileData, resolution: int = DEFAULT_RESOLUTION, queries: str = "spread",
                            model: str = "default") -> tuple[FileData, dict]:

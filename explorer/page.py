@@ -23,9 +23,9 @@ from .session import View, resolution_limits
 TAB_LABELS = {"cls": "Class token", "rollout": "Rollout", "heads": "Heads", "hidden": "Hidden states",
               "animation": "GIF"}
 TABS = tuple(TAB_LABELS)
-VIEW_OUTPUTS = ("main", "patch", "grid", "patch_caption", "rollout", "rollout_caption", "atlas", "chart", "scatter",
+VIEW_OUTPUTS = ("main", "patch", "grid", "patch_caption", "second", "rollout", "rollout_caption", "atlas", "chart", "scatter",
                 "table", "norms", "pca", "similarity", "hidden_caption")
-ANALYSIS_OUTPUTS = ("view", "status", "layer", "head", "resolution", "flow", "flow_note", "flow_button",
+ANALYSIS_OUTPUTS = ("view", "status", "summary", "layer", "head", "resolution", "flow", "flow_note", "flow_button",
                     "gif", "gif_file", "export_files", *VIEW_OUTPUTS)
 STATISTICS = tuple(STAT_LABELS)
 STAT_COLUMNS = {  # short column titles with units; STAT_LABELS gives each definition in full
@@ -46,9 +46,14 @@ def stats_table(stats: HeadStatistics) -> dict:
     """One row per layer × head, columns named in words with their units."""
     values = stats.as_dict()
     layers, heads = values[STATISTICS[0]].shape
-    rows = [[layer, head, *(round(float(values[name][layer, head]), 4) for name in STATISTICS)]
+    rows = [[layer, head, *(shown_number(values[name][layer, head]) for name in STATISTICS)]
             for layer in range(layers) for head in range(heads)]
     return {"headers": ["Layer", "Head", *(STAT_COLUMNS.get(name, name) for name in STATISTICS)], "data": rows}
+
+
+def shown_number(value: float) -> "float | str":
+    """A statistic for the table: rounded, or "n/a" where it has no meaning (NaN)."""
+    return round(float(value), 4) if math.isfinite(value) else "n/a"
 
 
 def stat_definitions() -> str:
@@ -62,7 +67,8 @@ class Page(Handlers):
     def analyze(self, image: Any, res: Any, model: Any, dtype: Any, progress: gr.Progress = gr.Progress()) -> tuple:
         """A new image, resolution or model: analyse it and clear every view drawn from the previous one."""
         cleared = {name: None for name in ANALYSIS_OUTPUTS if name not in ("layer", "head", "resolution")}
-        cleared |= {name: gr.update(value=None, visible=False) for name in ("flow", "flow_button", "export_files")}
+        cleared |= {name: gr.update(value=None, visible=False) for name in ("flow", "flow_button", "export_files",
+                                                                             "second")}
         if image is None:
             return as_outputs({**cleared, "status": "Upload an image, or pick an example."}, ANALYSIS_OUTPUTS)
         started = time.perf_counter()
@@ -79,6 +85,8 @@ class Page(Handlers):
         last = analysis.num_layers - 1
         return as_outputs({
             **cleared, "view": View(key, source), "status": status_line(analysis, seconds),
+            "summary": analysis.summary.description,
+            "second": gr.update(value=None, visible=analysis.summary.pooling or analysis.summary.distillation),
             "layer": gr.update(maximum=last, value=last),
             "head": gr.update(choices=views.head_choices(analysis.num_heads), value="mean"),
             "resolution": gr.update(minimum=low, maximum=high, step=analysis.geometry.patch_size, value=key.resolution),
@@ -131,13 +139,14 @@ class Page(Handlers):
                    f"{bottom:.0f} of the original). Right: "
                    f"{'what it attends to' if c.direction == 'row' else 'what attends to it'} in layer {c.layer}, "
                    f"{views.head_label(c.head)}. Click either map to move it.")
+        second = views.second_view(analysis, scene.page, c.layer, c.head, c.style)
         return {"main": main, "patch": patch, "grid": views.head_grid(analysis, scene.thumb, c.layer, c.style, True),
-                "patch_caption": caption}
+                "patch_caption": caption, **({"second": second} if second is not None else {})}
 
     def _rollout(self, view: View, scene: views.Scene, analysis: Analysis, c: Controls) -> dict:
         image = views.rollout_view(analysis, scene.page, c.fusion, c.discard, c.style, legend=True)
         caption = (f"Rollout with heads fused by **{c.fusion}** and discard ratio **{c.discard:g}**, through all "
-                   f"{analysis.num_layers} layers.")
+                   f"{analysis.num_layers} layers, from {analysis.summary.rollout_top}.")
         return {"rollout": image, "rollout_caption": caption}
 
     def _heads(self, view: View, scene: views.Scene, analysis: Analysis, c: Controls) -> dict:

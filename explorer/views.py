@@ -103,12 +103,29 @@ def box_on(analysis: Analysis, base: Image.Image, row: int, col: int) -> Box:
     return left * sx, top * sy, right * sx, bottom * sy
 
 
+def summary_name(analysis: Analysis) -> str:
+    """What the per-layer maps show: "class-token attention", or what stands in for it."""
+    return "class-token attention" if analysis.summary.class_token else analysis.summary.kind
+
+
 def cls_view(analysis: Analysis, base: Image.Image, layer: int, head: "int | str", style: Style,
              legend: bool = False, marker: tuple[int, int] | None = None) -> Image.Image:
-    """The class token's attention in `layer` for `head` over `base`."""
+    """The class token's attention in `layer` for `head` (or its stand-in, see `analysis.summary`) over `base`."""
     box = box_on(analysis, base, *marker) if marker else None
-    text = f"class-token attention · layer {layer} · {head_label(head)}" if legend else None
+    text = f"{summary_name(analysis)} · layer {layer} · {head_label(head)}" if legend else None
     return paint(base, analysis.cls_map(layer, head), style, text, box)
+
+
+def second_view(analysis: Analysis, base: Image.Image, layer: int, head: "int | str",
+                style: Style) -> Image.Image | None:
+    """The model's other summary, where it has one: the attention-pooling probe's map (after the last layer), or
+    the distillation token's attention in `layer`."""
+    if analysis.summary.pooling:
+        return paint(base, analysis.pooling_map(head), style, f"attention-pooling probe · {head_label(head)}")
+    if analysis.summary.distillation:
+        return paint(base, analysis.distillation_map(layer, head), style,
+                     f"distillation-token attention · layer {layer} · {head_label(head)}")
+    return None
 
 
 def head_grid(analysis: Analysis, thumb: Image.Image, layer: int, style: Style, legend: bool = False) -> Image.Image:
@@ -151,7 +168,7 @@ def atlas_view(analysis: Analysis, style: Style, selected: tuple[int, int] | Non
     image, layout = visualizer.atlas(maps, style.cmap, style.normalize, thumb_width, selected, value_range)
     if value_range is None:
         return image, layout
-    return visualizer.with_colorbar(image, style.cmap, *value_range, "class-token attention, one scale"), layout
+    return visualizer.with_colorbar(image, style.cmap, *value_range, f"{summary_name(analysis)}, one scale"), layout
 
 
 def distance_figure(statistics, selected: tuple[int, int] | None = None) -> Image.Image:

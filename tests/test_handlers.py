@@ -272,3 +272,30 @@ def test_the_zero_gpu_path_returns_tensors_only_and_rebuilds_with_the_callers_we
                                                        patch_size=14), preprocessing=Preprocessing(14))
     leases = [gpu.lease_seconds(vit_h, Image.new("RGB", (side, side)), side) for side in (224, 1022, 2044)]
     assert leases[0] == gpu.GPU_SECONDS[0] <= leases[1] < leases[2] <= gpu.GPU_SECONDS[1]
+
+
+@pytest.mark.parametrize("family", ["siglip", "idefics2", "deit"])
+def test_models_without_a_class_token_say_what_stands_in_for_it(family, upload):
+    import json
+    overrides = {"siglip": dict(class_token=False, pooling_head=True), "idefics2": dict(class_token=False),
+                 "deit": dict(distillation_token=True)}[family]
+    workspace = app.workspace_for(tiny_loaded(**overrides), "cpu", None)
+    page, api = Page(workspace), Api(workspace)
+    image = upload(random_image(45, 70, seed=4))
+    out = dict(zip(ANALYSIS_OUTPUTS, page.analyze(image, 224, "default", "float32")))
+    summary = page.current(out["view"])[1].summary
+    assert out["summary"] == summary.description
+    drawn = dict(zip(VIEW_OUTPUTS, page.render(out["view"], "cls", *controls())))
+    assert (drawn["second"] != gr.skip()) == (family in ("siglip", "deit"))  # the probe's, or the distillation map
+    table = dict(zip(VIEW_OUTPUTS, page.render(out["view"], "heads", *controls())))["table"]
+    attention_to_cls = [row[-1] for row in table["data"]]
+    assert (set(attention_to_cls) == {"n/a"}) == (family != "deit")
+    _, _, maps = api.cls_attention(image, resolution=224)
+    assert maps["summary"]["kind"] == summary.kind and ("cls_self_attention" in maps) == (family == "deit")
+    assert ("pooling_maps" in maps) == (family == "siglip")
+    stats = api.head_statistics(image, 224)
+    assert json.dumps(stats, allow_nan=False) and stats["summary"]["kind"] == summary.kind
+    files = page.download(out["view"], "cls", *controls())["value"]
+    sidecar = json.loads(Path(files[1]).read_text())
+    assert sidecar["summary"]["description"] == summary.description
+    assert ("pooling_attention" in sidecar["arrays"]) == (family == "siglip")
