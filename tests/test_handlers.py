@@ -51,7 +51,8 @@ def test_analyze_then_render_each_tab(workspace, upload):
     out = dict(zip(ANALYSIS_OUTPUTS, page.analyze(upload(random_image(45, 70)), 224, "default", "float32")))
     view = out["view"]
     assert isinstance(view, View) and "grid 18×28" in out["status"]
-    assert all(out[name] is None for name in VIEW_OUTPUTS)  # everything drawn from a previous image is cleared
+    cleared = [out[name] is None or out[name] == gr.update(value=None, visible=False) for name in VIEW_OUTPUTS]
+    assert all(cleared)  # everything drawn from a previous image is cleared
     drawn = {"cls": {"main", "patch", "grid", "patch_caption"}, "rollout": {"rollout", "rollout_caption"},
              "heads": {"atlas", "chart", "scatter", "table"}, "hidden": {"norms", "pca", "similarity", "hidden_caption"}}
     for tab, names in drawn.items():
