@@ -106,7 +106,7 @@ def call(client, image: Path, index: int) -> str:
             client.predict(handle_file(str(image)), -1, "mean", resolution, api_name="/cls_attention")
         return "ok"
     except Exception as err:  # the client raises for busy answers and errors alike
-        return "busy" if "busy" in str(err) else f"error: {err}"
+        return "busy" if "busy" in str(err) or "Queue is full" in str(err) else f"error: {err}"  # gradio_client words it so
 
 
 def row(phase: str, outcomes: list[str], seconds: float, sampler: Sampler, server, managed: Path, base: float) -> str:
