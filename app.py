@@ -204,8 +204,8 @@ def build_demo(loaded: LoadedModel | None = None, device: str | None = None, pol
 
         analyze = dict(fn=page.analyze, inputs=[image_in, c["resolution"], model_key, dtype],
                        outputs=[c[n] for n in ANALYSIS_OUTPUTS], concurrency_id="model", **private)
-        gr.on([demo.load, image_in.change, c["resolution"].release, apply_resolution.click], **analyze
-              ).then(**prepare).then(**render)
+        gr.on([demo.load, image_in.change, c["resolution"].release, apply_resolution.click], **analyze,
+              trigger_mode="always_last").then(**prepare).then(**render)  # a new image while one runs is not lost
         load_button.click(page.switch_model, [model_choice, model_custom], [model_key, model_status],
                           concurrency_id="model", **private).success(**analyze).then(**prepare).then(**render)
         tab_bar.select(page.select_tab, None, tab, queue=False, **private).then(**prepare).then(**render)

@@ -152,6 +152,14 @@ def test_an_example_click_analyses_and_clears_what_belonged_to_the_last_image(pa
     page.wait_for_selector("#cls-view img")
 
 
+def test_the_last_of_two_quick_example_clicks_wins(page):
+    page.locator("#examples .gallery-item").nth(3).click()  # rocket.jpg, 640 × 427
+    page.locator("#examples .gallery-item").nth(1).click()  # astronaut.png, 512 × 512, while the rocket runs
+    wait_for_status(page, "grid 37×37")
+    time.sleep(2)
+    assert "grid 37×37" in status(page)  # not overwritten by the rocket's analysis
+
+
 def test_the_resolution_box_analyses_on_enter(page):
     box = page.locator("#resolution input[type=number]")
     box.fill("336")
