@@ -129,12 +129,10 @@ def second_view(analysis: Analysis, base: Image.Image, layer: int, head: "int | 
 
 
 def head_grid(analysis: Analysis, thumb: Image.Image, layer: int, style: Style, legend: bool = False) -> Image.Image:
-    """Every head's class-token map of `layer`, each scaled on its own, labelled with its largest value."""
+    """Every head's class-token map of `layer` and their mean, each scaled on its own (with its colour bar)."""
     maps = analysis.cls_maps(layer)
-    maps = [*maps, maps.mean(0)]
-    tiles = [paint(thumb, m, style) for m in maps]
-    labels = [f"{name} · max {visualizer.scale_range(m, style.normalize)[1]:.3g}" if legend else name
-              for name, m in zip([*(f"head {h}" for h in range(len(maps) - 1)), "mean"], maps)]
+    tiles = [paint(thumb, m, style, "" if legend else None) for m in [*maps, maps.mean(0)]]
+    labels = [*(f"head {h}" for h in range(len(maps))), "mean"]
     return visualizer.head_grid(tiles, labels, columns=math.ceil(math.sqrt(2 * len(tiles))), tile_width=224)
 
 
@@ -166,8 +164,9 @@ def atlas_view(analysis: Analysis, style: Style, selected: tuple[int, int] | Non
     maps = np.stack([analysis.cls_maps(layer) for layer in range(analysis.num_layers)])
     value_range = visualizer.scale_range(maps, style.normalize) if shared else None
     image, layout = visualizer.atlas(maps, style.cmap, style.normalize, thumb_width, selected, value_range)
-    if value_range is None:
-        return image, layout
+    if value_range is None:  # each thumbnail from its own low to its own high value
+        return visualizer.with_colorbar(image, style.cmap, 0, 1, f"{summary_name(analysis)}: each thumbnail from its "
+                                        f"own low (0) to its own high (1), scaled '{style.normalize}'"), layout
     return visualizer.with_colorbar(image, style.cmap, *value_range, f"{summary_name(analysis)}, one scale"), layout
 
 

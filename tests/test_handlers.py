@@ -300,3 +300,24 @@ def test_models_without_a_class_token_say_what_stands_in_for_it(family, upload):
     sidecar = json.loads(Path(files[1]).read_text())
     assert sidecar["summary"]["description"] == summary.description
     assert ("pooling_attention" in sidecar["arrays"]) == (family == "siglip")
+
+
+def test_public_mode_refuses_a_tower_over_the_cap_before_any_weight_is_fetched(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    from model import CheckpointError
+    from tests.fake_hub import FakeHub
+    config = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                              image_size=32, patch_size=8)
+    CLIPVisionModel(config).save_pretrained(tmp_path / "repo")
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    with FakeHub({"someone/tiny-clip": tmp_path / "repo"}) as hub:
+        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+        capped = ModelStore(tiny_loaded(), device="cpu", policy=ModelPolicy(public=True, max_params=10_000))
+        with pytest.raises(CheckpointError, match="more than the 10 thousand this server accepts") as refused:
+            capped.get("someone/tiny-clip")
+        assert hub.fetched(".safetensors") == [] and str(tmp_path) not in str(refused.value)
+        loaded = ModelStore(tiny_loaded(), device="cpu", policy=ModelPolicy(public=True)).get("someone/tiny-clip")
+        assert loaded.config.num_hidden_layers == 2 and hub.fetched(".safetensors") == ["model.safetensors"]
