@@ -19,12 +19,12 @@ from analysis import FUSIONS, STAT_LABELS
 from explorer import views
 from explorer.api import Api
 from explorer.cache import AnalysisCache
-from explorer.handlers import Controls
 from explorer.files import FileStore
 from explorer.gpu import on_zero_gpu
+from explorer.handlers import Controls
 from explorer.models import DEFAULT, WELL_KNOWN, ModelPolicy, ModelStore
 from explorer.page import ANALYSIS_OUTPUTS, STAT_COLUMNS, TAB_LABELS, VIEW_OUTPUTS, Page, stat_definitions
-from explorer.session import DEFAULT_RESOLUTION, MIN_RESOLUTION, Workspace, resolution_limits
+from explorer.session import DEFAULT_RESOLUTION, Workspace, resolution_limits
 from explorer.web import RequestGuard
 from model import LoadedModel
 
@@ -193,14 +193,14 @@ def build_demo(loaded: LoadedModel | None = None, device: str | None = None, pol
                                  visible=workspace.models.device_type == "cuda")
                 c["smooth"] = gr.Checkbox(True, label="Smooth maps (bilinear); off shows crisp patches")
                 c["normalize"] = gr.Radio(["robust", "minmax", "max"], value="robust", label="Map scaling",
-                                          info="robust: min to 99th percentile, so a few sink tokens don't hide the rest")
+                                          info="robust: min to 99th percentile, so sink tokens don't hide the rest")
 
         controls = [c[name] for name in Controls.FIELDS]
         private = {"api_visibility": "private", "preprocess": False}
         render = dict(fn=page.render, inputs=[view, tab, *controls], outputs=[c[n] for n in VIEW_OUTPUTS],
                       show_progress="hidden", concurrency_id="render", concurrency_limit=2, **private)
-        prepare = dict(fn=page.prepare_tab, inputs=[view, tab, c["fusion"], c["discard"], c["stat_mode"]], outputs=None,
-                       concurrency_id="model", **private)
+        prepare = dict(fn=page.prepare_tab, inputs=[view, tab, c["fusion"], c["discard"], c["stat_mode"]],
+                       outputs=None, concurrency_id="model", **private)
 
         analyze = dict(fn=page.analyze, inputs=[image_in, c["resolution"], model_key, dtype],
                        outputs=[c[n] for n in ANALYSIS_OUTPUTS], concurrency_id="model", **private)

@@ -49,7 +49,8 @@ def to_transformers_dinov2(loaded):
     from transformers import Dinov2Config, Dinov2Model
     c = loaded.config
     hf = Dinov2Model(Dinov2Config(hidden_size=c.hidden_size, num_hidden_layers=c.num_hidden_layers,
-                                  num_attention_heads=c.num_attention_heads, mlp_ratio=c.intermediate_size // c.hidden_size,
+                                  num_attention_heads=c.num_attention_heads,
+                                  mlp_ratio=c.intermediate_size // c.hidden_size,
                                   image_size=c.image_size, patch_size=c.patch_size, layer_norm_eps=c.layer_norm_eps,
                                   layerscale_value=1.0, attn_implementation="eager")).eval()
     ours = loaded.model.state_dict()

@@ -26,7 +26,8 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networki
 # the <img> inside `selector` shows a new src that has finished loading (NaN after ten minutes without one).
 NEW_IMAGE = """([selector, old]) => { let start = null;
   const mark = (event) => { if (start === null) start = event.timeStamp; };
-  for (const type of ['keydown', 'pointerdown', 'mousedown']) document.addEventListener(type, mark, {capture: true, once: true});
+  for (const type of ['keydown', 'pointerdown', 'mousedown'])
+    document.addEventListener(type, mark, {capture: true, once: true});
   window.__shown = new Promise(resolve => {
   setTimeout(() => resolve(NaN), 600000);
   const root = document.querySelector(selector);

@@ -60,7 +60,8 @@ def distinct_images(count: int, folder: Path, seed: int = 0) -> list[Path]:
         w, h = rng.randint(photo.width // 2, photo.width), rng.randint(photo.height // 2, photo.height)
         left, top = rng.randint(0, photo.width - w), rng.randint(0, photo.height - h)
         scale = rng.uniform(300, 1400) / max(w, h)
-        image = photo.crop((left, top, left + w, top + h)).resize((max(16, round(w * scale)), max(16, round(h * scale))))
+        size = (max(16, round(w * scale)), max(16, round(h * scale)))
+        image = photo.crop((left, top, left + w, top + h)).resize(size)
         paths.append(folder / f"image{i:03d}.png")
         image.save(paths[-1])
     return paths
@@ -106,7 +107,8 @@ def call(client, image: Path, index: int) -> str:
             client.predict(handle_file(str(image)), -1, "mean", resolution, api_name="/cls_attention")
         return "ok"
     except Exception as err:  # the client raises for busy answers and errors alike
-        return "busy" if "busy" in str(err) or "Queue is full" in str(err) else f"error: {err}"  # gradio_client words it so
+        busy = "busy" in str(err) or "Queue is full" in str(err)  # ours, or gradio_client's own words
+        return "busy" if busy else f"error: {err}"
 
 
 def row(phase: str, outcomes: list[str], seconds: float, sampler: Sampler, server, managed: Path, base: float) -> str:

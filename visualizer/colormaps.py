@@ -55,7 +55,7 @@ def normalize_map(values: np.ndarray, mode: str = "minmax", clip_percentile: flo
 
 
 def colorize(values01: np.ndarray, cmap: str) -> np.ndarray:
-    """(...) values in [0, 1] → (..., 3) uint8 colours of matplotlib colormap `cmap`, exactly as matplotlib maps them."""
+    """(...) values in [0, 1] → (..., 3) uint8 colours of colormap `cmap`, exactly as matplotlib maps them."""
     if cmap not in colormaps:
         raise ValueError(f"unknown colormap {cmap!r}; try one of {', '.join(available_colormaps())}")
     values = np.clip(np.asarray(values01, dtype=np.float32), 0.0, 1.0)
@@ -64,7 +64,7 @@ def colorize(values01: np.ndarray, cmap: str) -> np.ndarray:
 
 def colorbar_image(cmap: str, width: int = 256, height: int = 48, vmin: float = 0.0, vmax: float = 1.0,
                    label: str = "") -> Image.Image:
-    """A horizontal legend strip of exactly `width` × `height`: the gradient, vmin and vmax at its ends, a label below."""
+    """A horizontal legend strip of exactly `width` × `height`: the gradient, vmin and vmax at its ends, a label."""
     if width < 32 or height < 24:
         raise ValueError(f"a colorbar needs at least 32 × 24 pixels, got {width} × {height}")
     strip_h = height // 2

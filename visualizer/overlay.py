@@ -65,7 +65,7 @@ def top_mass_mask(values: np.ndarray, fraction: float) -> np.ndarray:
 
 
 def rgb_image(rgb: np.ndarray, size: tuple[int, int]) -> Image.Image:
-    """A (grid_h, grid_w, 3) map in [0, 1] (e.g. PCA components as colours) shown as crisp patches at `size` = (w, h)."""
+    """A (grid_h, grid_w, 3) map in [0, 1] (e.g. PCA components as colours) as crisp patches at `size` = (w, h)."""
     values = np.clip(upsample(rgb, size, smooth=False), 0.0, 1.0)
     return Image.fromarray((values * 255 + 0.5).astype(np.uint8))
 
