@@ -10,16 +10,11 @@ from the input event to the moment the class-token map's new image has loaded. P
 from __future__ import annotations
 
 import argparse
-import os
-import socket
 import statistics
-import subprocess
-import sys
 import time
-import urllib.request
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from serving import start_app
+
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync"]
 # Resolves with the milliseconds from the next input event (key or pointer press, its own timestamp) to the moment
@@ -39,27 +34,6 @@ NEW_IMAGE = """([selector, old]) => { let start = null;
   if (!check()) { const seen = new MutationObserver(() => { if (check()) seen.disconnect(); });
     seen.observe(root, {subtree: true, childList: true, attributes: true}); }
 }); }"""
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_app(port: int) -> subprocess.Popen:
-    env = {**os.environ, "GRADIO_SERVER_PORT": str(port), "GRADIO_SERVER_NAME": "127.0.0.1",
-           "GRADIO_ANALYTICS_ENABLED": "False"}
-    process = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
-    for _ in range(300):
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=1)
-            return process
-        except OSError:
-            time.sleep(0.5)
-    process.kill()
-    raise RuntimeError("the app did not start")
 
 
 def timed(page, action, selector: str = "#cls-view") -> float:
@@ -120,14 +94,13 @@ def main() -> None:
     parser.add_argument("--url", help="measure an app that is already running instead of starting one")
     args = parser.parse_args()
     from playwright.sync_api import sync_playwright
-    port = free_port()
-    app = None if args.url else start_app(port)
+    app, url = (None, args.url) if args.url else start_app()
     try:
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
             started = time.perf_counter()
-            page.goto(args.url or f"http://127.0.0.1:{port}/")
+            page.goto(url)
             page.wait_for_selector("#cls-view img", timeout=120_000)
             print(f"first maps shown {time.perf_counter() - started:.1f} s after opening the page\n")
             print("| px | control | median ms | min–max ms | changes |")

@@ -15,27 +15,17 @@ import argparse
 import os
 import random
 import shutil
-import socket
-import subprocess
-import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from PIL import Image
+from serving import ROOT, start_app
 
-ROOT = Path(__file__).resolve().parents[1]
 RESOLUTIONS = (224, 518, 770, 1022)
 MB = 2**20
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def rss_mb(pid: int) -> float:
@@ -80,21 +70,6 @@ class Sampler(threading.Thread):
             time.sleep(0.2)
 
 
-def start(port: int, managed: Path) -> subprocess.Popen:
-    env = {**os.environ, "GRADIO_SERVER_PORT": str(port), "GRADIO_SERVER_NAME": "127.0.0.1",
-           "GRADIO_TEMP_DIR": str(managed), "GRADIO_ANALYTICS_ENABLED": "False"}
-    server = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
-    for _ in range(600):
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=1)
-            return server
-        except OSError:
-            time.sleep(0.5)
-    server.kill()
-    raise RuntimeError("the app did not start")
-
-
 def call(client, image: Path, index: int) -> str:
     from gradio_client import handle_file
     resolution = RESOLUTIONS[index % len(RESOLUTIONS)]
@@ -127,10 +102,8 @@ def main() -> None:
     managed, images = work / "managed", work / "images"
     images.mkdir()
     pictures = distinct_images(args.concurrent + args.sequential, images)
-    port = free_port()
-    server = start(port, managed)
+    server, url = start_app(GRADIO_TEMP_DIR=str(managed))
     try:
-        url = f"http://127.0.0.1:{port}/"
         base = rss_mb(server.pid)
         print(f"budget VIT_INSPECT_CACHE_MB={os.environ.get('VIT_INSPECT_CACHE_MB', '4096')}, "
               f"disk VIT_INSPECT_DISK_MB={os.environ.get('VIT_INSPECT_DISK_MB', '2048')}\n")
