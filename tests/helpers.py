@@ -1,6 +1,9 @@
 """Tiny models and dense references shared by the tests."""
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 from PIL import Image
 
@@ -134,3 +137,15 @@ def save(model, folder, seed, **kwargs):
     randomize(model, seed)
     model.save_pretrained(folder, **kwargs)
     return type(model).from_pretrained(folder, attn_implementation="eager").eval()
+
+
+def spoil_language_shards(folder: Path) -> set[str]:
+    """Overwrites every shard of a sharded checkpoint that holds no `model.vision_model.*` weight (they must never be
+    opened); returns the vision shards."""
+    weight_map = json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"]
+    vision_shards = {s for k, s in weight_map.items() if k.startswith("model.vision_model.")}
+    language_shards = set(weight_map.values()) - vision_shards
+    assert language_shards
+    for shard in language_shards:
+        (folder / shard).write_bytes(b"not read")
+    return vision_shards

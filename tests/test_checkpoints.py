@@ -13,6 +13,7 @@ from fake_hub import FakeHub
 from safetensors.torch import load_file, save_file
 
 from model import CheckpointError, load_model
+from tests.helpers import spoil_language_shards
 
 TOL = 1e-5
 REFERENCES = Path(__file__).parent / "fixtures" / "references"
@@ -41,12 +42,7 @@ def idefics_folder(tmp_path_factory):
                            num_hidden_layers=2, num_attention_heads=2, vision_config=vision, use_resampler=False)
     model = IdeficsForVisionText2Text(config).eval()
     model.save_pretrained(folder, max_shard_size="20KB")
-    weight_map = json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"]
-    vision_shards = {s for k, s in weight_map.items() if k.startswith("model.vision_model.")}
-    language_shards = set(weight_map.values()) - vision_shards
-    assert language_shards
-    for shard in language_shards:  # never to be opened
-        (folder / shard).write_bytes(b"not read")
+    vision_shards = spoil_language_shards(folder)
     (folder / "preprocessor_config.json").write_text(json.dumps({"image_mean": [0.1, 0.2, 0.3],
                                                                  "image_std": [0.5, 0.5, 0.5]}))
     return folder, model.model.vision_model, vision_shards
