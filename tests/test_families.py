@@ -151,7 +151,7 @@ def vlm_config(family: str):
 def vlm(request, tmp_path_factory):
     folder = tmp_path_factory.mktemp(request.param)
     reference = save(vlm_config(request.param), folder, seed=6, max_shard_size="20KB")
-    vision_shards = spoil_language_shards(folder)
+    spoil_language_shards(folder)
     return folder, reference.model.vision_model
 
 
