@@ -29,6 +29,7 @@ from explorer.web import RequestGuard
 from model import LoadedModel
 
 logger = logging.getLogger("vit-inspect")
+Components = dict[str, gr.components.Component | gr.State | gr.Tabs]  # the page's parts by name
 ASSETS = Path(__file__).resolve().parent / "assets"
 EXAMPLES = [str(ASSETS / name) for name in ("chelsea.png", "astronaut.png", "coffee.png", "rocket.jpg")]
 MB = 2**20
@@ -86,145 +87,161 @@ def build_demo(loaded: LoadedModel | None = None, device: str | None = None, pol
     gr.set_static_paths([ASSETS])  # the examples are served from where they are, never copied
     workspace = workspace or workspace_for(loaded, device, policy)
     page, api = Page(workspace), Api(workspace)
-    first = workspace.models.get(DEFAULT)  # load (and convert, the first time) at start-up
+    patch_size = workspace.models.get(DEFAULT).config.patch_size  # load (and convert, the first time) at start-up
     page.warm(EXAMPLES[0], DEFAULT_RESOLUTION)  # the arrival image, analysed once and kept
-    low, high = resolution_limits(first.config.patch_size)
     with gr.Blocks(title="vit-inspect", delete_cache=(600, FILE_AGE_S)) as demo:
         gr.Markdown(INTRO)
-        view, tab = gr.State(None), gr.State("cls")
-        c: dict[str, gr.components.Component] = {"view": view}
+        c: Components = {"view": gr.State(None), "tab": gr.State("cls"), "model_key": gr.State(DEFAULT)}
         with gr.Row(equal_height=False):
             with gr.Column(scale=1, min_width=300):
-                image_in = gr.Image(EXAMPLES[0], label="Image (upload, paste or webcam)", type="filepath",
-                                    sources=["upload", "clipboard", "webcam"], height=240, elem_id="image-input")
-                gr.Examples(EXAMPLES, inputs=[image_in], label="Examples (public domain / CC0): click to analyse",
-                            elem_id="examples")
-                c["status"] = gr.Markdown(elem_id="status")
-                apply_resolution = gr.Button("Apply resolution", visible="hidden", elem_id="resolution-apply")
+                _input_column(c)
             with gr.Column(scale=3, min_width=320):
+                _controls(c, patch_size)
+                _tabs(c)
                 with gr.Row():
-                    c["resolution"] = gr.Slider(low, high, DEFAULT_RESOLUTION, step=first.config.patch_size,
-                                                label="Resolution, long side (px): release, or type + Enter",
-                                                elem_id="resolution", min_width=200)
-                    c["layer"] = gr.Slider(0, 11, 11, step=1, label="Layer", elem_id="layer", min_width=160)
-                    c["head"] = gr.Dropdown(views.head_choices(6), value="mean", label="Head (or fusion of heads)",
-                                            elem_id="head", min_width=120)
-                    c["cmap"] = gr.Dropdown(visualizer.available_colormaps(), value="inferno", label="Colormap",
-                                            elem_id="cmap", min_width=120)
-                    c["opacity"] = gr.Slider(0, 1, 0.6, step=0.05, label="Opacity", elem_id="opacity", min_width=140)
-                with gr.Tabs() as tab_bar:
-                    with gr.Tab(TAB_LABELS["cls"], id="cls"):
-                        c["summary"] = gr.Markdown(elem_id="summary")
-                        with gr.Row(equal_height=False):
-                            c["main"] = _view("Class-token attention (click a patch)", "cls-view")
-                            with gr.Column(min_width=240):
-                                c["patch"] = _view("Attention of the clicked patch", "patch-view")
-                                c["direction"] = gr.Radio([("what it attends to", "row"),
-                                                           ("what attends to it", "column")], value="row",
-                                                          show_label=False, elem_id="direction")
-                        c["patch_caption"] = gr.Markdown(elem_id="patch-info")
-                        with gr.Row():
-                            c["mass_on"] = gr.Checkbox(False, label="Show only the patches holding", min_width=120,
-                                                       elem_id="mass-on")
-                            c["mass"] = gr.Slider(0.05, 1, 0.6, step=0.05, label="of the attention mass (DINO)",
-                                                  min_width=160)
-                        c["second"] = _view("The model's other summary", "second-view", visible=False)
-                        c["grid"] = _view("Every head of this layer", "head-grid")
-                    with gr.Tab(TAB_LABELS["rollout"], id="rollout"):
-                        with gr.Row():
-                            c["fusion"] = gr.Radio(list(FUSIONS), value="mean", label="Head fusion",
-                                                   elem_id="rollout-fusion")
-                            c["discard"] = gr.Slider(0, 0.95, 0, step=0.05, label="Discard ratio",
-                                                     info="drops the weakest links of each layer",
-                                                     elem_id="rollout-discard")
-                        c["rollout_caption"] = gr.Markdown(elem_id="rollout-caption")
-                        c["rollout"] = _view("Rollout", "rollout-view")
-                        c["flow_note"] = gr.Markdown(elem_id="flow-note")
-                        c["flow_button"] = gr.Button("Compute attention flow", visible=False, elem_id="flow-button")
-                        c["flow"] = _view("Attention flow", "flow-view", visible=False)
-                    with gr.Tab(TAB_LABELS["heads"], id="heads"):
-                        gr.Markdown("Every layer (rows) × head (columns). Click a thumbnail or a table row to select "
-                                    "that head everywhere.")
-                        c["atlas_shared"] = gr.Checkbox(False, label="One scale for every thumbnail")
-                        c["atlas"] = _view("Atlas", "atlas")
-                        c["statistic"] = gr.Dropdown([(STAT_COLUMNS.get(name, name), name) for name in STAT_LABELS],
-                                                     value="mean_distance_px", label="Statistic")
-                        c["chart"] = _view("Statistic per layer × head", "chart")
-                        c["scatter"] = _view("Mean attention distance against depth (Dosovitskiy et al. 2021, fig. 7)",
-                                             "distance-figure")
-                        c["table"] = gr.Dataframe(label="Head statistics (click a row; sortable)", interactive=False,
-                                                  elem_id="stats-table", max_height=360, wrap=True,
-                                                  column_widths=["70px", "70px"])
-                        with gr.Accordion("What each statistic is", open=False):
-                            gr.Markdown(stat_definitions())
-                    with gr.Tab(TAB_LABELS["hidden"], id="hidden"):
-                        c["hidden_caption"] = gr.Markdown(elem_id="hidden-caption")
-                        with gr.Row():
-                            c["norms"] = _view("Token norms", "norm-view", min_width=240)
-                            c["pca"] = _view("PCA → RGB", "pca-view", min_width=240)
-                            c["similarity"] = _view("Similarity to the clicked patch", "similarity-view",
-                                                    min_width=240)
-                    with gr.Tab(TAB_LABELS["animation"], id="animation"):
-                        anim_mode = gr.Radio([("class-token map of the head", "cls"),
-                                              ("rollout up to each layer", "rollout")], value="cls",
-                                             label="Animate through the layers")
-                        anim_button = gr.Button("Make GIF")
-                        c["gif"] = gr.Image(label="Layer animation", interactive=False, format="gif",
-                                            show_label=False, buttons=[], elem_id="gif")
-                        c["gif_file"] = gr.File(label="GIF download")
-                with gr.Row():
-                    export_button = gr.Button("Download this view (.png) and its numbers (.npz + .json)",
-                                              elem_id="export", scale=2)
+                    c["export_button"] = gr.Button("Download this view (.png) and its numbers (.npz + .json)",
+                                                   elem_id="export", scale=2)
                     c["export_files"] = gr.File(label="Downloads", file_count="multiple", elem_id="export-files",
                                                 scale=3, visible=False)
         with gr.Row():
-            with gr.Accordion("Model", open=False):
-                model_key = gr.State(DEFAULT)
-                model_choice = gr.Dropdown([DEFAULT, *WELL_KNOWN], value=DEFAULT, label="Model",
-                                           info="'default' is DINOv2 ViT-S/14, embedded; others come from the hub.")
-                model_custom = gr.Textbox(label="Or any hub id" + ("" if workspace.models.policy.public else
-                                                                  " / local folder"), placeholder="org/name")
-                load_button = gr.Button("Load model and analyse")
-                model_status = gr.Markdown()
-            with gr.Accordion("Advanced", open=False):
-                c["stat_mode"] = gr.Radio([("512 spread queries", "spread"), ("all queries (exact)", "all")],
-                                          value="spread", label="Head statistics averaged over")
-                dtype = gr.Radio(["float32", "float16", "bfloat16"], value="float32", label="Precision",
-                                 visible=workspace.models.device_type == "cuda")
-                c["smooth"] = gr.Checkbox(True, label="Smooth maps (bilinear); off shows crisp patches")
-                c["normalize"] = gr.Radio(["robust", "minmax", "max"], value="robust", label="Map scaling",
-                                          info="robust: min to 99th percentile, so sink tokens don't hide the rest")
-
-        controls = [c[name] for name in Controls.FIELDS]
-        private = {"api_visibility": "private", "preprocess": False}
-        render = dict(fn=page.render, inputs=[view, tab, *controls], outputs=[c[n] for n in VIEW_OUTPUTS],
-                      show_progress="hidden", concurrency_id="render", concurrency_limit=2, **private)
-        prepare = dict(fn=page.prepare_tab, inputs=[view, tab, c["fusion"], c["discard"], c["stat_mode"]],
-                       outputs=None, concurrency_id="model", **private)
-
-        analyze = dict(fn=page.analyze, inputs=[image_in, c["resolution"], model_key, dtype],
-                       outputs=[c[n] for n in ANALYSIS_OUTPUTS], concurrency_id="model", **private)
-        gr.on([demo.load, image_in.change, c["resolution"].release, apply_resolution.click], **analyze,
-              trigger_mode="always_last").then(**prepare).then(**render)  # a new image while one runs is not lost
-        load_button.click(page.switch_model, [model_choice, model_custom], [model_key, model_status],
-                          concurrency_id="model", **private).success(**analyze).then(**prepare).then(**render)
-        tab_bar.select(page.select_tab, None, tab, queue=False, **private).then(**prepare).then(**render)
-        gr.on([c[n].change for n in ("layer", "head", "direction", "cmap", "smooth", "normalize", "mass_on",
-                                     "statistic", "atlas_shared", "opacity", "mass")],
-              trigger_mode="always_last", **render)
-        gr.on([c[n].change for n in ("fusion", "discard", "stat_mode")], trigger_mode="always_last", **prepare
-              ).then(**render)
-        for clickable in ("main", "patch", "similarity"):
-            c[clickable].select(page.click, view, view, concurrency_id="render", **private).then(**render)
-        c["atlas"].select(page.select_in_atlas, view, [c["layer"], c["head"]], concurrency_id="render", **private)
-        c["table"].select(page.select_in_table, view, [c["layer"], c["head"]], concurrency_id="render", **private)
-        c["flow_button"].click(page.flow, [view, *controls], c["flow"], concurrency_id="model", **private)
-        anim_button.click(page.animate, [view, anim_mode, *controls], [c["gif"], c["gif_file"]],
-                          concurrency_id="model", **private)
-        export_button.click(page.download, [view, tab, *controls], c["export_files"], concurrency_id="model", **private)
+            _settings(c, workspace)
+        _wire(demo, c, page)
         api.register()
     demo.queue(max_size=queue_size, default_concurrency_limit=workspace.device_slots)
     return demo
+
+
+def _input_column(c: Components) -> None:
+    c["image_in"] = gr.Image(EXAMPLES[0], label="Image (upload, paste or webcam)", type="filepath",
+                             sources=["upload", "clipboard", "webcam"], height=240, elem_id="image-input")
+    gr.Examples(EXAMPLES, inputs=[c["image_in"]], label="Examples (public domain / CC0): click to analyse",
+                elem_id="examples")
+    c["status"] = gr.Markdown(elem_id="status")
+    c["apply_resolution"] = gr.Button("Apply resolution", visible="hidden", elem_id="resolution-apply")
+
+
+def _controls(c: Components, patch_size: int) -> None:
+    low, high = resolution_limits(patch_size)
+    with gr.Row():
+        c["resolution"] = gr.Slider(low, high, DEFAULT_RESOLUTION, step=patch_size, elem_id="resolution",
+                                    label="Resolution, long side (px): release, or type + Enter", min_width=200)
+        c["layer"] = gr.Slider(0, 11, 11, step=1, label="Layer", elem_id="layer", min_width=160)
+        c["head"] = gr.Dropdown(views.head_choices(6), value="mean", label="Head (or fusion of heads)",
+                                elem_id="head", min_width=120)
+        c["cmap"] = gr.Dropdown(visualizer.available_colormaps(), value="inferno", label="Colormap",
+                                elem_id="cmap", min_width=120)
+        c["opacity"] = gr.Slider(0, 1, 0.6, step=0.05, label="Opacity", elem_id="opacity", min_width=140)
+
+
+def _tabs(c: Components) -> None:
+    with gr.Tabs() as c["tab_bar"]:
+        with gr.Tab(TAB_LABELS["cls"], id="cls"):
+            _class_token_tab(c)
+        with gr.Tab(TAB_LABELS["rollout"], id="rollout"):
+            with gr.Row():
+                c["fusion"] = gr.Radio(list(FUSIONS), value="mean", label="Head fusion", elem_id="rollout-fusion")
+                c["discard"] = gr.Slider(0, 0.95, 0, step=0.05, label="Discard ratio", elem_id="rollout-discard",
+                                         info="drops the weakest links of each layer")
+            c["rollout_caption"] = gr.Markdown(elem_id="rollout-caption")
+            c["rollout"] = _view("Rollout", "rollout-view")
+            c["flow_note"] = gr.Markdown(elem_id="flow-note")
+            c["flow_button"] = gr.Button("Compute attention flow", visible=False, elem_id="flow-button")
+            c["flow"] = _view("Attention flow", "flow-view", visible=False)
+        with gr.Tab(TAB_LABELS["heads"], id="heads"):
+            _heads_tab(c)
+        with gr.Tab(TAB_LABELS["hidden"], id="hidden"):
+            c["hidden_caption"] = gr.Markdown(elem_id="hidden-caption")
+            with gr.Row():
+                c["norms"] = _view("Token norms", "norm-view")
+                c["pca"] = _view("PCA → RGB", "pca-view")
+                c["similarity"] = _view("Similarity to the clicked patch", "similarity-view")
+        with gr.Tab(TAB_LABELS["animation"], id="animation"):
+            c["anim_mode"] = gr.Radio([("class-token map of the head", "cls"), ("rollout up to each layer", "rollout")],
+                                      value="cls", label="Animate through the layers")
+            c["anim_button"] = gr.Button("Make GIF")
+            c["gif"] = gr.Image(label="Layer animation", interactive=False, format="gif", show_label=False,
+                                buttons=[], elem_id="gif")
+            c["gif_file"] = gr.File(label="GIF download")
+
+
+def _class_token_tab(c: Components) -> None:
+    c["summary"] = gr.Markdown(elem_id="summary")
+    with gr.Row(equal_height=False):
+        c["main"] = _view("Class-token attention (click a patch)", "cls-view")
+        with gr.Column(min_width=240):
+            c["patch"] = _view("Attention of the clicked patch", "patch-view")
+            c["direction"] = gr.Radio([("what it attends to", "row"), ("what attends to it", "column")],
+                                      value="row", show_label=False, elem_id="direction")
+    c["patch_caption"] = gr.Markdown(elem_id="patch-info")
+    with gr.Row():
+        c["mass_on"] = gr.Checkbox(False, label="Show only the patches holding", min_width=120, elem_id="mass-on")
+        c["mass"] = gr.Slider(0.05, 1, 0.6, step=0.05, label="of the attention mass (DINO)", min_width=160)
+    c["second"] = _view("The model's other summary", "second-view", visible=False)
+    c["grid"] = _view("Every head of this layer", "head-grid")
+
+
+def _heads_tab(c: Components) -> None:
+    gr.Markdown("Every layer (rows) × head (columns). Click a thumbnail or a table row to select that head everywhere.")
+    c["atlas_shared"] = gr.Checkbox(False, label="One scale for every thumbnail")
+    c["atlas"] = _view("Atlas", "atlas")
+    c["statistic"] = gr.Dropdown([(STAT_COLUMNS.get(name, name), name) for name in STAT_LABELS],
+                                 value="mean_distance_px", label="Statistic")
+    c["chart"] = _view("Statistic per layer × head", "chart")
+    c["scatter"] = _view("Mean attention distance against depth (Dosovitskiy et al. 2021, fig. 7)", "distance-figure")
+    c["table"] = gr.Dataframe(label="Head statistics (click a row; sortable)", interactive=False, elem_id="stats-table",
+                              max_height=360, wrap=True, column_widths=["70px", "70px"])
+    with gr.Accordion("What each statistic is", open=False):
+        gr.Markdown(stat_definitions())
+
+
+def _settings(c: Components, workspace: Workspace) -> None:
+    with gr.Accordion("Model", open=False):
+        c["model_choice"] = gr.Dropdown([DEFAULT, *WELL_KNOWN], value=DEFAULT, label="Model",
+                                        info="'default' is DINOv2 ViT-S/14, embedded; others come from the hub.")
+        local = "" if workspace.models.policy.public else " / local folder"
+        c["model_custom"] = gr.Textbox(label=f"Or any hub id{local}", placeholder="org/name")
+        c["load_button"] = gr.Button("Load model and analyse")
+        c["model_status"] = gr.Markdown()
+    with gr.Accordion("Advanced", open=False):
+        c["stat_mode"] = gr.Radio([("512 spread queries", "spread"), ("all queries (exact)", "all")], value="spread",
+                                  label="Head statistics averaged over")
+        c["dtype"] = gr.Radio(["float32", "float16", "bfloat16"], value="float32", label="Precision",
+                              visible=workspace.models.device_type == "cuda")
+        c["smooth"] = gr.Checkbox(True, label="Smooth maps (bilinear); off shows crisp patches")
+        c["normalize"] = gr.Radio(["robust", "minmax", "max"], value="robust", label="Map scaling",
+                                  info="robust: min to 99th percentile, so sink tokens don't hide the rest")
+
+
+def _wire(demo: gr.Blocks, c: Components, page: Page) -> None:
+    """Every event of the page: analyses and slow work in the "model" concurrency group, redraws in "render"."""
+    view, tab = c["view"], c["tab"]
+    controls = [c[name] for name in Controls.FIELDS]
+    private = {"api_visibility": "private", "preprocess": False}
+    model = dict(concurrency_id="model", **private)
+    render = dict(fn=page.render, inputs=[view, tab, *controls], outputs=[c[n] for n in VIEW_OUTPUTS],
+                  show_progress="hidden", concurrency_id="render", concurrency_limit=2, **private)
+    prepare = dict(fn=page.prepare_tab, inputs=[view, tab, c["fusion"], c["discard"], c["stat_mode"]], outputs=None,
+                   **model)
+    analyze = dict(fn=page.analyze, inputs=[c["image_in"], c["resolution"], c["model_key"], c["dtype"]],
+                   outputs=[c[n] for n in ANALYSIS_OUTPUTS], **model)
+    gr.on([demo.load, c["image_in"].change, c["resolution"].release, c["apply_resolution"].click], **analyze,
+          trigger_mode="always_last").then(**prepare).then(**render)  # a new image while one runs is not lost
+    loaded = c["load_button"].click(page.switch_model, [c["model_choice"], c["model_custom"]],
+                                    [c["model_key"], c["model_status"]], **model)
+    loaded.success(**analyze).then(**prepare).then(**render)
+    c["tab_bar"].select(page.select_tab, None, tab, queue=False, **private).then(**prepare).then(**render)
+    redraws = ("layer", "head", "direction", "cmap", "smooth", "normalize", "mass_on", "statistic", "atlas_shared",
+               "opacity", "mass")
+    gr.on([c[n].change for n in redraws], trigger_mode="always_last", **render)
+    gr.on([c[n].change for n in ("fusion", "discard", "stat_mode")], trigger_mode="always_last", **prepare
+          ).then(**render)
+    for clickable in ("main", "patch", "similarity"):
+        c[clickable].select(page.click, view, view, concurrency_id="render", **private).then(**render)
+    for selectable, handler in (("atlas", page.select_in_atlas), ("table", page.select_in_table)):
+        c[selectable].select(handler, view, [c["layer"], c["head"]], concurrency_id="render", **private)
+    c["flow_button"].click(page.flow, [view, *controls], c["flow"], **model)
+    c["anim_button"].click(page.animate, [view, c["anim_mode"], *controls], [c["gif"], c["gif_file"]], **model)
+    c["export_button"].click(page.download, [view, tab, *controls], c["export_files"], **model)
 
 
 def _view(label: str, elem_id: str, min_width: int = 240, visible: bool = True) -> gr.Image:
