@@ -112,7 +112,7 @@ def check_resolution(value: Any) -> int:
     return whole(value, "resolution", MIN_RESOLUTION, MAX_RESOLUTION)
 
 
-def flow_offer(analysis: Analysis, geometry_at: Callable[[int], Any], resolution: int) -> tuple[str, bool]:
+def describe_flow(analysis: Analysis, geometry_at: Callable[[int], Any], resolution: int) -> tuple[str, bool]:
     """What to say about attention flow for this image, and whether it can be computed at this resolution.
 
     Args:
@@ -152,9 +152,10 @@ class Handlers:
         return source, scene, self.workspace.analysis(key, source, progress), key
 
     def flow_offer(self, analysis: Analysis, scene: views.Scene, key: AnalysisKey) -> tuple[str, bool]:
+        """What to say about attention flow for this analysis, and whether it is offered."""
         preprocessing = self.workspace.models.get(key.model, key.dtype).preprocessing
-        return flow_offer(analysis, lambda side: preprocessing.geometry(scene.image.height, scene.image.width, side),
-                          key.resolution)
+        geometry_at = lambda side: preprocessing.geometry(scene.image.height, scene.image.width, side)  # noqa: E731
+        return describe_flow(analysis, geometry_at, key.resolution)
 
     def precision(self, value: Any) -> str:
         dtype = choice(value, "precision", tuple(DTYPES))
@@ -174,7 +175,7 @@ def model_name(value: Any) -> str:
     if value is None:
         return "default"
     if not isinstance(value, str) or len(value) > 200:
-        raise UserError("model must be a hub id (org/name) or 'default'.")
+        raise UserError("model must be 'default' or a model id (org/name), in at most 200 characters.")
     return value.strip() or "default"
 
 

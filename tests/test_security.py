@@ -120,7 +120,7 @@ WRONG = [  # (endpoint, a wrong argument, what the message must say)
     ("rollout", {"fusion": "sum"}, "fusion must be one of mean, max, min; got 'sum'"),
     ("head_statistics", {"queries": "some"}, "statistics must be one of spread, all; got 'some'"),
     ("layer_animation", {"mode": "video"}, "mode must be one of cls, rollout; got 'video'"),
-    ("export", {"model": {"x": 1}}, "model must be a hub id"),
+    ("export", {"model": {"x": 1}}, "model must be 'default' or a model id"),
 ]
 
 
