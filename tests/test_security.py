@@ -235,3 +235,23 @@ def test_float_images_with_nan_are_analysed_with_a_warning(client, tmp_path):
     result = client.call("analyze", page_analyze(client, client.upload(path)))
     assert result.success and "grid" in result.data[1]
     assert any("100 pixels were NaN or infinite" in w for w in result.warnings)
+
+
+def test_endpoints_asking_about_one_new_image_at_once_compute_it_once(client, monkeypatch, tmp_path):
+    """Three at once: this server's queue holds two besides the one running."""
+    from explorer import session
+    calls, original = [], session.analyze_scene
+    monkeypatch.setattr(session, "analyze_scene", lambda *a, **k: calls.append(a[2]) or original(*a, **k))
+    image = tmp_path / "new.png"
+    Image.fromarray(np.random.default_rng(7).integers(0, 255, (90, 140, 3), dtype=np.uint8)).save(image)
+    upload = client.upload(image)
+    endpoints = ("cls_attention", "rollout", "hidden_states")
+    results = {}
+    threads = [threading.Thread(target=lambda e=e: results.update({e: client.call(e, [upload, *args(e)])}))
+               for e in endpoints]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert all(results[e].success for e in endpoints), {e: (r.status, r.error) for e, r in results.items()}
+    assert calls == [RES]
