@@ -120,7 +120,8 @@ def run_variant(variant: str, size: int, model_kind: str, device: str, repeats: 
 
 
 def rerender_timings(size: int, device: str) -> dict:
-    """Milliseconds to redraw after the analysis exists: another layer, head, or clicked patch (median of 7)."""
+    """Milliseconds to redraw after the analysis exists, as the page draws (640 px, with colour bars): another
+    layer, head, or clicked patch (median of 7)."""
     from analysis import analyze
     from analysis.layer_cache import REBUILT
     from explorer import views
@@ -131,17 +132,22 @@ def rerender_timings(size: int, device: str) -> dict:
     result = analyze(loaded, image, size)
     scene = views.Scene.of(image)
     style = views.Style()
+    row, col, _ = views.patch_at(result, 200, 300)
 
     def click(layer: int, head: "int | str", direction: str, rebuilt: bool):
         def redraw():
             if not rebuilt:
                 REBUILT.clear()
-            views.patch_view(result, scene, 200, 300, layer, head, direction, style)
+            views.patch_view(result, scene.page, row, col, layer, head, direction, style, legend=True)
         return redraw
 
+    def layer_change():
+        views.cls_view(result, scene.page, 7, "mean", style, legend=True, marker=(row, col))
+        views.head_grid(result, scene.thumb, 7, style, legend=True)
+
     cases = {
-        "layer change (overlay + head grid)": lambda: views.cls_view(result, scene, 7, "mean", style),
-        "head change (overlay)": lambda: views.cls_view(result, scene, 7, 3, style, with_grid=False),
+        "layer change (overlay + head grid)": layer_change,
+        "head change (overlay)": lambda: views.cls_view(result, scene.page, 7, 3, style, legend=True),
         "clicked patch, layer not yet rebuilt (row + overlay)": click(9, "mean", "row", rebuilt=False),
         "clicked patch, layer rebuilt (row + overlay)": click(9, "mean", "row", rebuilt=True),
         "clicked patch, layer rebuilt (column + overlay)": click(9, 2, "column", rebuilt=True),
@@ -204,6 +210,19 @@ def targets(default: dict, large: dict | None, vit_h: dict, rerender: dict, serv
     return out
 
 
+def flow_seconds(size: int, device: str) -> dict:
+    """Seconds for attention flow (one max-flow per token) once the analysis exists, default model."""
+    from analysis import analyze
+    from model import load_model
+    from model.preprocess import load_image
+    result = analyze(load_model(None, device=device), load_image(str(IMAGE)), size)
+    start = time.perf_counter()
+    result.flow_map("mean")
+    g = result.geometry
+    return {"size": size, "tokens": g.grid_h * g.grid_w + result.num_prefix_tokens,
+            "seconds": time.perf_counter() - start}
+
+
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[224, 518, 1022])
@@ -214,6 +233,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--no-served", action="store_true", help="skip the served app's measurement (CPU only)")
     parser.add_argument("--child", nargs=4, metavar=("VARIANT", "SIZE", "MODEL", "REPEATS"), help=argparse.SUPPRESS)
     parser.add_argument("--rerender", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--flow", type=int, metavar="SIZE", help="only time attention flow at SIZE px, and stop")
     return parser.parse_args()
 
 
@@ -225,6 +245,9 @@ def main() -> None:
         return
     if args.rerender:
         print(json.dumps(rerender_timings(args.rerender, args.device)))
+        return
+    if args.flow:
+        print(json.dumps(flow_seconds(args.flow, args.device)))
         return
     print(f"device: {args.device}, torch threads: {torch.get_num_threads()}; MB = 2^20 bytes\n")
     print("| model | px | tokens | variant | seconds | peak extra MB | kept MB | time / (a) | (d) peak / ours |")

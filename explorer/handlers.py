@@ -29,7 +29,7 @@ NORMALIZATIONS = ("robust", "minmax", "max")
 DIRECTIONS = ("row", "column")
 STAT_MODES = {"spread": DEFAULT_STAT_QUERIES, "all": None}  # head statistics over 512 spread queries, or every one
 USER_ERRORS = (UserError, InvalidImageError, CheckpointError)
-FLOW_SECONDS_AT_LIMIT = 69.0  # measured: 12 layers, 577 tokens, 2-core CPU; one max-flow per token, ∝ layers × N³
+FLOW_SECONDS_AT_LIMIT = 81.0  # bench_analysis.py --flow 336: 12 layers, 577 tokens, 2-core CPU; ∝ layers × N³
 
 
 def user_message(err: Exception) -> str:
