@@ -10,8 +10,8 @@ import visualizer
 from analysis import FUSIONS, STAT_LABELS
 
 from . import exports, views
-from .handlers import Handlers, check_colormap, check_discard, check_stat_mode, guarded, point, statistics
-from .inputs import UserError, choice, head_choice, layer_index, number
+from .handlers import Handlers, check_discard, check_stat_mode, check_style, guarded, layer_and_head, point, statistics
+from .inputs import UserError, choice, layer_index
 from .session import DEFAULT_RESOLUTION
 
 MODES = ("cls", "rollout")
@@ -25,8 +25,8 @@ class Api(Handlers):
         """The class token's attention in `layer` (negative counts from the end): the overlay for `head`
         (an index, or mean/max/min), the grid of all heads, and every head's map as numbers."""
         _, scene, analysis, _ = self.open(image, resolution, model)
-        layer, head = layer_index(layer, analysis.num_layers), head_choice(head, analysis.num_heads, FUSIONS)
-        style = views.Style(opacity=number(opacity, "opacity", 0.0, 1.0), cmap=check_colormap(colormap))
+        layer, head = layer_and_head(analysis, layer, head)
+        style = check_style(opacity, colormap)
         overlay = views.cls_view(analysis, scene.large, layer, head, style)
         grid = views.head_grid(analysis, scene.thumb, layer, style)
         maps = analysis.cls_maps(layer)
@@ -45,10 +45,10 @@ class Api(Handlers):
         """What the patch under pixel (x, y) of the original image attends to (direction "row") or what
         attends to it ("column"), in `layer` for `head`."""
         _, scene, analysis, _ = self.open(image, resolution, model)
-        layer, head = layer_index(layer, analysis.num_layers), head_choice(head, analysis.num_heads, FUSIONS)
+        layer, head = layer_and_head(analysis, layer, head)
         row, col, _ = views.patch_at(analysis, *point(x, y, analysis))
         direction = choice(direction, "direction", ("row", "column"))
-        style = views.Style(opacity=number(opacity, "opacity", 0.0, 1.0), cmap=check_colormap(colormap))
+        style = check_style(opacity, colormap)
         overlay, values = views.patch_view(analysis, scene.large, row, col, layer, head, direction, style)
         return self.png(overlay, "patch_attention"), {"row": row, "col": col, "layer": layer, "head": head,
                                                       "direction": direction, "map": values.round(7).tolist()}
@@ -112,7 +112,7 @@ class Api(Handlers):
                         resolution: int = DEFAULT_RESOLUTION, model: str = "default") -> FileData:
         """A GIF through the layers: the class-token map of `head` ("cls") or rollout up to each layer."""
         _, scene, analysis, _ = self.open(image, resolution, model)
-        mode, head = choice(mode, "mode", MODES), head_choice(head, analysis.num_heads, FUSIONS)
+        mode, (_, head) = choice(mode, "mode", MODES), layer_and_head(analysis, -1, head)
         frames, captions = views.layer_frames(analysis, scene.page, mode, head, API_STYLE)
         return self.file(visualizer.animation_gif(frames, 500, captions=captions), f"{mode}_layers.gif")
 
@@ -121,7 +121,7 @@ class Api(Handlers):
                model: str = "default") -> tuple[FileData, FileData]:
         """The numbers behind the views as .npz with a .json sidecar (model, resolution, grid, alignment, settings)."""
         _, _, analysis, _ = self.open(image, resolution, model)
-        layer, head = layer_index(layer, analysis.num_layers), head_choice(head, analysis.num_heads, FUSIONS)
+        layer, head = layer_and_head(analysis, layer, head)
         token = views.patch_at(analysis, *point(x, y, analysis))[2]
         settings = {"fusion": choice(fusion, "fusion", FUSIONS), "discard_ratio": check_discard(discard_ratio)}
         npz, sidecar = exports.numbers(analysis, layer, head, token, settings)

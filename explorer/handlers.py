@@ -85,10 +85,20 @@ class Controls:
         mass_fraction = number(mass, "mass fraction", 0.05, 1.0) if flag(mass_on, "threshold") else None
         style = views.Style(number(opacity, "opacity", 0.0, 1.0), check_colormap(cmap), flag(smooth, "smooth"),
                             choice(normalize, "map scaling", NORMALIZATIONS), mass_fraction)
-        return cls(layer_index(layer, analysis.num_layers), head_choice(head, analysis.num_heads, FUSIONS),
-                   choice(direction, "direction", DIRECTIONS), style, choice(fusion, "fusion", FUSIONS),
-                   check_discard(discard), choice(statistic, "statistic", tuple(STAT_LABELS)),
-                   flag(atlas_shared, "shared"), check_stat_mode(stat_mode))
+        return cls(*layer_and_head(analysis, layer, head), choice(direction, "direction", DIRECTIONS), style,
+                   choice(fusion, "fusion", FUSIONS), check_discard(discard),
+                   choice(statistic, "statistic", tuple(STAT_LABELS)), flag(atlas_shared, "shared"),
+                   check_stat_mode(stat_mode))
+
+
+def layer_and_head(analysis: Analysis, layer: Any, head: Any) -> tuple[int, "int | str"]:
+    """A layer index (negative counts from the end) and a head index or fusion, checked against the model."""
+    return layer_index(layer, analysis.num_layers), head_choice(head, analysis.num_heads, FUSIONS)
+
+
+def check_style(opacity: Any, cmap: Any) -> views.Style:
+    """The API's style: its opacity and colormap checked, the rest as the page's defaults."""
+    return views.Style(opacity=number(opacity, "opacity", 0.0, 1.0), cmap=check_colormap(cmap))
 
 
 def check_stat_mode(value: Any) -> str:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import copy
 import logging
 import os
-import re
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
@@ -17,6 +16,7 @@ import torch
 
 from analysis import DTYPES
 from model import LoadedModel, load_model
+from model.hub import HUB_ID
 
 from .inputs import UserError
 
@@ -39,7 +39,6 @@ WELL_KNOWN = (  # offered in the page; any other hub id (or, on one's own machin
     "facebook/dinov2-base",
     "facebook/dinov2-with-registers-small",
 )
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[\w.-]{1,96}$")
 TRUE = ("1", "true", "yes", "on")
 PUBLIC_REFUSAL = ("Only models from the Hugging Face hub can be loaded here: type an id like org/name "
                   "(local paths are not accepted on a public server).")

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import dataclasses
-import logging
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -19,7 +18,6 @@ from .inputs import UserError, uploaded_file
 from .models import DEFAULT, ModelStore
 from .views import Scene
 
-logger = logging.getLogger(__name__)
 MIN_RESOLUTION, MAX_RESOLUTION, DEFAULT_RESOLUTION = 224, 2048, 518
 Progress = Callable[[float, str], None]
 Warn = Callable[[str], None]
