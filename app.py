@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from pathlib import Path
 
 import gradio as gr
@@ -16,30 +15,24 @@ from starlette.middleware import Middleware
 
 import visualizer
 from analysis import FUSIONS, STAT_LABELS
-from explorer import views
-from explorer.api import Api
-from explorer.cache import AnalysisCache
-from explorer.files import FileStore
-from explorer.gpu import on_zero_gpu
-from explorer.handlers import Controls
-from explorer.models import DEFAULT, WELL_KNOWN, ModelPolicy, ModelStore
-from explorer.page import ANALYSIS_OUTPUTS, STAT_COLUMNS, TAB_LABELS, VIEW_OUTPUTS, Page, stat_definitions
-from explorer.session import DEFAULT_RESOLUTION, Workspace, resolution_limits
-from explorer.web import RequestGuard
+from explorer import drawing
+from explorer.inputs import (ANIMATIONS, DEFAULT_RESOLUTION, DIRECTIONS, FIELDS, NORMALIZATIONS, PRECISIONS, STAT_MODES,
+                             resolution_limits)
 from model import LoadedModel
+from server.api import Api
+from server.files import FileStore
+from server.gpu import on_zero_gpu
+from server.guard import RequestGuard
+from server.handlers import STAT_COLUMNS, stat_definitions
+from server.model_store import DEFAULT, WELL_KNOWN
+from server.page import ANALYSIS_OUTPUTS, TAB_LABELS, VIEW_OUTPUTS, Page
+from server.settings import Settings
+from server.workspace import Workspace
 
 logger = logging.getLogger("vit-inspect")
 Components = dict[str, gr.components.Component | gr.State | gr.Tabs]  # the page's parts by name
 ASSETS = Path(__file__).resolve().parent / "assets"
 EXAMPLES = [str(ASSETS / name) for name in ("chelsea.png", "astronaut.png", "coffee.png", "rocket.jpg")]
-MB = 2**20
-CACHE_BYTES = int(os.environ.get("VIT_INSPECT_CACHE_MB", "4096")) * MB  # analyses and decoded images kept in memory
-DISK_BYTES = int(os.environ.get("VIT_INSPECT_DISK_MB", "2048")) * MB  # uploads and every file the app writes
-FILE_AGE_S = int(os.environ.get("VIT_INSPECT_FILE_AGE_S", "3600"))
-MAX_FILE_SIZE = os.environ.get("VIT_INSPECT_MAX_FILE_SIZE", "50mb")  # per upload
-MODEL_SLOTS = int(os.environ.get("VIT_INSPECT_CONCURRENCY", "0")) or None  # analyses at once; default: 1 (2 on CUDA)
-QUEUE_SIZE = int(os.environ.get("VIT_INSPECT_QUEUE_SIZE", "32"))
-os.environ.setdefault("GRADIO_TEMP_DIR", str(Path(tempfile.gettempdir()) / "vit-inspect"))  # our own managed folder
 INTRO = """# vit-inspect
 See what each **head** of each **layer** of a vision transformer attends to, at any resolution. The model runs
 once per image; every control redraws from that one pass. **Click a map** to pick a patch and see what it attends to."""
@@ -62,41 +55,42 @@ ENTER_APPLIES_RESOLUTION = """() => {
 }"""
 
 
-def workspace_for(loaded: LoadedModel | None, device: str | None, policy: ModelPolicy | None) -> Workspace:
+def workspace_for(loaded: LoadedModel | None, device: str | None = None, settings: Settings | None = None) -> Workspace:
+    """The shared workspace; `loaded` replaces the embedded default model (tests pass a tiny one)."""
+    settings = settings or Settings.from_env()
+    os.environ["GRADIO_TEMP_DIR"] = str(settings.temp_dir)  # Gradio's uploads and cache: our managed folder
     device = device or ("cpu" if on_zero_gpu() else None)  # on ZeroGPU, models live on the CPU between leases
-    models = ModelStore(loaded, device=device, policy=policy or ModelPolicy.from_env())
-    slots = MODEL_SLOTS or (2 if models.device_type == "cuda" else 1)
     root = Path(gr.utils.get_upload_folder())
-    return Workspace(models, AnalysisCache(CACHE_BYTES), FileStore(root, DISK_BYTES, FILE_AGE_S), [root, ASSETS],
-                     slots)
+    return Workspace(settings, FileStore(root, settings.disk_bytes, settings.file_age_s), [root, ASSETS], loaded,
+                     device)
 
 
-def launch_options(demo: gr.Blocks) -> dict:
+def launch_options(demo: gr.Blocks, settings: Settings) -> dict:
     """What `launch()` needs besides host and port: upload cap, request guard, page script and style."""
     file_inputs = {index: [i for i, block in enumerate(fn.inputs) if isinstance(block, gr.Image)]
                    for index, fn in demo.fns.items()}
     guard = Middleware(RequestGuard, roots=[gr.utils.get_upload_folder(), ASSETS], file_inputs=file_inputs)
-    return dict(max_file_size=MAX_FILE_SIZE, app_kwargs={"middleware": [guard]},
+    return dict(max_file_size=settings.max_file_size, app_kwargs={"middleware": [guard]},
                 js=ENTER_APPLIES_RESOLUTION, css=CSS, show_error=False, allowed_paths=[], footer_links=["api"])
 
 
-def build_demo(loaded: LoadedModel | None = None, device: str | None = None, policy: ModelPolicy | None = None,
-               workspace: Workspace | None = None, queue_size: int = QUEUE_SIZE) -> gr.Blocks:
+def build_demo(loaded: LoadedModel | None = None, device: str | None = None, workspace: Workspace | None = None,
+               queue_size: int | None = None) -> gr.Blocks:
     """The page and its API; `loaded` replaces the embedded default model (tests pass a tiny one, or a whole
     `workspace` to look into)."""
     gr.set_static_paths([ASSETS])  # the examples are served from where they are, never copied
-    workspace = workspace or workspace_for(loaded, device, policy)
+    workspace = workspace or workspace_for(loaded, device)
     page, api = Page(workspace), Api(workspace)
-    patch_size = workspace.models.get(DEFAULT).config.patch_size  # load (and convert, the first time) at start-up
+    config = workspace.models.get(DEFAULT).config  # load (and convert, the first time) at start-up
     page.warm(EXAMPLES[0], DEFAULT_RESOLUTION)  # the arrival image, analysed once and kept
-    with gr.Blocks(title="vit-inspect", delete_cache=(600, FILE_AGE_S)) as demo:
+    with gr.Blocks(title="vit-inspect", delete_cache=(600, workspace.settings.file_age_s)) as demo:
         gr.Markdown(INTRO)
         c: Components = {"view": gr.State(None), "tab": gr.State("cls"), "model_key": gr.State(DEFAULT)}
         with gr.Row(equal_height=False):
             with gr.Column(scale=1, min_width=300):
                 _input_column(c)
             with gr.Column(scale=3, min_width=320):
-                _controls(c, patch_size)
+                _controls(c, config.patch_size, config.num_hidden_layers, config.num_attention_heads)
                 _tabs(c)
                 with gr.Row():
                     c["export_button"] = gr.Button("Download this view (.png) and its numbers (.npz + .json)",
@@ -107,7 +101,8 @@ def build_demo(loaded: LoadedModel | None = None, device: str | None = None, pol
             _settings(c, workspace)
         _wire(demo, c, page)
         api.register()
-    demo.queue(max_size=queue_size, default_concurrency_limit=workspace.device_slots)
+    demo.queue(max_size=queue_size or workspace.settings.queue_size,
+               default_concurrency_limit=workspace.device_slots)
     return demo
 
 
@@ -120,13 +115,15 @@ def _input_column(c: Components) -> None:
     c["apply_resolution"] = gr.Button("Apply resolution", visible="hidden", elem_id="resolution-apply")
 
 
-def _controls(c: Components, patch_size: int) -> None:
+def _controls(c: Components, patch_size: int, num_layers: int, num_heads: int) -> None:
+    """The controls every tab shares, sized for the model the page opens with."""
     low, high = resolution_limits(patch_size)
     with gr.Row():
         c["resolution"] = gr.Slider(low, high, DEFAULT_RESOLUTION, step=patch_size, elem_id="resolution",
                                     label="Resolution, long side (px): release, or type + Enter", min_width=200)
-        c["layer"] = gr.Slider(0, 11, 11, step=1, label="Layer", elem_id="layer", min_width=160)
-        c["head"] = gr.Dropdown(views.head_choices(6), value="mean", label="Head (or fusion of heads)",
+        c["layer"] = gr.Slider(0, num_layers - 1, num_layers - 1, step=1, label="Layer", elem_id="layer",
+                               min_width=160)
+        c["head"] = gr.Dropdown(drawing.head_choices(num_heads), value="mean", label="Head (or fusion of heads)",
                                 elem_id="head", min_width=120)
         c["cmap"] = gr.Dropdown(visualizer.available_colormaps(), value="inferno", label="Colormap",
                                 elem_id="cmap", min_width=120)
@@ -156,8 +153,8 @@ def _tabs(c: Components) -> None:
                 c["pca"] = _view("PCA → RGB", "pca-view")
                 c["similarity"] = _view("Similarity to the clicked patch", "similarity-view")
         with gr.Tab(TAB_LABELS["animation"], id="animation"):
-            c["anim_mode"] = gr.Radio([("class-token map of the head", "cls"), ("rollout up to each layer", "rollout")],
-                                      value="cls", label="Animate through the layers")
+            shown = ("class-token map of the head", "rollout up to each layer")
+            c["anim_mode"] = gr.Radio(list(zip(shown, ANIMATIONS)), value="cls", label="Animate through the layers")
             c["anim_button"] = gr.Button("Make GIF")
             c["gif"] = gr.Image(label="Layer animation", interactive=False, format="gif", show_label=False,
                                 buttons=[], elem_id="gif")
@@ -170,7 +167,7 @@ def _class_token_tab(c: Components) -> None:
         c["main"] = _view("Class-token attention (click a patch)", "cls-view")
         with gr.Column(min_width=240):
             c["patch"] = _view("Attention of the clicked patch", "patch-view")
-            c["direction"] = gr.Radio([("what it attends to", "row"), ("what attends to it", "column")],
+            c["direction"] = gr.Radio(list(zip(("what it attends to", "what attends to it"), DIRECTIONS)),
                                       value="row", show_label=False, elem_id="direction")
     c["patch_caption"] = gr.Markdown(elem_id="patch-info")
     with gr.Row():
@@ -184,7 +181,7 @@ def _heads_tab(c: Components) -> None:
     gr.Markdown("Every layer (rows) × head (columns). Click a thumbnail or a table row to select that head everywhere.")
     c["atlas_shared"] = gr.Checkbox(False, label="One scale for every thumbnail")
     c["atlas"] = _view("Atlas", "atlas")
-    c["statistic"] = gr.Dropdown([(STAT_COLUMNS.get(name, name), name) for name in STAT_LABELS],
+    c["statistic"] = gr.Dropdown([(STAT_COLUMNS[name], name) for name in STAT_LABELS],
                                  value="mean_distance_px", label="Statistic")
     c["chart"] = _view("Statistic per layer × head", "chart")
     c["scatter"] = _view("Mean attention distance against depth (Dosovitskiy et al. 2021, fig. 7)", "distance-figure")
@@ -198,31 +195,31 @@ def _settings(c: Components, workspace: Workspace) -> None:
     with gr.Accordion("Model", open=False):
         c["model_choice"] = gr.Dropdown([DEFAULT, *WELL_KNOWN], value=DEFAULT, label="Model",
                                         info="'default' is DINOv2 ViT-S/14, embedded; others come from the hub.")
-        local = "" if workspace.models.policy.public else " / local folder"
+        local = "" if workspace.settings.public else " / local folder"
         c["model_custom"] = gr.Textbox(label=f"Or any hub id{local}", placeholder="org/name")
         c["load_button"] = gr.Button("Load model and analyse")
         c["model_status"] = gr.Markdown()
     with gr.Accordion("Advanced", open=False):
-        c["stat_mode"] = gr.Radio([("512 spread queries", "spread"), ("all queries (exact)", "all")], value="spread",
-                                  label="Head statistics averaged over")
-        c["dtype"] = gr.Radio(["float32", "float16", "bfloat16"], value="float32", label="Precision",
+        c["stat_mode"] = gr.Radio(list(zip(("512 spread queries", "all queries (exact)"), STAT_MODES)),
+                                  value="spread", label="Head statistics averaged over")
+        c["dtype"] = gr.Radio(list(PRECISIONS), value="float32", label="Precision",
                               visible=workspace.models.device_type == "cuda")
         c["smooth"] = gr.Checkbox(True, label="Smooth maps (bilinear); off shows crisp patches")
-        c["normalize"] = gr.Radio(["robust", "minmax", "max"], value="robust", label="Map scaling",
+        c["normalize"] = gr.Radio(list(NORMALIZATIONS), value="robust", label="Map scaling",
                                   info="robust: min to 99th percentile, so sink tokens don't hide the rest")
 
 
 def _wire(demo: gr.Blocks, c: Components, page: Page) -> None:
     """Every event of the page: analyses and slow work in the "model" concurrency group, redraws in "render"."""
     view, tab = c["view"], c["tab"]
-    controls = [c[name] for name in Controls.FIELDS]
+    controls = [c[name] for name in FIELDS]
     private = {"api_visibility": "private", "preprocess": False}
     model = dict(concurrency_id="model", **private)
     render = dict(fn=page.render, inputs=[view, tab, *controls], outputs=[c[n] for n in VIEW_OUTPUTS],
                   show_progress="hidden", concurrency_id="render", concurrency_limit=2, **private)
     prepare = dict(fn=page.prepare_tab, inputs=[view, tab, c["fusion"], c["discard"], c["stat_mode"]], outputs=None,
                    **model)
-    analyze = dict(fn=page.analyze, inputs=[c["image_in"], c["resolution"], c["model_key"], c["dtype"]],
+    analyze = dict(fn=page.analyze, inputs=[c["image_in"], c["resolution"], c["model_key"], c["dtype"], *controls],
                    outputs=[c[n] for n in ANALYSIS_OUTPUTS], **model)
     gr.on([demo.load, c["image_in"].change, c["resolution"].release, c["apply_resolution"].click], **analyze,
           trigger_mode="always_last").then(**prepare).then(**render)  # a new image while one runs is not lost
@@ -252,5 +249,6 @@ def _view(label: str, elem_id: str, min_width: int = 240, visible: bool = True) 
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO)
-    demo = build_demo()
-    demo.launch(server_name=os.environ.get("GRADIO_SERVER_NAME"), **launch_options(demo))
+    workspace = workspace_for(None)
+    demo = build_demo(workspace=workspace)
+    demo.launch(server_name=os.environ.get("GRADIO_SERVER_NAME"), **launch_options(demo, workspace.settings))

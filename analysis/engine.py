@@ -1,7 +1,9 @@
 """One forward pass → everything the explorer draws, keeping each layer's input and row log-sum-exps only."""
 from __future__ import annotations
 
+import dataclasses
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -14,7 +16,7 @@ from model import ImageGeometry, LoadedModel
 from . import hidden
 from .flow import attention_flow
 from .memory import release_free_memory
-from .record import AttentionRecord, LayerAttention, fuse_heads
+from .record import AttentionRecord, LayerAttention, LayerStore, fuse_heads
 from .rollout import rollout
 from .stats import DEFAULT_STAT_QUERIES, HeadStatistics, head_statistics, layer_statistics, stat_query_rows
 from .summary import Summary, summary_of, summary_rows, top_vector
@@ -33,12 +35,13 @@ class Analysis:
     num_prefix_tokens: int
     record: AttentionRecord  # each layer's input and row log-sum-exps: any attention row is rebuilt from them
     cls_attention: np.ndarray  # (layers, heads, N): the row standing in for the class token (see `summary`)
-    statistics: HeadStatistics
     token_norms: np.ndarray  # (layers + 1, N)
     summary: Summary  # what cls_attention, rollout, flow and the class-token statistics describe, in words
     distillation_attention: np.ndarray | None = None  # (layers, heads, N): the distillation token's row (DeiT)
     dtype: str = "float32"
-    _derived: dict = field(default_factory=dict, repr=False)  # rollout and flow maps, other statistics, by parameters
+    seconds: float = 0.0  # how long `analyze` took
+    stat_queries: int | None = DEFAULT_STAT_QUERIES  # patch queries `statistics` averages (None: every one)
+    _derived: dict = field(default_factory=dict, repr=False)  # rollout and flow maps, statistics, by parameters
 
     @property
     def num_layers(self) -> int:
@@ -55,10 +58,10 @@ class Analysis:
 
     @property
     def nbytes(self) -> int:
-        """Everything this analysis keeps alive; rebuilt layers live in the shared, bounded `layer_cache.REBUILT`."""
+        """Everything this analysis keeps alive; rebuilt layers are kept apart (`AttentionRecord.store`)."""
         distillation = 0 if self.distillation_attention is None else self.distillation_attention.nbytes
         return (self.record.nbytes + self.cls_attention.nbytes + distillation + self.token_norms.nbytes
-                + self.statistics.nbytes + sum(value.nbytes for value in self._derived.values()))
+                + sum(value.nbytes for value in self._derived.values()))
 
     def to_grid(self, values: "np.ndarray | torch.Tensor") -> np.ndarray:
         """(..., N) over all tokens → (..., grid_h, grid_w) over the patches."""
@@ -127,12 +130,15 @@ class Analysis:
         probs = attention.probs(slice(token, token + 1))[:, 0] if direction == "row" else attention.column(token)
         return self.to_grid(fuse_heads(probs, head))
 
+    @property
+    def statistics(self) -> HeadStatistics:
+        """Head statistics over `stat_queries` spread patch queries (from the forward, or on first use)."""
+        return self.statistics_for(self.stat_queries)
+
     def statistics_for(self, max_queries: int | None,
                        progress: Callable[[float], None] | None = None) -> HeadStatistics:
         """Head statistics over `max_queries` spread patch queries (None: every one, exact), cached; no new forward."""
         rows = stat_query_rows(self.num_prefix_tokens, self.geometry.grid_h * self.geometry.grid_w, max_queries)
-        if len(rows) == self.statistics.num_queries:
-            return self.statistics
         key = ("statistics", len(rows))
         if key not in self._derived:
             self._derived[key] = head_statistics(self.record, self.num_prefix_tokens, self.geometry.grid_w,
@@ -173,18 +179,30 @@ def _check_dtype(loaded: LoadedModel, dtype: str | None) -> torch.dtype:
 
 @torch.inference_mode()
 def analyze(loaded: LoadedModel, image: Image.Image, long_side: int, dtype: str | None = None,
-            max_stat_queries: int | None = DEFAULT_STAT_QUERIES, progress: Progress | None = None) -> Analysis:
+            max_stat_queries: int | None = DEFAULT_STAT_QUERIES, progress: Progress | None = None,
+            original_size: tuple[int, int] | None = None, store: LayerStore | None = None,
+            statistics: bool = True) -> Analysis:
     """Runs the model once on `image` resized to about `long_side` px and derives every drawn quantity.
 
     Class-token rows (or the mean attention received, without a class token) and head statistics come from each
     layer's own queries and keys while the forward holds them; afterwards only the layers' inputs and row
     log-sum-exps are kept.
+
+    Args:
+        original_size: (width, height) of the image the caller's coordinates refer to, when `image` is a reduced
+            copy of it (default: `image`'s own size).
+        store: where layers rebuilt for clicks are kept (see `AttentionRecord`).
+        statistics: False: the head statistics are left for their first use (from the kept inputs), so that the
+            class-token maps are ready sooner.
     """
+    started = time.perf_counter()
     report = progress or (lambda fraction, desc: None)
     torch_dtype = _check_dtype(loaded, dtype)
     pixels, geometry = loaded.preprocessing(image, long_side)
     config, summary = loaded.config, summary_of(loaded.config)
     num_prefix, layers = config.num_prefix_tokens, config.num_hidden_layers
+    if original_size is not None:
+        geometry = dataclasses.replace(geometry, orig_w=original_size[0], orig_h=original_size[1])
     rows = stat_query_rows(num_prefix, geometry.grid_h * geometry.grid_w, max_stat_queries).to(loaded.device)
     distillation = slice(int(config.class_token), int(config.class_token) + 1)  # the token after the class token
     cls_rows, distillation_rows, per_layer = [], [], []
@@ -193,12 +211,13 @@ def analyze(loaded: LoadedModel, image: Image.Image, long_side: int, dtype: str 
         cls_rows.append(summary_rows(attention, summary))
         if summary.distillation:
             distillation_rows.append(attention.probs(distillation)[:, 0])
-        per_layer.append(layer_statistics(attention, rows, num_prefix, geometry.grid_w, geometry.patch_size,
-                                          cls_rows[-1], summary.class_token))
+        if statistics:
+            per_layer.append(layer_statistics(attention, rows, num_prefix, geometry.grid_w, geometry.patch_size,
+                                              cls_rows[-1], summary.class_token))
         release_free_memory()
         report((index + 1) / layers, f"layer {index + 1}/{layers}")
 
-    record = AttentionRecord(loaded.model.encoder.layers, geometry.patch_size, on_layer)
+    record = AttentionRecord(loaded.model.encoder.layers, geometry.patch_size, on_layer, store)
     report(0.0, f"running the model at {geometry.input_h}×{geometry.input_w}")
     output = loaded.model(pixels.to(loaded.device, torch_dtype), output_hidden_states=True,
                           interpolate_pos_encoding=True, observer=record)
@@ -206,7 +225,11 @@ def analyze(loaded: LoadedModel, image: Image.Image, long_side: int, dtype: str 
     record.on_layer = None  # the closure would keep the per-layer tensors alive
     del output
     report(1.0, "done")
-    return Analysis(loaded.name, geometry, num_prefix, record, torch.stack(cls_rows).cpu().numpy(),
-                    HeadStatistics.stack(per_layer, len(rows)), hidden.token_norms(record.hidden_states).cpu().numpy(),
-                    summary, torch.stack(distillation_rows).cpu().numpy() if distillation_rows else None,
-                    dtype=str(torch_dtype).removeprefix("torch."))
+    analysis = Analysis(loaded.name, geometry, num_prefix, record, torch.stack(cls_rows).cpu().numpy(),
+                        hidden.token_norms(record.hidden_states).cpu().numpy(), summary,
+                        torch.stack(distillation_rows).cpu().numpy() if distillation_rows else None,
+                        dtype=str(torch_dtype).removeprefix("torch."), stat_queries=max_stat_queries)
+    if statistics:
+        analysis._derived[("statistics", len(rows))] = HeadStatistics.stack(per_layer, len(rows))
+    analysis.seconds = time.perf_counter() - started
+    return analysis

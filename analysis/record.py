@@ -8,16 +8,25 @@ from __future__ import annotations
 
 import itertools
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 
-from .layer_cache import REBUILT
-
 BLOCK_ELEMENTS = 1 << 21  # one head's attention probabilities held at once when sweeping a layer: 8 MB
 FUSIONS = ("mean", "max", "min")
-_SERIALS = itertools.count()  # names a record in the rebuild cache (an id() could be reused by a later record)
+_SERIALS = itertools.count()  # names a record in the layer cache (an id() could be reused by a later record)
+
+
+class LayerStore(Protocol):
+    """Where rebuilt layers are kept between requests (the explorer's byte-budget cache); keys are tuples."""
+
+    def get(self, key: Hashable) -> Any | None: ...
+
+    def put(self, key: Hashable, item: Any) -> None: ...
+
+    def drop(self, which: Callable[[Hashable], bool]) -> None: ...
 
 
 class LayerAttention:
@@ -89,11 +98,11 @@ class AttentionRecord:
 
     hidden_states[l] is layer l's input (the embeddings for l = 0) and hidden_states[-1] the last layer's output.
     The record holds the encoder layers that ran, so queries and keys are rebuilt with the forward's own weights
-    and dtype; rebuilt layers live in the process-wide, byte-bounded `layer_cache.REBUILT`.
+    and dtype; layers rebuilt with `keep=True` go to `store` (none: nothing is kept), keyed ("layer", serial, index).
     """
 
-    def __init__(self, layers: Sequence[nn.Module], patch_size: int,
-                 on_layer: Callable[[int, LayerAttention], None] | None = None):
+    def __init__(self, layers: Sequence[nn.Module] | None, patch_size: int,
+                 on_layer: Callable[[int, LayerAttention], None] | None = None, store: LayerStore | None = None):
         self.layers = layers
         self.patch_size = patch_size  # pixels of the model input per patch side, for distances in pixels
         self.on_layer = on_layer  # sees each layer's attention (the forward's own q, k) while it exists
@@ -103,7 +112,10 @@ class AttentionRecord:
         self.hidden_states: tuple[torch.Tensor, ...] = ()
         self.pooling: torch.Tensor | None = None  # an attention-pooling head's probe attention (heads, N)
         self.serial = next(_SERIALS)
-        weakref.finalize(self, REBUILT.drop_owner, self.serial)
+        self.store = store
+        if store is not None:
+            serial = self.serial
+            weakref.finalize(self, store.drop, lambda key: key[:2] == ("layer", serial))
 
     def observe_layer(self, layer: int, query: torch.Tensor, key: torch.Tensor, lse: torch.Tensor,
                       scale: float) -> None:
@@ -126,10 +138,11 @@ class AttentionRecord:
             raise ValueError(f"expected {len(self.lse) + 1} hidden states, got {len(hidden_states)}")
         self.hidden_states = tuple(hidden_states)
 
-    def moved(self, device: "str | torch.device", layers: Sequence[nn.Module] | None) -> "AttentionRecord":
+    def moved(self, device: "str | torch.device", layers: Sequence[nn.Module] | None,
+              store: LayerStore | None = None) -> "AttentionRecord":
         """A copy with every kept tensor on `device`, rebuilding with `layers` (the same weights, wherever they are):
         what crosses back from a GPU worker (ZeroGPU) holds tensors only, and is given the CPU model's layers."""
-        moved = AttentionRecord(layers, self.patch_size)
+        moved = AttentionRecord(layers, self.patch_size, store=store)
         moved.lse = [t.to(device) for t in self.lse]
         moved.scales = list(self.scales)
         moved.first_queries = [t.to(device) for t in self.first_queries]
@@ -159,13 +172,14 @@ class AttentionRecord:
         return sum(t.numel() * t.element_size() for t in kept)
 
     def layer(self, index: int, keep: bool = False) -> LayerAttention:
-        """Layer `index`'s attention, from the rebuild cache or rebuilt from its input (then cached if `keep`)."""
-        found = REBUILT.get((self.serial, index))
+        """Layer `index`'s attention, from the store or rebuilt from its input (then stored if `keep`)."""
+        key = ("layer", self.serial, index)
+        found = self.store.get(key) if self.store is not None else None
         if found is not None:
             return found
         attention = self._rebuild(index)
-        if keep:
-            REBUILT.put((self.serial, index), attention)
+        if keep and self.store is not None:
+            self.store.put(key, attention)
         return attention
 
     @torch.inference_mode()

@@ -123,31 +123,32 @@ def rerender_timings(size: int, device: str) -> dict:
     """Milliseconds to redraw after the analysis exists, as the page draws (640 px, with colour bars): another
     layer, head, or clicked patch (median of 7)."""
     from analysis import analyze
-    from analysis.layer_cache import REBUILT
-    from explorer import views
+    from explorer import drawing
+    from explorer.cache import ByteCache
     from model import load_model
     from model.preprocess import load_image
     loaded = load_model(None, device=device)
     image = load_image(str(IMAGE))
-    result = analyze(loaded, image, size)
-    scene = views.Scene.of(image)
-    style = views.Style()
-    row, col, _ = views.patch_at(result, 200, 300)
+    store = ByteCache(2**30)
+    result = analyze(loaded, image, size, store=store)
+    scene = drawing.Scene.of(image)
+    style = drawing.Style()
+    row, col, _ = drawing.patch_at(result, 200, 300)
 
     def click(layer: int, head: "int | str", direction: str, rebuilt: bool):
         def redraw():
             if not rebuilt:
-                REBUILT.clear()
-            views.patch_view(result, scene.page, row, col, layer, head, direction, style, legend=True)
+                store.clear()
+            drawing.patch_view(result, scene.page, row, col, layer, head, direction, style, legend=True)
         return redraw
 
     def layer_change():
-        views.cls_view(result, scene.page, 7, "mean", style, legend=True, marker=(row, col))
-        views.head_grid(result, scene.thumb, 7, style, legend=True)
+        drawing.cls_view(result, scene.page, 7, "mean", style, legend=True, marker=(row, col))
+        drawing.head_grid(result, scene.thumb, 7, style, legend=True)
 
     cases = {
         "layer change (overlay + head grid)": layer_change,
-        "head change (overlay)": lambda: views.cls_view(result, scene.page, 7, 3, style, legend=True),
+        "head change (overlay)": lambda: drawing.cls_view(result, scene.page, 7, 3, style, legend=True),
         "clicked patch, layer not yet rebuilt (row + overlay)": click(9, "mean", "row", rebuilt=False),
         "clicked patch, layer rebuilt (row + overlay)": click(9, "mean", "row", rebuilt=True),
         "clicked patch, layer rebuilt (column + overlay)": click(9, 2, "column", rebuilt=True),

@@ -1,1 +1,2 @@
-"""What the app and the command line share: views of an analysis, the analysis cache, exports."""
+"""What the command line and the server share: drawing the views of an analysis, exports, the checks on every
+field, the one cache."""

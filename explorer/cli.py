@@ -13,13 +13,11 @@ from pathlib import Path
 from tqdm import tqdm
 
 import visualizer
-from analysis import FUSIONS
+from analysis import FUSIONS, analyze
 from model import CheckpointError, InvalidImageError, load_image, load_model
 
-from . import exports, views
-from .handlers import check_resolution
-from .inputs import UserError, head_choice, layer_index
-from .session import DEFAULT_RESOLUTION, analyze_scene
+from . import drawing, exports
+from .inputs import DEFAULT_RESOLUTION, UserError, check_resolution, head_choice, layer_index
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 logger = logging.getLogger("vit-inspect")
@@ -50,19 +48,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def export_image(analysis, scene: views.Scene, folder: Path, layers: list[int], head, fusion: str,
-                 style: views.Style, gif: bool) -> list[Path]:
+def export_image(analysis, scene: drawing.Scene, folder: Path, layers: list[int], head, fusion: str,
+                 style: drawing.Style, gif: bool) -> list[Path]:
     """Every file for one analysed image."""
     folder.mkdir(parents=True, exist_ok=True)
     files = {}
     for layer in layers:
-        files[f"cls_layer{layer:02d}_{head}.png"] = views.cls_view(analysis, scene.large, layer, head, style)
-        files[f"cls_layer{layer:02d}_heads.png"] = views.head_grid(analysis, scene.thumb, layer, style, legend=True)
-    files[f"rollout_{fusion}.png"] = views.rollout_view(analysis, scene.large, fusion, 0.0, style)
+        files[f"cls_layer{layer:02d}_{head}.png"] = drawing.cls_view(analysis, scene.large, layer, head, style)
+        files[f"cls_layer{layer:02d}_heads.png"] = drawing.head_grid(analysis, scene.thumb, layer, style, legend=True)
+    files[f"rollout_{fusion}.png"] = drawing.rollout_view(analysis, scene.large, fusion, 0.0, style)
     data = {name: visualizer.png_bytes(image) for name, image in files.items()}
     if gif:
-        frames, captions = views.layer_frames(analysis, scene.page, "cls", head, style)
-        data[f"cls_layers_{head}.gif"] = visualizer.animation_gif(frames, 500, captions=captions)
+        data[f"cls_layers_{head}.gif"] = drawing.layer_animation(analysis, scene.page, "cls", head, style)
     data["analysis.npz"], data["analysis.json"] = exports.numbers(analysis, layers[-1], head,
                                                                   settings={"fusion": fusion})
     for name, content in data.items():
@@ -79,12 +76,12 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    style = views.Style(cmap=args.cmap)
+    style = drawing.Style(cmap=args.cmap)
     failures = 0
     for path in tqdm(paths, desc="images", unit="image"):
         try:
-            scene = views.Scene.of(load_image(path, lambda message, name=path.name: tqdm.write(f"{name}: {message}")))
-            analysis = analyze_scene(loaded, scene, resolution)
+            scene = drawing.Scene.of(load_image(path, lambda message, name=path.name: tqdm.write(f"{name}: {message}")))
+            analysis = analyze(loaded, scene.image, resolution, original_size=scene.original_size)
             head = head_choice(args.head, analysis.num_heads, FUSIONS)
             layers = [layer_index(layer, analysis.num_layers) for layer in (args.layers or [-1])]
             export_image(analysis, scene, args.out / exports.safe_stem(path.stem), layers, head, args.rollout,

@@ -1,15 +1,29 @@
-"""Checks on every field a request sends. Page events and API endpoints both arrive as raw JSON that anyone can
-forge, so each value is checked here, once, and refused with a message that names the field and what it allows."""
+"""Checks on every field a request sends. Page events, API endpoints and the command line all pass their values
+through here, once: raw JSON can be forged by anyone, so each value is refused with a message that names the field
+and what it allows. The choice lists the page offers are defined here too, once."""
 from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import visualizer
+from analysis import FUSIONS, STAT_LABELS, Analysis
+from analysis.stats import DEFAULT_STAT_QUERIES
+
+from .drawing import Style
+
 FILE_META = {"_type": "gradio.FileData"}
 SHOWN_CHARS = 40  # a refused value is quoted in the message up to this length
+MIN_RESOLUTION, MAX_RESOLUTION, DEFAULT_RESOLUTION = 224, 2048, 518
+NORMALIZATIONS = ("robust", "minmax", "max")  # map scaling (see visualizer.scale_range)
+DIRECTIONS = ("row", "column")  # a clicked patch: what it attends to, or what attends to it
+ANIMATIONS = ("cls", "rollout")  # what the layer animation shows
+STAT_MODES = {"spread": DEFAULT_STAT_QUERIES, "all": None}  # head statistics over 512 spread queries, or every one
+PRECISIONS = ("float32", "float16", "bfloat16")
 
 
 class UserError(ValueError):
@@ -99,3 +113,74 @@ def head_choice(value: Any, num_heads: int, fusions: Sequence[str]) -> "int | st
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < num_heads:
         raise UserError(f"head must be {allowed}, got {shown(value)}.")
     return value
+
+
+def check_resolution(value: Any) -> int:
+    return whole(value, "resolution", MIN_RESOLUTION, MAX_RESOLUTION)
+
+
+def resolution_limits(patch_size: int) -> tuple[int, int]:
+    """The smallest and largest long side a slider stepping by `patch_size` from MIN_RESOLUTION can reach."""
+    return MIN_RESOLUTION, MIN_RESOLUTION + (MAX_RESOLUTION - MIN_RESOLUTION) // patch_size * patch_size
+
+
+def model_name(value: Any) -> str:
+    if value is None:
+        return "default"
+    if not isinstance(value, str) or len(value) > 200:
+        raise UserError("model must be 'default' or a model id (org/name), in at most 200 characters.")
+    return value.strip() or "default"
+
+
+def point(x: Any, y: Any, analysis: Analysis) -> tuple[float, float]:
+    """A pixel of the original image, checked."""
+    g = analysis.geometry
+    return number(x, "x", 0, g.orig_w - 1e-6), number(y, "y", 0, g.orig_h - 1e-6)
+
+
+def click_position(index: Any) -> tuple[float, float]:
+    """The (x, y) pixel of a click on a drawn image, as Gradio's select event gives it."""
+    if not isinstance(index, (list, tuple)) or len(index) != 2:
+        index = (None, None)
+    return number(index[0], "click x", 0, math.inf), number(index[1], "click y", 0, math.inf)
+
+
+@dataclass(frozen=True)
+class Controls:
+    """The view controls, each checked against the analysis it applies to; what is not sent keeps its default."""
+
+    layer: int
+    head: "int | str" = "mean"
+    direction: str = "row"
+    style: Style = Style()
+    fusion: str = "mean"
+    discard: float = 0.0
+    statistic: str = "mean_distance_px"
+    atlas_shared: bool = False
+    stat_mode: str = "spread"
+
+    @classmethod
+    def parse(cls, analysis: Analysis, values: Mapping[str, Any]) -> "Controls":
+        """From the named fields of a page event or an endpoint (see FIELDS); unknown names are refused."""
+        unknown = set(values) - set(FIELDS)
+        if unknown:
+            raise UserError(f"unknown controls: {', '.join(sorted(map(str, unknown)))}.")
+        v = {**DEFAULTS, **values}
+        mass = number(v["mass"], "mass fraction", 0.05, 1.0) if flag(v["mass_on"], "threshold") else None
+        style = Style(number(v["opacity"], "opacity", 0.0, 1.0), choice(v["cmap"], "colormap", COLORMAPS),
+                      flag(v["smooth"], "smooth"), choice(v["normalize"], "map scaling", NORMALIZATIONS), mass)
+        return cls(layer_index(v["layer"], analysis.num_layers), head_choice(v["head"], analysis.num_heads, FUSIONS),
+                   choice(v["direction"], "direction", DIRECTIONS), style, choice(v["fusion"], "fusion", FUSIONS),
+                   check_discard(v["discard"]), choice(v["statistic"], "statistic", tuple(STAT_LABELS)),
+                   flag(v["atlas_shared"], "shared"), choice(v["stat_mode"], "statistics", tuple(STAT_MODES)))
+
+
+def check_discard(value: Any) -> float:
+    return number(value, "discard ratio", 0.0, 0.99)
+
+
+COLORMAPS = tuple(visualizer.available_colormaps())
+DEFAULTS = {"layer": -1, "head": "mean", "direction": "row", "opacity": 0.6, "cmap": "inferno", "smooth": True,
+            "normalize": "robust", "mass_on": False, "mass": 0.6, "fusion": "mean", "discard": 0.0,
+            "statistic": "mean_distance_px", "atlas_shared": False, "stat_mode": "spread"}
+FIELDS = tuple(DEFAULTS)  # the controls' names: the page's components and the endpoints' parameters use them

@@ -199,16 +199,17 @@ def test_attention_flow_refuses_large_token_counts(case):
 
 
 def test_rebuilt_layers_give_every_row_and_column_of_the_dense_attention(case):
-    from analysis.layer_cache import REBUILT
+    from explorer.cache import ByteCache
     _, analysis, attentions = case
-    REBUILT.clear()
+    store = analysis.record.store = ByteCache(10**9)
     for layer, dense in enumerate(attentions):
         attention = analysis.record.layer(layer)  # rebuilt from hidden_states[layer] and the kept lse
         np.testing.assert_allclose(attention.probs(slice(None)).numpy(), dense.numpy(), atol=TOL)
         np.testing.assert_allclose(attention.column(7).numpy(), dense[:, :, 7].numpy(), atol=TOL)
-    assert len(REBUILT) == 0  # sweeps do not fill the cache; clicks do
+    assert len(store) == 0  # sweeps do not fill the store; clicks do
     analysis.query_map(analysis.token_at(1, 1), 2, "mean")
-    assert len(REBUILT) == 1 and analysis.record.layer(2) is analysis.record.layer(2)
+    assert store.keys() == [("layer", analysis.record.serial, 2)]
+    assert analysis.record.layer(2) is analysis.record.layer(2)
 
 
 def test_an_analysis_keeps_layer_inputs_and_lse_and_counts_what_it_derives(case):
@@ -281,30 +282,23 @@ def test_pixel_distance_counts_prefix_keys_as_zero_and_patch_distance_renormalis
     assert stats["cls_mass"].item() == pytest.approx(0.5, abs=1e-6)
 
 
-def test_rebuild_cache_stays_within_its_budget_and_forgets_dead_records():
+def test_rebuilt_layers_stay_within_their_budget_and_go_with_their_record():
     import gc
 
-    from analysis.layer_cache import REBUILT, LayerCache
-
-    class Entry:
-        def __init__(self, nbytes):
-            self.nbytes = nbytes
-
-    cache = LayerCache(max_bytes=100)
-    for layer in range(5):
-        cache.put((0, layer), Entry(40))
-    assert cache.total_bytes == 80 and cache.get((0, 0)) is None and cache.get((0, 4)) is not None
-    cache.put((1, 0), Entry(500))  # larger than the budget: kept alone, as the newest
-    assert len(cache) == 1 and cache.total_bytes == 500
-    cache.drop_owner(1)
-    assert len(cache) == 0
-    REBUILT.clear()
-    analysis = analyze(tiny_loaded(), random_image(40, 40), long_side=32)
-    analysis.query_map(analysis.token_at(0, 0), 1, 0)
-    assert len(REBUILT) == 1
+    from explorer.cache import ByteCache
+    store = ByteCache(10**9, {"layer": 7000})
+    analysis = analyze(tiny_loaded(), random_image(40, 40), long_side=32, store=store)
+    store.put(("analysis", "a"), analysis)
+    for layer in range(3):
+        analysis.query_map(analysis.token_at(0, 0), layer, 0)
+    per_layer = analysis.record.layer(0).nbytes
+    assert 3500 < per_layer < 7000  # room for one rebuilt layer only
+    assert store.keys("layer") == [("layer", analysis.record.serial, 2)]  # the newest; the others dropped
+    assert store.keys("analysis") == [("analysis", "a")]  # the layer budget never drops anything else
+    store.drop(lambda key: key[0] == "analysis")
     del analysis
     gc.collect()
-    assert len(REBUILT) == 0
+    assert len(store) == 0  # a record's rebuilt layers go with it
 
 
 def test_rebuild_refuses_hidden_states_that_are_not_the_layers_inputs():

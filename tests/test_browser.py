@@ -125,7 +125,7 @@ def test_flow_is_offered_only_where_the_token_count_allows(page):
 
 def test_the_atlas_selects_a_head_with_the_main_view_scaling(page):
     import visualizer
-    from explorer.views import atlas_thumb_width
+    from explorer.drawing import atlas_thumb_width
     page.get_by_role("tab", name="Heads").click()
     atlas = page.locator("#atlas img")
     atlas.wait_for()

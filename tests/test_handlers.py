@@ -12,27 +12,33 @@ import torch
 from PIL import Image
 
 import app
-from explorer.api import Api
-from explorer.cache import AnalysisCache
-from explorer.inputs import UserError, head_choice, layer_index, number, uploaded_file
-from explorer.models import PUBLIC_REFUSAL, ModelPolicy, ModelStore
-from explorer.page import ANALYSIS_OUTPUTS, VIEW_OUTPUTS, Page
-from explorer.session import View
+from explorer.cache import ByteCache
+from explorer.inputs import DEFAULTS, FIELDS, UserError, head_choice, layer_index, number, uploaded_file
+from server.api import Api
+from server.model_store import PUBLIC_REFUSAL, ModelStore
+from server.handlers import open_upload
+from server.page import ANALYSIS_OUTPUTS, VIEW_OUTPUTS, Page
+from server.settings import Settings
+from server.workspace import View
 from tests.helpers import random_image, tiny_loaded
 
 ROOT = Path(__file__).resolve().parents[1]
-CONTROLS = dict(layer=2, head="mean", direction="row", opacity=0.6, cmap="inferno", smooth=True, normalize="robust",
-                mass_on=False, mass=0.6, fusion="mean", discard=0.0, statistic="mean_distance_px", atlas_shared=False,
-                stat_mode="spread")
+PUBLIC = Settings(public=True)
 
 
 def controls(**changes) -> list:
-    return list((CONTROLS | changes).values())
+    """The page's controls in the order it sends them (layer 2: the tiny model's last)."""
+    values = DEFAULTS | {"layer": 2} | changes
+    return [values[name] for name in FIELDS]
+
+
+def analyze(page: Page, image, resolution: int = 224) -> tuple:
+    return page.analyze(image, resolution, "default", "float32", *controls())
 
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
-    return app.workspace_for(tiny_loaded(), "cpu", None)
+    return app.workspace_for(tiny_loaded(), "cpu")
 
 
 @pytest.fixture
@@ -48,17 +54,21 @@ def upload(workspace, tmp_path_factory):
 
 def test_analyze_then_render_each_tab(workspace, upload):
     page = Page(workspace)
-    out = dict(zip(ANALYSIS_OUTPUTS, page.analyze(upload(random_image(45, 70)), 224, "default", "float32")))
+    out = dict(zip(ANALYSIS_OUTPUTS, analyze(page, upload(random_image(45, 70)))))
     view = out["view"]
-    assert isinstance(view, View) and "grid 18×28" in out["status"]
-    cleared = [out[name] is None or out[name] == gr.update(value=None, visible=False) for name in VIEW_OUTPUTS]
-    assert all(cleared)  # everything drawn from a previous image is cleared
+    assert isinstance(view, View) and "grid 18×28" in out["status"] and "analysed in" in out["status"]
+    assert out["main"].width <= 640  # the class-token map comes with the analysis, at page size
+    cleared = [out[name] is None or out[name] == gr.update(value=None, visible=False)
+               for name in VIEW_OUTPUTS if name != "main"]
+    assert all(cleared)  # everything else drawn from a previous image is cleared
     drawn = {"cls": {"main", "patch", "grid", "patch_caption"}, "rollout": {"rollout", "rollout_caption"},
              "heads": {"atlas", "chart", "scatter", "table"},
              "hidden": {"norms", "pca", "similarity", "hidden_caption"}}
     for tab, names in drawn.items():
         values = dict(zip(VIEW_OUTPUTS, page.render(view, tab, *controls())))
-        assert {n for n, v in values.items() if v != gr.skip()} == names, tab  # the rest: skipped
+        drawn_now = {n for n, v in values.items() if isinstance(v, (Image.Image, str)) or "headers" in v}
+        assert drawn_now == names, tab
+        assert all(values[n] == {"__type__": "update"} for n in set(VIEW_OUTPUTS) - names), tab  # the rest: skipped
     main = dict(zip(VIEW_OUTPUTS, page.render(view, "cls", *controls())))["main"]
     assert main.width <= 640 and main.height > main.width * 45 / 70  # page size, with the colour bar below
     table = dict(zip(VIEW_OUTPUTS, page.render(view, "heads", *controls())))["table"]
@@ -67,9 +77,9 @@ def test_analyze_then_render_each_tab(workspace, upload):
 
 def test_exact_statistics_come_from_the_kept_inputs_without_a_new_forward(workspace, upload, monkeypatch):
     page = Page(workspace)
-    view = page.analyze(upload(random_image(150, 220, seed=5)), 224, "default", "float32")[0]
-    _, analysis = page.current(view)
-    monkeypatch.setattr("explorer.session.analyze_scene", lambda *a, **k: pytest.fail("a new forward"))
+    view = analyze(page, upload(random_image(150, 220, seed=5)))[0]
+    analysis = workspace.analysis(view.key, view.source)
+    monkeypatch.setattr("server.workspace.analyze", lambda *a, **k: pytest.fail("a new forward"))
     page.prepare_tab(view, "heads", "mean", 0.0, "all")
     table = dict(zip(VIEW_OUTPUTS, page.render(view, "heads", *controls(stat_mode="all"))))["table"]
     spread = dict(zip(VIEW_OUTPUTS, page.render(view, "heads", *controls())))["table"]
@@ -79,11 +89,11 @@ def test_exact_statistics_come_from_the_kept_inputs_without_a_new_forward(worksp
 
 def test_a_click_moves_the_patch_everywhere(workspace, upload):
     page = Page(workspace)
-    view = page.analyze(upload(random_image(45, 70, seed=3)), 224, "default", "float32")[0]
-    scene, analysis = page.current(view)
+    view = analyze(page, upload(random_image(45, 70, seed=3)))[0]
+    scene = workspace.scene(view.source, digest=view.key.digest)
     event = gr.SelectData(None, {"index": [scene.page.width * 0.9, scene.page.height * 0.1], "value": None})
     clicked = page.click(view, event)
-    assert page.marker(clicked, analysis) == (1, 25)  # 10 % down 18 rows, 90 % across 28 columns
+    assert clicked.point == pytest.approx((70 * 0.9, 45 * 0.1), rel=0.02)  # in the upload's own pixels
     caption = dict(zip(VIEW_OUTPUTS, page.render(clicked, "cls", *controls())))["patch_caption"]
     assert "row 1, column 25" in caption
     on_colour_bar = gr.SelectData(None, {"index": [5, scene.page.height + 5], "value": None})
@@ -94,7 +104,7 @@ def test_a_failed_analysis_is_a_message_not_an_error(workspace, upload, monkeypa
     page = Page(workspace)
     warnings = []
     monkeypatch.setattr(gr, "Warning", lambda message, **kwargs: warnings.append(message))
-    out = dict(zip(ANALYSIS_OUTPUTS, page.analyze(upload(Image.new("RGB", (4, 40))), 224, "default", "float32")))
+    out = dict(zip(ANALYSIS_OUTPUTS, analyze(page, upload(Image.new("RGB", (4, 40))))))
     assert "Could not analyse this image" in out["status"] and out["view"] is None
     assert warnings and "at least one patch" in warnings[0]
     assert "layer" not in {k for k, v in out.items() if v is not None and not isinstance(v, dict)}
@@ -102,7 +112,7 @@ def test_a_failed_analysis_is_a_message_not_an_error(workspace, upload, monkeypa
 
 def test_the_flow_offer_names_the_largest_resolution_that_works(workspace, upload):
     page = Page(workspace)
-    out = dict(zip(ANALYSIS_OUTPUTS, page.analyze(upload(random_image(300, 451)), 518, "default", "float32")))
+    out = dict(zip(ANALYSIS_OUTPUTS, analyze(page, upload(random_image(300, 451)), 518)))
     assert "largest resolution that works for it is" in out["flow_note"]  # patch 8: 65 × 43 patches at 518 px
     assert out["flow_button"]["visible"] is False
 
@@ -110,7 +120,7 @@ def test_the_flow_offer_names_the_largest_resolution_that_works(workspace, uploa
 def test_downloads_carry_the_settings_and_the_view(workspace, upload):
     import json
     page = Page(workspace)
-    view = page.analyze(upload(random_image(40, 40)), 224, "default", "float32")[0]
+    view = analyze(page, upload(random_image(40, 40)))[0]
     files = page.download(view, "rollout", *controls(fusion="max", discard=0.5, mass_on=True, mass=0.4))["value"]
     sidecar = json.loads(Path(files[1]).read_text())
     assert sidecar["settings"] | {"tab": "rollout", "fusion": "max", "discard_ratio": 0.5, "mass_fraction": 0.4} \
@@ -128,7 +138,7 @@ def test_downloads_carry_the_settings_and_the_view(workspace, upload):
 ])
 def test_page_controls_are_checked(workspace, upload, field, value, message):
     page = Page(workspace)
-    view = page.analyze(upload(random_image(40, 40)), 224, "default", "float32")[0]
+    view = analyze(page, upload(random_image(40, 40)))[0]
     with pytest.raises(gr.Error, match=message):
         page.render(view, "cls", *controls(**{field: value, "mass_on": True}))
 
@@ -153,19 +163,22 @@ def test_inputs_refuse_hostile_values():
     assert len(refusals) == 1  # the same words whether or not the file exists
 
 
-def test_identical_concurrent_requests_compute_once():
-    cache, calls = AnalysisCache(10**9), []
+class Item:
+    def __init__(self, nbytes: int):
+        self.nbytes = nbytes
 
-    class Item:
-        nbytes = 10
+
+def test_identical_concurrent_requests_compute_once():
+    cache, calls = ByteCache(10**9), []
 
     def slow():
         calls.append(1)
         time.sleep(0.3)
-        return Item()
+        return Item(10)
 
     results = []
-    threads = [threading.Thread(target=lambda: results.append(cache.get_or_compute("key", slow))) for _ in range(6)]
+    threads = [threading.Thread(target=lambda: results.append(cache.get_or_compute(("a", 1), slow)))
+               for _ in range(6)]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -173,44 +186,73 @@ def test_identical_concurrent_requests_compute_once():
     assert len(calls) == 1 and len({id(r) for r in results}) == 1
 
 
-def test_the_cache_keeps_to_its_budget_and_its_pins():
-    class Item:
-        def __init__(self, nbytes):
-            self.nbytes = nbytes
-
-    cache = AnalysisCache(100)
-    cache.put("pinned", Item(40), pin=True)
+def test_the_cache_keeps_to_its_budgets_and_its_pins():
+    evicted = []
+    cache = ByteCache(100, {"layer": 30}, on_evict=evicted.append)
+    cache.put(("model", "pinned"), Item(40), pin=True)
     for i in range(5):
-        cache.put(i, Item(30))
-    assert "pinned" in cache and 4 in cache and cache.total_bytes <= 100
-    cache.put("big", Item(500))  # the newest is kept even alone over the budget
-    assert "big" in cache and "pinned" in cache and 4 not in cache
+        cache.put(("analysis", i), Item(30))
+    assert cache.get(("analysis", 3)) is not None  # recently used: kept before 4
+    assert cache.keys() == [("model", "pinned"), ("analysis", 4), ("analysis", 3)] and cache.bytes_of() == 100
+    assert evicted == [("analysis", i) for i in range(3)]  # least recently used first
+    cache.put(("layer", 0), Item(20))  # over the budget: the least recently used analysis goes
+    cache.put(("layer", 1), Item(20))  # over the layers' own budget: the older layer goes, not an analysis
+    assert cache.keys() == [("model", "pinned"), ("analysis", 3), ("layer", 1)] and cache.bytes_of("layer") == 20
+    cache.put(("analysis", "big"), Item(500))  # the newest is kept even alone over the budget
+    assert cache.keys() == [("model", "pinned"), ("analysis", "big")]
 
 
-def test_unloading_a_model_drops_its_analyses(tmp_path, upload):
+def test_a_model_asked_for_by_two_threads_at_once_is_loaded_once(monkeypatch):
+    loads = []
+
+    def slow_load(source, device=None, **caps):
+        loads.append(source)
+        time.sleep(0.3)
+        return tiny_loaded()
+
+    monkeypatch.setattr("server.model_store.load_model", slow_load)
+    store = ModelStore(ByteCache(10**9), Settings(), tiny_loaded(), device="cpu")
+    got = []
+    threads = [threading.Thread(target=lambda: got.append(store.get("some/model"))) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert loads == ["some/model"] and len({id(m) for m in got}) == 1
+
+
+def test_a_model_dropped_for_room_takes_its_analyses_along(tmp_path, upload):
     from transformers import CLIPVisionConfig, CLIPVisionModel
     config = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                               image_size=32, patch_size=8)
     for name in ("a", "b"):
         CLIPVisionModel(config).save_pretrained(tmp_path / name)
-    workspace = app.workspace_for(tiny_loaded(), "cpu", None)
-    workspace.models.max_extra = 1
+    workspace = app.workspace_for(tiny_loaded(), "cpu")
     api = Api(workspace)
     image = upload(random_image(40, 40))
     api.cls_attention(image, model=str(tmp_path / "a"), resolution=224)
-    assert any(key[0] == "analysis" and key[1].model.endswith("a") for key in workspace.cache._items)
-    api.cls_attention(image, model=str(tmp_path / "b"), resolution=224)  # "a" is unloaded, and its analysis
-    assert not any(key[0] == "analysis" and key[1].model.endswith("a") for key in workspace.cache._items)
+    assert [key[1].model for key in workspace.cache.keys("analysis")] == [str(tmp_path / "a")]
+    workspace.cache.max_bytes = workspace.cache.bytes_of() + 1000  # no room for another model beside it
+    api.cls_attention(image, model=str(tmp_path / "b"), resolution=224)  # no room for both: "a" goes, with its analysis
+    assert [key[1] for key in workspace.cache.keys("model")] == ["default", str(tmp_path / "b")]
+    assert [key[1].model for key in workspace.cache.keys("analysis")] == [str(tmp_path / "b")]
+
+
+def test_the_page_opens_with_sliders_sized_for_its_model():
+    demo = app.build_demo(tiny_loaded(num_hidden_layers=5, num_attention_heads=2), device="cpu")
+    by_id = {block.elem_id: block for block in demo.blocks.values() if getattr(block, "elem_id", None)}
+    assert (by_id["layer"].maximum, by_id["layer"].value) == (4, 4)
+    assert [value for _, value in by_id["head"].choices] == ["mean", "max", "min", "0", "1"]
 
 
 def test_public_mode_gives_one_answer_for_every_local_path(tmp_path):
-    store = ModelStore(tiny_loaded(), device="cpu", policy=ModelPolicy(public=True))
+    store = ModelStore(ByteCache(10**9), PUBLIC, tiny_loaded(), device="cpu")
     (tmp_path / "weights").mkdir()
     for path in (str(tmp_path / "weights"), str(tmp_path / "missing"), "/etc/passwd", "../../x", "~"):
         with pytest.raises(UserError) as refused:
             store.get(path)
         assert str(refused.value) == PUBLIC_REFUSAL
-    local = ModelStore(tiny_loaded(), device="cpu")
+    local = ModelStore(ByteCache(10**9), Settings(), tiny_loaded(), device="cpu")
     with pytest.raises(Exception) as missing:
         local.get(str(tmp_path / "missing"))
     assert "no such file or folder" in str(missing.value)  # on one's own machine, local folders are read
@@ -219,7 +261,7 @@ def test_public_mode_gives_one_answer_for_every_local_path(tmp_path):
 def test_public_mode_takes_a_hub_id_only_from_the_hub(monkeypatch, tmp_path):
     """A hub-shaped id that is also a local path (here: the examples folder) is never read from disk."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    store = ModelStore(tiny_loaded(), device="cpu", policy=ModelPolicy(public=True))
+    store = ModelStore(ByteCache(10**9), PUBLIC, tiny_loaded(), device="cpu")
     monkeypatch.chdir(ROOT)
     with pytest.raises(Exception) as refused:
         store.get("assets/chelsea.png")
@@ -227,7 +269,7 @@ def test_public_mode_takes_a_hub_id_only_from_the_hub(monkeypatch, tmp_path):
 
 
 def test_half_precision_uses_a_copy_and_never_changes_the_shared_weights(workspace, upload):
-    store = ModelStore(tiny_loaded(), device="cpu")
+    store = ModelStore(ByteCache(10**9), Settings(), tiny_loaded(), device="cpu")
     base = store.get("default")
     before = {k: v.clone() for k, v in base.model.state_dict().items()}
     half = store.get("default", "bfloat16")
@@ -241,17 +283,17 @@ def test_half_precision_uses_a_copy_and_never_changes_the_shared_weights(workspa
 
 def test_half_precision_is_refused_on_a_cpu_server(workspace, upload):
     with pytest.raises(UserError, match="offered on a GPU only"):
-        Api(workspace).open(upload(random_image(40, 40)), 224, dtype="float16")
+        open_upload(workspace, upload(random_image(40, 40)), 224, dtype="float16")
 
 
 def test_the_zero_gpu_path_returns_tensors_only_and_rebuilds_with_the_callers_weights(monkeypatch, upload):
     """As on ZeroGPU, where the forward runs in a lent GPU's process: simulated here with that 'GPU' on the CPU."""
-    from explorer import gpu, session
-    workspace = app.workspace_for(tiny_loaded(), "cpu", None)
+    from server import gpu, workspace as workspace_module
+    workspace = app.workspace_for(tiny_loaded(), "cpu")
     image = upload(random_image(45, 70, seed=9))
-    expected = Api(workspace).open(image, 224)[2]
+    expected = open_upload(workspace, image, 224).analysis
     monkeypatch.setattr(gpu, "GPU_DEVICE", "cpu")
-    monkeypatch.setattr(session, "on_zero_gpu", lambda: True)
+    monkeypatch.setattr(workspace_module, "on_zero_gpu", lambda: True)
     crossed = []
 
     def lease(*args):
@@ -259,9 +301,9 @@ def test_the_zero_gpu_path_returns_tensors_only_and_rebuilds_with_the_callers_we
         crossed.append(result.record.layers)
         return result
 
-    monkeypatch.setattr(session, "GPU_ANALYZE", lease)
+    monkeypatch.setattr(workspace_module, "GPU_ANALYZE", lease)
     workspace.cache.clear()
-    got = Api(workspace).open(image, 224)[2]
+    got = open_upload(workspace, image, 224).analysis
     assert crossed == [None]  # only tensors come back from the lease
     assert got.record.layers is workspace.models.get("default").model.encoder.layers
     token = got.token_at(3, 4)
@@ -282,14 +324,14 @@ def test_models_without_a_class_token_say_what_stands_in_for_it(family, upload):
     import json
     overrides = {"siglip": dict(class_token=False, pooling_head=True), "idefics2": dict(class_token=False),
                  "deit": dict(distillation_token=True)}[family]
-    workspace = app.workspace_for(tiny_loaded(**overrides), "cpu", None)
+    workspace = app.workspace_for(tiny_loaded(**overrides), "cpu")
     page, api = Page(workspace), Api(workspace)
     image = upload(random_image(45, 70, seed=4))
-    out = dict(zip(ANALYSIS_OUTPUTS, page.analyze(image, 224, "default", "float32")))
-    summary = page.current(out["view"])[1].summary
+    out = dict(zip(ANALYSIS_OUTPUTS, analyze(page, image)))
+    summary = workspace.analysis(out["view"].key, out["view"].source).summary
     assert out["summary"] == summary.description
     drawn = dict(zip(VIEW_OUTPUTS, page.render(out["view"], "cls", *controls())))
-    assert (drawn["second"] != gr.skip()) == (family in ("siglip", "deit"))  # the probe's, or the distillation map
+    assert isinstance(drawn["second"], Image.Image) == (family in ("siglip", "deit"))  # the probe's or distillation map
     table = dict(zip(VIEW_OUTPUTS, page.render(out["view"], "heads", *controls())))["table"]
     attention_to_cls = [row[-1] for row in table["data"]]
     assert (set(attention_to_cls) == {"n/a"}) == (family != "deit")
@@ -317,9 +359,9 @@ def test_public_mode_refuses_a_tower_over_the_cap_before_any_weight_is_fetched(t
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
     with FakeHub({"someone/tiny-clip": tmp_path / "repo"}) as hub:
         monkeypatch.setenv("HF_ENDPOINT", hub.url)
-        capped = ModelStore(tiny_loaded(), device="cpu", policy=ModelPolicy(public=True, max_params=10_000))
+        capped = ModelStore(ByteCache(10**9), Settings(public=True, max_params=10_000), tiny_loaded(), device="cpu")
         with pytest.raises(CheckpointError, match="more than the 10 thousand this server accepts") as refused:
             capped.get("someone/tiny-clip")
         assert hub.fetched(".safetensors") == [] and str(tmp_path) not in str(refused.value)
-        loaded = ModelStore(tiny_loaded(), device="cpu", policy=ModelPolicy(public=True)).get("someone/tiny-clip")
+        loaded = ModelStore(ByteCache(10**9), PUBLIC, tiny_loaded(), device="cpu").get("someone/tiny-clip")
         assert loaded.config.num_hidden_layers == 2 and hub.fetched(".safetensors") == ["model.safetensors"]

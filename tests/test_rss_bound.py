@@ -15,14 +15,14 @@ sys.path.insert(0, {root!r})
 from pathlib import Path
 from PIL import Image
 import app
-from explorer.api import Api
+from server.api import Api
 
 def rss_mb():
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
 
-workspace = app.workspace_for(None, "cpu", None)
+workspace = app.workspace_for(None, "cpu")
 api = Api(workspace)
 workspace.models.get("default")
 folder = Path(workspace.upload_roots[0]) / "rss-test"

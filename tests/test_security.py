@@ -12,11 +12,11 @@ import pytest
 from PIL import Image
 
 import app
-from explorer.api import Api
-from explorer.files import FileStore
-from explorer.page import ANALYSIS_OUTPUTS, VIEW_OUTPUTS
-from explorer.web import BUSY, NOT_A_FILE, REMOTE
-from explorer.web import FOREIGN as FOREIGN_FILE
+from server.api import Api
+from server.files import FileStore
+from server.page import ANALYSIS_OUTPUTS, VIEW_OUTPUTS
+from server.guard import BUSY, NOT_A_FILE, REMOTE
+from server.guard import FOREIGN as FOREIGN_FILE
 from tests.helpers import tiny_loaded
 from tests.served import RawClient, served_app
 
@@ -38,7 +38,7 @@ LEAKS = ("Traceback", "TypeError", "ValueError", "KeyError", "Exception", str(RO
 
 @pytest.fixture(scope="module")
 def workspace():
-    return app.workspace_for(tiny_loaded(), "cpu", None)
+    return app.workspace_for(tiny_loaded(), "cpu")
 
 
 @pytest.fixture(scope="module")

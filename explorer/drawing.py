@@ -15,7 +15,6 @@ PAGE_LONG_SIDE = 640  # maps in the page are drawn this large: a redraw stays fa
 LARGE_LONG_SIDE = 1280  # maps returned by the API and written by the command line
 THUMB_LONG_SIDE = 224  # head-grid tiles
 WORKING_MAX_PIXELS = 4096 * 4096  # larger uploads are reduced (Lanczos) before the model sees them
-HEAD_CHOICES_FUSED = FUSIONS
 Box = tuple[float, float, float, float]
 
 
@@ -84,7 +83,7 @@ def head_label(head: "int | str") -> str:
 
 
 def head_choices(num_heads: int) -> list[str]:
-    return [*HEAD_CHOICES_FUSED, *(str(h) for h in range(num_heads))]
+    return [*FUSIONS, *(str(h) for h in range(num_heads))]
 
 
 def patch_at(analysis: Analysis, x: float, y: float) -> tuple[int, int, int]:
@@ -201,9 +200,9 @@ def hidden_views(analysis: Analysis, base: Image.Image, layer: int, marker: tupl
     return norm_image, pca, similarity, len(boxes)
 
 
-def layer_frames(analysis: Analysis, base: Image.Image, mode: str, head: "int | str", style: Style,
-                 progress: Callable[[float], None] | None = None) -> tuple[list[Image.Image], list[str]]:
-    """One overlay per layer: the class-token map of `head` ("cls"), or rollout up to that layer ("rollout")."""
+def layer_animation(analysis: Analysis, base: Image.Image, mode: str, head: "int | str", style: Style,
+                    progress: Callable[[float], None] | None = None) -> bytes:
+    """A GIF through the layers: the class-token map of `head` ("cls"), or rollout up to each layer ("rollout")."""
     frames, captions = [], []
     fusion = head if isinstance(head, str) else "mean"
     for layer in range(analysis.num_layers):
@@ -212,4 +211,4 @@ def layer_frames(analysis: Analysis, base: Image.Image, mode: str, head: "int | 
         captions.append(f"layer {layer}" + (f" · {head_label(head)}" if mode == "cls" else f" · rollout ({fusion})"))
         if progress is not None:
             progress((layer + 1) / analysis.num_layers)
-    return frames, captions
+    return visualizer.animation_gif(frames, 500, captions=captions)

@@ -25,7 +25,8 @@ def on_zero_gpu() -> bool:
     return bool(Config.zero_gpu)
 
 
-def lease_seconds(loaded: LoadedModel, image: Image.Image, resolution: int, dtype: str = "float32") -> int:
+def lease_seconds(loaded: LoadedModel, image: Image.Image, resolution: int, dtype: str = "float32",
+                  original_size: tuple[int, int] | None = None) -> int:
     """The GPU time to ask for: the forward and the per-layer sweeps grow as layers × (N²·D + N·D²)."""
     config = loaded.config
     geometry = loaded.preprocessing.geometry(image.height, image.width, resolution)
@@ -35,10 +36,12 @@ def lease_seconds(loaded: LoadedModel, image: Image.Image, resolution: int, dtyp
     return int(min(high, max(low, 10 + work / 1e12)))  # ~4 FLOPs per unit of work at ~4 TFLOP/s: generous
 
 
-def analyze_on_gpu(loaded: LoadedModel, image: Image.Image, resolution: int, dtype: str = "float32") -> Analysis:
+def analyze_on_gpu(loaded: LoadedModel, image: Image.Image, resolution: int, dtype: str = "float32",
+                   original_size: tuple[int, int] | None = None) -> Analysis:
     """The analysis on the lent GPU, returned with CPU tensors and no module (the caller attaches its own)."""
     model = loaded.model.to(GPU_DEVICE)  # the lease's process has its own copy: the caller's stays on the CPU
-    analysis = analyze(LoadedModel(model, loaded.preprocessing, loaded.name), image, resolution, dtype)
+    analysis = analyze(LoadedModel(model, loaded.preprocessing, loaded.name), image, resolution, dtype,
+                       original_size=original_size, statistics=False)
     analysis.record = analysis.record.moved("cpu", None)
     return analysis
 

@@ -1,0 +1,213 @@
+"""The page's events: each turns a visitor's state (`View`) and the page's controls into the arguments of the shared
+handlers (`server.handlers`), and their results into the page's components.
+
+Events return {output name: value}; `as_outputs` orders them as the page's components (`VIEW_OUTPUTS`,
+`ANALYSIS_OUTPUTS`) and leaves every other output as it is. Controls arrive in the order of `inputs.FIELDS`."""
+from __future__ import annotations
+
+import html
+from typing import Any
+
+import gradio as gr
+
+import visualizer
+from analysis import FUSIONS
+from explorer import drawing
+from explorer.inputs import (ANIMATIONS, FIELDS, STAT_MODES, Controls, check_discard, choice, click_position,
+                             head_choice, number, resolution_limits, text)
+
+from . import handlers
+from .handlers import Subject, guarded, open_upload, open_view, user_message, warn
+from .workspace import View, Workspace
+
+TAB_LABELS = {"cls": "Class token", "rollout": "Rollout", "heads": "Heads", "hidden": "Hidden states",
+              "animation": "GIF"}
+TABS = tuple(TAB_LABELS)
+VIEW_OUTPUTS = ("main", "patch", "grid", "patch_caption", "second", "rollout", "rollout_caption", "atlas", "chart",
+                "scatter", "table", "norms", "pca", "similarity", "hidden_caption")
+ANALYSIS_OUTPUTS = ("view", "status", "summary", "layer", "head", "resolution", "flow", "flow_note", "flow_button",
+                    "gif", "gif_file", "export_files", *VIEW_OUTPUTS)
+
+
+def as_outputs(values: dict[str, Any], names: tuple[str, ...]) -> tuple:
+    return tuple(values.get(name, gr.skip()) for name in names)
+
+
+def controls(subject: Subject, values: tuple) -> Controls:
+    """The page's controls, sent in the order of FIELDS, checked against the analysis."""
+    if len(values) != len(FIELDS):
+        raise gr.Error(f"expected {len(FIELDS)} controls, got {len(values)}.", print_exception=False)
+    return Controls.parse(subject.analysis, dict(zip(FIELDS, values)))
+
+
+class Page:
+    """The page's events; the analysis and images live in the shared workspace, the visitor keeps a View."""
+
+    def __init__(self, workspace: Workspace):
+        self.workspace = workspace
+
+    def analyze(self, image: Any, res: Any, model: Any, dtype: Any, *values: Any,
+                progress: gr.Progress = gr.Progress()) -> tuple:
+        """A new image, resolution or model: analyse it, show its class-token map at once, and clear every view drawn
+        from the previous one (the rest of the visible tab follows in `render`)."""
+        cleared = {name: None for name in ANALYSIS_OUTPUTS if name not in ("layer", "head", "resolution")}
+        cleared |= {name: gr.update(value=None, visible=False) for name in ("flow", "flow_button", "export_files",
+                                                                             "second")}
+        if image is None:
+            return as_outputs({**cleared, "status": "Upload an image, or pick an example."}, ANALYSIS_OUTPUTS)
+        try:
+            s = open_upload(self.workspace, image, res, model, dtype, lambda f, desc: progress(f, desc=desc))
+            c = controls(s, values)
+            first = Controls(s.analysis.num_layers - 1, "mean", c.direction, c.style)  # the controls it resets
+            main = handlers.class_token(s, first, True, self.marker(View(s.key, s.source), s))["main"]
+        except Exception as err:  # a message, no red badges: the controls stay usable
+            message = user_message(err)
+            warn(message)
+            return as_outputs({**cleared, "status": f"**Could not analyse this image:** {html.escape(message)}"},
+                              ANALYSIS_OUTPUTS)
+        note, offered = handlers.flow_offer(self.workspace, s)
+        low, high = resolution_limits(s.analysis.geometry.patch_size)
+        return as_outputs({
+            **cleared, "view": View(s.key, s.source), "status": handlers.status_line(s.analysis), "main": main,
+            "summary": s.analysis.summary.description,
+            "second": gr.update(value=None, visible=s.analysis.summary.pooling or s.analysis.summary.distillation),
+            "layer": gr.update(maximum=first.layer, value=first.layer),
+            "head": gr.update(choices=drawing.head_choices(s.analysis.num_heads), value="mean"),
+            "resolution": gr.update(minimum=low, maximum=high, step=s.analysis.geometry.patch_size,
+                                    value=s.key.resolution),
+            "flow_note": note, "flow_button": gr.update(visible=offered),
+        }, ANALYSIS_OUTPUTS)
+
+    def warm(self, path: str, res: int) -> None:
+        """Analyses an example at start-up and keeps it, so that the page opens with its maps at once."""
+        scene = self.workspace.scene(path)
+        key = self.workspace.key(scene, res)
+        self.workspace.analysis(key, path)
+        self.workspace.pin(key)
+
+    @guarded
+    def switch_model(self, choice_: Any, custom: Any, progress: gr.Progress = gr.Progress()) -> tuple[str, str]:
+        """Loads the model typed in (or else the one picked), so that the next analysis uses it."""
+        key = text(custom, "model id") or text(choice_, "model")
+        progress(0.1, desc=f"loading {key}")
+        loaded = self.workspace.models.get(key)
+        return key, f"Loaded **{html.escape(loaded.name)}**."
+
+    @guarded
+    def render(self, view: View | None, tab: str, *values: Any) -> tuple:
+        """Redraws only the visible tab's views, at the page's size."""
+        if view is None:
+            return as_outputs({}, VIEW_OUTPUTS)
+        s = open_view(self.workspace, view)
+        c = controls(s, values)
+        tab = choice(tab, "tab", TABS)
+        return as_outputs(self._drawn(tab, view, s, c), VIEW_OUTPUTS)
+
+    def _drawn(self, tab: str, view: View, s: Subject, c: Controls) -> dict:
+        """Every view of `tab`, by output name."""
+        if tab == "cls":
+            row, col = self.marker(view, s)
+            patch, _, caption = handlers.patch(s, c, True, row, col)
+            return {**handlers.class_token(s, c, True, (row, col)), "patch": patch, "patch_caption": caption}
+        if tab == "rollout":
+            image, caption = handlers.rollout(s, c, True)
+            return {"rollout": image, "rollout_caption": caption}
+        if tab == "heads":
+            return handlers.heads(s, c)
+        if tab == "hidden":
+            return handlers.hidden(s, c, True, *self.marker(view, s))
+        return {}
+
+    @staticmethod
+    def marker(view: View, s: Subject) -> tuple[int, int]:
+        """The clicked patch, or the centre one before any click."""
+        g = s.analysis.geometry
+        x, y = view.point or (g.orig_w / 2, g.orig_h / 2)
+        return drawing.patch_at(s.analysis, x, y)[:2]
+
+    @guarded
+    def select_tab(self, evt: gr.SelectData) -> str:
+        """The id of the tab just opened."""
+        by_label = {label: name for name, label in TAB_LABELS.items()}
+        return evt.index if evt.index in TABS else choice(by_label.get(evt.value, evt.value), "tab", TABS)
+
+    @guarded
+    def click(self, view: View | None, evt: gr.SelectData) -> View:
+        """A click on a map drawn on the page's copy of the image (a click on its colour bar is ignored)."""
+        if view is None:
+            return gr.skip()
+        scene = open_view(self.workspace, view).scene
+        x, y = click_position(evt.index)
+        if x >= scene.page.width or y >= scene.page.height:
+            return gr.skip()
+        return view.clicked(*scene.page_to_original(x, y))
+
+    @guarded
+    def select_in_atlas(self, view: View | None, evt: gr.SelectData) -> tuple:
+        if view is None:
+            return gr.skip(), gr.skip()
+        a = open_view(self.workspace, view).analysis
+        layout = visualizer.atlas_layout(a.num_layers, a.num_heads, a.geometry.grid_h, a.geometry.grid_w,
+                                         drawing.atlas_thumb_width(a.num_heads))
+        cell = layout.cell_at(*click_position(evt.index))
+        return (gr.skip(), gr.skip()) if cell is None else (cell[0], str(cell[1]))
+
+    @guarded
+    def select_in_table(self, view: View | None, evt: gr.SelectData) -> tuple:
+        if view is None or not isinstance(evt.row_value, (list, tuple)) or len(evt.row_value) < 2:
+            return gr.skip(), gr.skip()
+        a = open_view(self.workspace, view).analysis
+        layer = number(evt.row_value[0], "layer", 0, a.num_layers - 1, whole=True)
+        return int(layer), str(head_choice(evt.row_value[1], a.num_heads, ()))
+
+    @guarded
+    def prepare_tab(self, view: View | None, tab: str, fusion: str, discard: float, stat_mode: str,
+                    progress: gr.Progress = gr.Progress()) -> None:
+        """The slow part of a tab, with a progress bar, before it is drawn: the rollout, or the statistics."""
+        tab = choice(tab, "tab", TABS)
+        if view is None or tab not in ("rollout", "heads"):
+            return
+        s = open_view(self.workspace, view)
+        if tab == "rollout":
+            s.analysis.rollout_map(choice(fusion, "fusion", FUSIONS), check_discard(discard),
+                                   progress=lambda f: progress(f, desc="rollout"))
+        else:
+            handlers.statistics(s, choice(stat_mode, "statistics", tuple(STAT_MODES)),
+                                lambda f: progress(f, desc="head statistics"))
+
+    @guarded
+    def flow(self, view: View | None, *values: Any, progress: gr.Progress = gr.Progress()) -> Any:
+        if view is None:
+            return gr.skip()
+        s = open_view(self.workspace, view)
+        image = handlers.flow(self.workspace, s, controls(s, values), True,
+                              lambda f: progress(f, desc="max-flow per token"))
+        return gr.update(visible=True, value=image)
+
+    @guarded
+    def animate(self, view: View | None, mode: str, *values: Any, progress: gr.Progress = gr.Progress()) -> tuple:
+        if view is None:
+            raise gr.Error("Analyse an image first.", print_exception=False)
+        s = open_view(self.workspace, view)
+        gif = handlers.animation(self.workspace, s, controls(s, values), choice(mode, "animation", ANIMATIONS),
+                                 lambda f: progress(f, desc="frames")).path
+        return gif, gif
+
+    @guarded
+    def download(self, view: View | None, tab: str, *values: Any) -> dict:
+        """The numbers of the analysis with every setting of the view, and the view on screen as a PNG."""
+        if view is None:
+            raise gr.Error("Analyse an image first.", print_exception=False)
+        s = open_view(self.workspace, view)
+        c = controls(s, values)
+        row, col = self.marker(view, s)
+        tab = choice(tab, "tab", TABS)
+        settings = {"tab": tab, "direction": c.direction, "opacity": c.style.opacity, "colormap": c.style.cmap,
+                    "smooth": c.style.smooth, "scaling": c.style.normalize, "mass_fraction": c.style.mass,
+                    "statistic": c.statistic, "statistics_queries": c.stat_mode, "atlas_one_scale": c.atlas_shared,
+                    "clicked_patch": [row, col]}
+        npz, sidecar = handlers.export(self.workspace, s, c, s.analysis.token_at(row, col), settings)
+        shown = {"rollout": "rollout", "heads": "atlas", "hidden": "similarity"}.get(tab, "main")
+        on_screen = self._drawn(tab if tab != "animation" else "cls", view, s, c)[shown]
+        return gr.update(value=[npz.path, sidecar.path, handlers.write_png(self.workspace, on_screen,
+                                                                           "current_view").path], visible=True)
