@@ -64,9 +64,6 @@ class FileStore:
             self._known_bytes = total
             self._remove_empty_folders()
 
-    def size(self) -> int:
-        return sum(size for _, _, size in self._files())
-
     def _files(self) -> list[tuple[Path, float, int]]:
         found = []
         for folder, _, names in os.walk(self.root):

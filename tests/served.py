@@ -25,10 +25,11 @@ def free_port() -> int:
 def served_app(loaded: LoadedModel | None = None, **build):
     """Yields the URL of the app (the embedded default model unless `loaded` is given)."""
     import app
-    demo = app.build_demo(loaded, device="cpu", **build)
+    workspace = build.pop("workspace", None) or app.workspace_for(loaded, "cpu")
+    demo = app.build_demo(workspace=workspace, **build)
     port = free_port()
     demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
-                **app.launch_options(demo))
+                **app.launch_options(demo, workspace.settings))
     try:
         yield f"http://127.0.0.1:{port}/"
     finally:
@@ -62,9 +63,11 @@ class RawClient:
         return {"path": answer.json()[0], "orig_name": name or Path(path).name,
                 "meta": {"_type": "gradio.FileData"}}
 
-    def call(self, event: "str | int", data: list, event_data: Any = None, body: bytes | None = None) -> Result:
-        """Joins the queue for `event` (an api_name or fn_index) and reads the stream to the end."""
-        session = uuid.uuid4().hex
+    def call(self, event: "str | int", data: list, event_data: Any = None, body: bytes | None = None,
+             session: str | None = None) -> Result:
+        """Joins the queue for `event` (an api_name or fn_index) and reads the stream to the end; calls in one
+        `session` share the page's state, as a visitor's events do."""
+        session = session or uuid.uuid4().hex
         fn_index = event if isinstance(event, int) else self.fn_index(event)
         payload = body or json.dumps({"data": data, "fn_index": fn_index, "session_hash": session,
                                       "event_data": event_data, "trigger_id": None}).encode()

@@ -2,7 +2,9 @@
 that shows where it landed, examples and the resolution box that analyse at once, stale views cleared, controls that
 do what they say, plain messages for bad uploads, a phone, and a local checkpoint."""
 import json
+import os
 import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -12,7 +14,9 @@ from tests.served import served_app
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-SCREENSHOTS = ROOT / "docs"
+# Screenshots go to a temporary folder; `VIT_INSPECT_SCREENSHOTS=docs python -m pytest tests/test_browser.py` refreshes
+# the README's pictures in docs/.
+SCREENSHOTS = Path(os.environ.get("VIT_INSPECT_SCREENSHOTS") or tempfile.mkdtemp(prefix="vit-inspect-screens-"))
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync"]
 playwright = pytest.importorskip("playwright.sync_api")
@@ -74,7 +78,7 @@ def test_maps_are_shown_on_arrival(page):
     page.wait_for_selector("#cls-view img", timeout=60_000)  # nothing clicked, nothing uploaded
     assert page.locator("#head-grid img").count() == 1 and page.locator("#patch-view img").count() == 1
     assert "grid 25×37" in status(page)  # chelsea.png, 451×300, at 518 px with patch 14
-    SCREENSHOTS.mkdir(exist_ok=True)
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(SCREENSHOTS / "screenshot.png"), full_page=True)
 
 

@@ -8,8 +8,10 @@ import pytest
 import torch
 
 from analysis import analyze
-from explorer.models import ModelStore
+from explorer.cache import ByteCache
 from model import LoadedModel
+from server.model_store import ModelStore
+from server.settings import Settings
 from model.vision import attention_with_lse, chunked_attention_with_lse
 from tests.helpers import random_image, tiny_loaded
 
@@ -64,7 +66,7 @@ def test_model_on_cuda_matches_the_cpu(dtype):
 def test_analysis_on_cuda_matches_the_cpu(dtype):
     image = random_image(45, 70)
     expected = analyze(tiny_loaded(), image, 64)
-    store = ModelStore(tiny_on_cuda(), device="cuda")
+    store = ModelStore(ByteCache(2**30), Settings(), tiny_on_cuda(), device="cuda")
     got = analyze(store.get("default", dtype), image, 64, dtype)
     tolerance = TOLERANCE[getattr(torch, dtype)]
     assert relative(torch.from_numpy(got.cls_attention), torch.from_numpy(expected.cls_attention)) < tolerance
@@ -75,7 +77,7 @@ def test_analysis_on_cuda_matches_the_cpu(dtype):
 
 
 def test_half_precision_on_cuda_leaves_the_float32_weights_bit_identical():
-    store = ModelStore(tiny_on_cuda(), device="cuda")
+    store = ModelStore(ByteCache(2**30), Settings(), tiny_on_cuda(), device="cuda")
     base = store.get("default")
     before = {name: value.clone() for name, value in base.model.state_dict().items()}
     analyze(store.get("default", "float16"), random_image(40, 40), 64, "float16")

@@ -43,7 +43,7 @@ for i in range(30):
     api.patch_attention(upload, w / 2, h / 2, 5, "2", "column", resolution)
     api.rollout(upload, "max", 0.5, resolution)
     samples.append(rss_mb())
-print(json.dumps({{"baseline": baseline, "samples": samples, "cache": workspace.cache.total_bytes / 2**20}}))
+print(json.dumps({{"baseline": baseline, "samples": samples, "cache": workspace.cache.bytes_of() / 2**20}}))
 """
 
 

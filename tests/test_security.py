@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 import app
+from explorer.inputs import DEFAULTS, FIELDS
 from server.api import Api
 from server.files import FileStore
 from server.page import ANALYSIS_OUTPUTS, VIEW_OUTPUTS
@@ -48,7 +49,12 @@ def client(workspace):
 
 
 def page_analyze(client: RawClient, image) -> list:
-    return [image, RES, "default", "float32"]
+    """The page's analysis event as the page sends it: the image, its settings, then every control."""
+    return [image, RES, "default", "float32", *(DEFAULTS[name] for name in FIELDS)]
+
+
+def folder_bytes(root: Path) -> int:
+    return sum(path.stat().st_size for path in root.rglob("*") if path.is_file())
 
 
 def assert_plain(message: str) -> None:
@@ -143,15 +149,25 @@ def test_nan_and_infinity_are_refused_by_name(client, literal):
 
 
 def test_page_events_check_their_values_too(client):
-    analysed = client.call("analyze", page_analyze(client, client.upload(CAT)))
+    session = "page-events"
+    analysed = client.call("analyze", page_analyze(client, client.upload(CAT)), session=session)
     assert analysed.success and "grid 19×28" in analysed.data[1]
-    # the page's redraw, sent by hand with nonsense controls: the view state is the server's, never the client's
-    controls = ["abc", "mean", "row", 0.6, "inferno", True, "robust", False, 0.6, "mean", 0.0, "mean_distance",
-                False, "spread"]
-    result = client.call("render", [None, "cls", *controls])
-    assert result.success  # no analysis in this raw session: nothing is drawn, nothing fails
-    clicked = client.call("click", [None], event_data={"index": ["x", None], "value": None})
-    assert clicked.success
+    # the page's redraw and click, sent by hand with nonsense: the view state is the server's (the client sends
+    # null for it), the controls and the click are the client's, and are checked
+    controls = [DEFAULTS[name] for name in FIELDS]
+    result = client.call("render", [None, "cls", *controls], session=session)
+    assert result.success and result.data[0]["path"].endswith(".jpeg")  # the view of this session, drawn
+    for name, wrong, message in (("layer", "abc", "layer must be a whole number from -3 to 2, got 'abc'"),
+                                 ("cmap", "flag", "colormap must be one of"),
+                                 ("mass", 7, "mass fraction must be a number from 0.05 to 1, got 7")):
+        bad = [wrong if field == name else value for field, value in zip(FIELDS, controls)]
+        bad[FIELDS.index("mass_on")] = True
+        refused = client.call("render", [None, "cls", *bad], session=session)
+        assert not refused.success and message in refused.error, refused.error
+        assert_plain(refused.error)
+    clicked = client.call("click", [None], event_data={"index": ["x", None], "value": None}, session=session)
+    assert not clicked.success and "click x must be a number" in clicked.error
+    assert client.call("render", [None, "cls", *controls[:3]], session=session).error  # too few controls
 
 
 def test_upload_size_is_capped(client, tmp_path):
@@ -207,9 +223,9 @@ def test_queued_jobs_of_clients_gone_are_dropped(client, workspace):
 def test_identical_requests_reuse_their_files(client, workspace):
     upload = client.upload(CAT)
     root = workspace.files.root
-    before = workspace.files.size()
+    before = folder_bytes(root)
     paths = {client.call("layer_animation", [upload, *args("layer_animation")]).data[0]["path"] for _ in range(10)}
-    assert len(paths) == 1 and workspace.files.size() - before <= 2 * 2**20
+    assert len(paths) == 1 and folder_bytes(root) - before <= 2 * 2**20
     assert Path(paths.pop()).is_relative_to(root)
 
 
@@ -219,12 +235,12 @@ def test_file_store_keeps_to_its_size_and_age(tmp_path):
     assert store.put(b"a" * 4000, "a.bin") == first  # the same content is one file
     store.put(b"b" * 4000, "b.bin")
     store.put(b"c" * 4000, "c.bin")  # over the size limit: the least recently used goes
-    assert not first.exists() and store.size() <= 10_000
+    assert not first.exists() and folder_bytes(tmp_path) <= 10_000
     old = store.put(b"d" * 10, "d.bin")
     stale = time.time() - 7200
     os.utime(old, (stale, stale))
     store.sweep(force=True)
-    assert not old.exists() and store.size() <= 10_000
+    assert not old.exists() and folder_bytes(tmp_path) <= 10_000
 
 
 def test_float_images_with_nan_are_analysed_with_a_warning(client, tmp_path):
@@ -239,9 +255,9 @@ def test_float_images_with_nan_are_analysed_with_a_warning(client, tmp_path):
 
 def test_endpoints_asking_about_one_new_image_at_once_compute_it_once(client, monkeypatch, tmp_path):
     """Three at once: this server's queue holds two besides the one running."""
-    from explorer import session
-    calls, original = [], session.analyze_scene
-    monkeypatch.setattr(session, "analyze_scene", lambda *a, **k: calls.append(a[2]) or original(*a, **k))
+    from server import workspace as workspace_module
+    calls, original = [], workspace_module.analyze
+    monkeypatch.setattr(workspace_module, "analyze", lambda *a, **k: calls.append(a[2]) or original(*a, **k))
     image = tmp_path / "new.png"
     Image.fromarray(np.random.default_rng(7).integers(0, 255, (90, 140, 3), dtype=np.uint8)).save(image)
     upload = client.upload(image)

@@ -215,7 +215,7 @@ def test_atlas_draws_each_map_in_its_cell_and_click_mapping_inverts_layout():
     assert np.abs(np.asarray(shared)[top:bottom, left:right, 0] - expected * 255).max() <= 2  # 256-entry LUT
 
 
-def test_stats_heatmap_shows_the_colormap_and_line_chart_the_series():
+def test_stats_heatmap_shows_the_colormap_and_marks_the_selection():
     heat = visualizer.stats_heatmap(np.arange(12.0).reshape(4, 3), "entropy", cmap="viridis")
     colours = {tuple(c) for c in np.asarray(heat).reshape(-1, 3)}
     viridis = colormaps["viridis"]([0.0, 1.0], bytes=True)[:, :3]
@@ -224,12 +224,6 @@ def test_stats_heatmap_shows_the_colormap_and_line_chart_the_series():
     marked = visualizer.stats_heatmap(np.arange(12.0).reshape(4, 3), "entropy", cmap="viridis", selected=(2, 1))
     assert (0, 200, 255) in {tuple(c) for c in np.asarray(marked).reshape(-1, 3)}
     assert (0, 200, 255) not in colours
-    chart = visualizer.line_chart({"head 0": np.arange(5.0), "mean": np.ones(5)}, "layer", "distance", "t",
-                                  highlight="mean")
-    chart_colours = {tuple(c) for c in np.asarray(chart).reshape(-1, 3)}
-    assert (0, 0, 0) in chart_colours and tuple(colormaps["tab10"](0, bytes=True)[:3]) in chart_colours
-    with pytest.raises(ValueError, match="no series named"):
-        visualizer.line_chart({"a": np.ones(3)}, "x", "y", "t", highlight="mean")
 
 
 def test_colorbar_strip_has_the_exact_size_and_the_colormap_ends():
@@ -260,21 +254,21 @@ def test_png_bytes_round_trip():
     assert np.array_equal(np.asarray(Image.open(io.BytesIO(visualizer.png_bytes(image)))), np.asarray(image))
 
 
-def test_npz_and_json_round_trip(tmp_path):
+def test_npz_and_json_round_trip():
     arrays = {"cls": np.arange(24, dtype=np.float32).reshape(2, 3, 4), "norms": np.ones((5,), dtype=np.float16)}
     metadata = {"layer": np.int64(3), "grid": (3, 4), "mean": np.float32(0.5), "box": np.array([1, 2]), "bad": np.nan}
-    npz, sidecar = visualizer.export_npz(tmp_path / "sub" / "run.v2", arrays, metadata)
-    assert (npz.name, sidecar.name) == ("run.v2.npz", "run.v2.json") and npz.parent == tmp_path / "sub"
-    with np.load(npz) as loaded:
+    npz, sidecar = visualizer.npz_bytes(arrays, metadata)
+    assert visualizer.npz_bytes(arrays, metadata) == (npz, sidecar)  # the same content, the same bytes
+    with np.load(io.BytesIO(npz)) as loaded:
         assert set(loaded.files) == {"cls", "norms"}
         assert np.array_equal(loaded["cls"], arrays["cls"]) and loaded["norms"].dtype == np.float16
-    meta = json.loads(sidecar.read_text())
+    meta = json.loads(sidecar)
     assert meta["layer"] == 3 and meta["grid"] == [3, 4] and meta["mean"] == 0.5 and meta["box"] == [1, 2]
     assert meta["bad"] is None
     assert meta["arrays"] == {"cls": {"shape": [2, 3, 4], "dtype": "float32"},
                               "norms": {"shape": [5], "dtype": "float16"}}
     with pytest.raises(ValueError, match="arrays"):
-        visualizer.export_npz(tmp_path / "x", arrays, {"arrays": 1})
+        visualizer.npz_bytes(arrays, {"arrays": 1})
 
 
 def test_depth_scatter_puts_each_head_at_its_value_and_rings_the_selection():

@@ -1,15 +1,15 @@
 """Numpy in, images out: overlays, head grids, the atlas, charts, GIFs and exports (no torch, no pyplot)."""
 from .animation import animation_gif
-from .charts import depth_scatter, line_chart, stats_heatmap
+from .charts import depth_scatter, stats_heatmap
 from .colormaps import available_colormaps, colorbar_image, colorize, normalize_map, scale_range, with_colorbar
-from .export import export_npz, jsonable, npz_bytes, png_bytes
+from .export import jsonable, npz_bytes, png_bytes
 from .grid import AtlasLayout, atlas, atlas_layout, head_grid
 from .overlay import mark_patch, mark_patches, overlay, rgb_image, top_mass_mask, upsample
 from .text import caption
 
 __all__ = [
     "AtlasLayout", "animation_gif", "atlas", "atlas_layout", "available_colormaps", "caption", "colorbar_image",
-    "colorize", "depth_scatter", "export_npz", "head_grid", "jsonable", "line_chart", "mark_patch", "mark_patches",
+    "colorize", "depth_scatter", "head_grid", "jsonable", "mark_patch", "mark_patches",
     "normalize_map", "npz_bytes", "overlay", "png_bytes", "rgb_image", "scale_range", "stats_heatmap", "top_mass_mask",
     "upsample", "with_colorbar",
 ]

@@ -58,34 +58,6 @@ def stats_heatmap(values: np.ndarray, title: str, cmap: str = "viridis", label: 
     return render(figure)
 
 
-def line_chart(series: dict[str, np.ndarray], xlabel: str, ylabel: str, title: str,
-               highlight: str | None = None) -> Image.Image:
-    """One line per named series over x = 0 … n-1 (e.g. layers), in distinct colours; a legend when there are several.
-
-    Args:
-        highlight: name of a series (e.g. "mean") drawn thick and black, on top of the others.
-    """
-    if highlight is not None and highlight not in series:
-        raise ValueError(f"no series named {highlight!r} to highlight; series are {list(series)}")
-    figure = Figure(figsize=(6.5, 3.5), dpi=DPI, layout="constrained")
-    axes = figure.add_subplot()
-    others = [name for name in series if name != highlight]
-    for name, colour in zip(others, distinct_colours(len(others))):
-        axes.plot(np.arange(len(series[name])), series[name], marker="o", markersize=3, color=colour, label=name)
-    if highlight is not None:
-        values = series[highlight]
-        axes.plot(np.arange(len(values)), values, color="black", linewidth=2.5, marker="o", markersize=4,
-                  label=highlight, zorder=3)
-    axes.set_xlabel(xlabel)
-    axes.set_ylabel(ylabel)
-    set_title(figure, axes, title)
-    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
-    axes.grid(alpha=0.3)
-    if len(series) > 1:
-        axes.legend(fontsize=7, ncols=1 + len(series) // 13, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    return render(figure)
-
-
 def depth_scatter(values: np.ndarray, ylabel: str, title: str,
                   selected: tuple[int, int] | None = None) -> Image.Image:
     """Every head's value against layer depth, one dot per layer × head coloured by head, as Dosovitskiy et al.

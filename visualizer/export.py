@@ -56,20 +56,3 @@ def npz_bytes(arrays: dict[str, np.ndarray], metadata: dict) -> tuple[bytes, byt
     sidecar = {**jsonable(metadata),
                "arrays": {name: {"shape": list(a.shape), "dtype": str(a.dtype)} for name, a in arrays.items()}}
     return buffer.getvalue(), json.dumps(sidecar, indent=2).encode()
-
-
-def export_npz(stem: "str | Path", arrays: dict[str, np.ndarray], metadata: dict) -> tuple[Path, Path]:
-    """Writes `npz_bytes` as `<stem>.npz` and `<stem>.json`.
-
-    Args:
-        stem: path without extension (a trailing .npz or .json is dropped); its folder is created.
-    """
-    npz, sidecar = npz_bytes(arrays, metadata)
-    stem = Path(stem)
-    if stem.suffix in (".npz", ".json"):
-        stem = stem.with_suffix("")
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    npz_path, json_path = stem.parent / f"{stem.name}.npz", stem.parent / f"{stem.name}.json"
-    npz_path.write_bytes(npz)
-    json_path.write_bytes(sidecar)
-    return npz_path, json_path
