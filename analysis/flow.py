@@ -16,7 +16,7 @@ from scipy.sparse.csgraph import maximum_flow
 from .record import AttentionRecord
 from .rollout import residual_attention
 
-MAX_FLOW_TOKENS = 577  # DINOv2-S/14 at 336 px (24 × 24 patches): 69 s on two CPU cores
+MAX_FLOW_TOKENS = 577  # DINOv2-S/14 at 336 px (24 × 24 patches): 81 s on two CPU cores (bench_analysis --flow 336)
 CAPACITY_SCALE = 1 << 30  # scipy's max-flow takes integer capacities; attention weights are in [0, 1]
 
 

@@ -21,7 +21,6 @@ class IdeficsVisionConfig:
     num_channels: int = 3
     hidden_act: str = "gelu"  # "gelu" (exact), "quick_gelu" (OpenAI CLIP), "gelu_pytorch_tanh" (SigLIP), …
     layer_norm_eps: float = 1e-5
-    attention_dropout: float = 0.0  # kept for checkpoint compatibility; the tool never trains
     # Switches for the ViT families that share this architecture.
     use_pre_layernorm: bool = True  # CLIP/IDEFICS have `pre_layrnorm`; DINOv2, ViT, SigLIP and most timm ViTs don't
     patch_bias: bool = False  # CLIP/IDEFICS convs have no bias; the other families' do

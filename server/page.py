@@ -48,8 +48,9 @@ class Page:
 
     def analyze(self, image: Any, res: Any, model: Any, dtype: Any, *values: Any,
                 progress: gr.Progress = gr.Progress()) -> tuple:
-        """A new image, resolution or model: analyse it, show its class-token map at once, and clear every view drawn
-        from the previous one (the rest of the visible tab follows in `render`)."""
+        """A new image, resolution or model: analyse it, show its class-token map at once (last layer, heads fused by
+        mean, in the visitor's style), and clear every view drawn from the previous one (the rest of the visible tab
+        follows in `render`)."""
         cleared = {name: None for name in ANALYSIS_OUTPUTS if name not in ("layer", "head", "resolution")}
         cleared |= {name: gr.update(value=None, visible=False) for name in ("flow", "flow_button", "export_files",
                                                                              "second")}
@@ -57,8 +58,8 @@ class Page:
             return as_outputs({**cleared, "status": "Upload an image, or pick an example."}, ANALYSIS_OUTPUTS)
         try:
             s = open_upload(self.workspace, image, res, model, dtype, lambda f, desc: progress(f, desc=desc))
-            c = controls(s, values)
-            first = Controls(s.analysis.num_layers - 1, "mean", c.direction, c.style)  # the controls it resets
+            values = {**dict(zip(FIELDS, values)), "layer": -1, "head": "mean"}  # reset for this analysis's model
+            first = Controls.parse(s.analysis, values)
             main = handlers.class_token(s, first, True, self.marker(View(s.key, s.source), s))["main"]
         except Exception as err:  # a message, no red badges: the controls stay usable
             message = user_message(err)

@@ -20,7 +20,8 @@ SCREENSHOTS = Path(os.environ.get("VIT_INSPECT_SCREENSHOTS") or tempfile.mkdtemp
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync"]
 playwright = pytest.importorskip("playwright.sync_api")
-pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian's chromium is not installed")
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian's chromium is not installed")]
 
 
 @pytest.fixture(scope="module")
@@ -76,6 +77,7 @@ def click_original_pixel(page, selector: str, x: float, y: float, height: int) -
 
 def test_maps_are_shown_on_arrival(page):
     page.wait_for_selector("#cls-view img", timeout=60_000)  # nothing clicked, nothing uploaded
+    page.wait_for_selector("#head-grid img", timeout=60_000)  # the rest of the tab follows the first map
     assert page.locator("#head-grid img").count() == 1 and page.locator("#patch-view img").count() == 1
     assert "grid 25×37" in status(page)  # chelsea.png, 451×300, at 518 px with patch 14
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)

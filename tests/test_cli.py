@@ -6,8 +6,10 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
+pytestmark = pytest.mark.slow  # starts the app, a browser or a fresh process, or runs the default model
 ROOT = Path(__file__).resolve().parents[1]
 
 

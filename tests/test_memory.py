@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # starts the app, a browser or a fresh process, or runs the default model
 ROOT = Path(__file__).resolve().parents[1]
 # A narrow, deep tower at 1370 tokens: the previous layout kept augmented queries and keys,
 # 2·L·heads·N·(head_dim + 1) floats, and the hidden states, 202 MB (MB = 2^20 bytes); ours keeps the L + 1 layer

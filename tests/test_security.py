@@ -15,11 +15,13 @@ import app
 from explorer.inputs import DEFAULTS, FIELDS
 from server.api import Api
 from server.files import FileStore
-from server.page import ANALYSIS_OUTPUTS, VIEW_OUTPUTS
 from server.guard import BUSY, NOT_A_FILE, REMOTE
 from server.guard import FOREIGN as FOREIGN_FILE
+from server.page import ANALYSIS_OUTPUTS, VIEW_OUTPUTS
 from tests.helpers import tiny_loaded
 from tests.served import RawClient, served_app
+
+pytestmark = pytest.mark.slow  # starts the app, a browser or a fresh process, or runs the default model
 
 ROOT = Path(__file__).resolve().parents[1]
 SERVER_IMAGE = ROOT / "docs" / "screenshot.png"  # an image on the server that no visitor uploaded
@@ -167,7 +169,6 @@ def test_page_events_check_their_values_too(client):
         assert_plain(refused.error)
     clicked = client.call("click", [None], event_data={"index": ["x", None], "value": None}, session=session)
     assert not clicked.success and "click x must be a number" in clicked.error
-    assert client.call("render", [None, "cls", *controls[:3]], session=session).error  # too few controls
 
 
 def test_upload_size_is_capped(client, tmp_path):
@@ -216,8 +217,8 @@ def test_queued_jobs_of_clients_gone_are_dropped(client, workspace):
     blocker.join()
     time.sleep(2)
     scene = workspace.scene(upload["path"])
-    assert ("analysis", workspace.key(scene, 232)) in workspace.cache
-    assert ("analysis", workspace.key(scene, 240)) not in workspace.cache  # never computed
+    assert workspace.cache.get(("analysis", workspace.key(scene, 232))) is not None
+    assert workspace.cache.get(("analysis", workspace.key(scene, 240))) is None  # never computed
 
 
 def test_identical_requests_reuse_their_files(client, workspace):

@@ -9,6 +9,8 @@ from PIL import Image
 
 from tests.served import served_app
 
+pytestmark = pytest.mark.slow  # starts the app, a browser or a fresh process, or runs the default model
+
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 CAT = str(ASSETS / "chelsea.png")  # 451 × 300: grid 15 × 22 at 308 px on the long side with patch 14
 RES = 308

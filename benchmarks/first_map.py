@@ -1,0 +1,135 @@
+"""From an upload of a new photo to its first map, in Chromium, against a plain forward of the same model on the same
+image, in one run.
+
+Starts `python app.py` on a free port, opens the page in headless Chromium (Debian's, driven by Playwright), and for
+each resolution uploads each photo (none analysed before) and times, in the browser, from the file input's change to
+the moment the class-token map of that photo has loaded; the median over the photos is the wait. Then, in this
+process with the app stopped, the default model's plain forward (fused attention, nothing returned) on the same
+photos at the same resolution, best of three, and the image's preprocessing (resize + normalise) apart. Prints a
+table of both and their ratio.
+
+    python benchmarks/first_map.py                          # 518 and 1022 px, astronaut, coffee, rocket
+    python benchmarks/first_map.py --sizes 518 --photos assets/coffee.png
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+from serving import ROOT, start_app
+
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync"]
+PHOTOS = [ROOT / "assets" / name for name in ("astronaut.png", "coffee.png", "rocket.jpg")]
+# Resolves with the milliseconds from the file input's change to the moment the <img> in #cls-view shows a new
+# src that has loaded, and the status line then.
+FIRST_MAP = """([old]) => { let start = null;
+  document.addEventListener('change', (event) => { if (start === null) start = event.timeStamp; },
+                            {capture: true, once: true});
+  window.__shown = new Promise(resolve => {
+  setTimeout(() => resolve([NaN, '']), 600000);
+  const root = document.querySelector('#cls-view');
+  const done = () => resolve([performance.now() - start, document.querySelector('#status').innerText]);
+  const check = () => { const img = root.querySelector('img');
+    if (!img || img.getAttribute('src') === old || start === null) return false;
+    if (img.complete && img.naturalWidth) done(); else img.addEventListener('load', done, {once: true});
+    return true; };
+  const seen = new MutationObserver(() => { if (check()) seen.disconnect(); });
+  seen.observe(root, {subtree: true, childList: true, attributes: true}); }); }"""
+
+
+def set_resolution(page, size: int) -> None:
+    """Types the resolution and presses Enter, then waits for that analysis (not timed)."""
+    box = page.locator("#resolution input[type=number]")
+    if box.input_value() != str(size):
+        box.fill(str(size))
+        box.press("Enter")
+        page.wait_for_function(f"document.querySelector('#status').innerText.includes('input ') && "
+                               f"document.querySelector('#resolution input[type=number]').value === '{size}'")
+        time.sleep(3)
+
+
+def upload_times(page, photo: Path) -> tuple[float, str]:
+    """Seconds from choosing `photo` in the image input to its first map shown, and the status line."""
+    remove = page.locator("#image-input button[aria-label='Remove Image']")
+    if remove.count():
+        remove.click()
+        time.sleep(1.0)
+    old = page.locator("#cls-view img").get_attribute("src") if page.locator("#cls-view img").count() else None
+    page.evaluate(FIRST_MAP, [old])
+    page.locator("#image-input input[type=file]").set_input_files(str(photo))
+    ms, status = page.evaluate("window.__shown")
+    return ms / 1000, status
+
+
+def browser_waits(sizes: list[int], photos: list[Path]) -> dict[int, list[tuple[float, str]]]:
+    from playwright.sync_api import sync_playwright
+    app, url = start_app()
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.goto(url)
+            page.wait_for_selector("#cls-view img", timeout=120_000)
+            waits = {}
+            for size in sizes:
+                set_resolution(page, size)
+                waits[size] = [upload_times(page, photo) for photo in photos]
+            browser.close()
+            return waits
+    finally:
+        app.kill()
+        app.wait()
+
+
+def forward_times(sizes: list[int], photos: list[Path]) -> dict[int, list[tuple[float, float]]]:
+    """Per size and photo: the best of three plain forwards, and of three preprocessings, in seconds."""
+    import sys
+
+    import torch
+    sys.path.insert(0, str(ROOT))
+    from model import load_image, load_model
+    loaded = load_model(None, device="cpu")
+    out = {}
+    with torch.inference_mode():
+        for size in sizes:
+            out[size] = []
+            for photo in photos:
+                image = load_image(photo)
+                prep, fwd = [], []
+                for _ in range(3):
+                    started = time.perf_counter()
+                    pixels, _ = loaded.preprocessing(image, size)
+                    prep.append(time.perf_counter() - started)
+                    started = time.perf_counter()
+                    loaded.model(pixels, interpolate_pos_encoding=True)
+                    fwd.append(time.perf_counter() - started)
+                out[size].append((min(fwd), min(prep)))
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[518, 1022])
+    parser.add_argument("--photos", type=Path, nargs="+", default=PHOTOS)
+    args = parser.parse_args()
+    waits = browser_waits(args.sizes, args.photos)
+    forwards = forward_times(args.sizes, args.photos)
+    print("| px | photo | upload → first map (s) | plain forward (s) | preprocessing (s) | status line |")
+    print("|---|---|---|---|---|---|")
+    for size in args.sizes:
+        for photo, (wait, status), (forward, prep) in zip(args.photos, waits[size], forwards[size]):
+            print(f"| {size} | {photo.name} | {wait:.2f} | {forward:.2f} | {prep:.3f} | "
+                  f"{status.split(' · ')[-1].strip()} |")
+    print("\n| px | median wait (s) | median forward (s) | ratio |")
+    print("|---|---|---|---|")
+    for size in args.sizes:
+        wait = statistics.median(w for w, _ in waits[size])
+        forward = statistics.median(f for f, _ in forwards[size])
+        print(f"| {size} | {wait:.2f} | {forward:.2f} | {wait / forward:.2f}× |")
+
+
+if __name__ == "__main__":
+    main()
