@@ -40,23 +40,26 @@ FIRST_MAP = """([old]) => { let start = null;
   seen.observe(root, {subtree: true, childList: true, attributes: true}); }); }"""
 
 
+STATUS_CHANGED = "([before]) => document.querySelector('#status').innerText !== before"
+
+
 def set_resolution(page, size: int) -> None:
-    """Types the resolution and presses Enter, then waits for that analysis (not timed)."""
+    """Types the resolution and presses Enter, then waits for that analysis to end (not timed)."""
     box = page.locator("#resolution input[type=number]")
     if box.input_value() != str(size):
+        before = page.locator("#status").inner_text()
         box.fill(str(size))
         box.press("Enter")
-        page.wait_for_function(f"document.querySelector('#status').innerText.includes('input ') && "
-                               f"document.querySelector('#resolution input[type=number]').value === '{size}'")
-        time.sleep(3)
+        page.wait_for_function(STATUS_CHANGED, arg=[before], timeout=600_000)
 
 
 def upload_times(page, photo: Path) -> tuple[float, str]:
     """Seconds from choosing `photo` in the image input to its first map shown, and the status line."""
     remove = page.locator("#image-input button[aria-label='Remove Image']")
     if remove.count():
+        before = page.locator("#status").inner_text()
         remove.click()
-        time.sleep(1.0)
+        page.wait_for_function(STATUS_CHANGED, arg=[before], timeout=600_000)  # "Upload an image…", maps cleared
     old = page.locator("#cls-view img").get_attribute("src") if page.locator("#cls-view img").count() else None
     page.evaluate(FIRST_MAP, [old])
     page.locator("#image-input input[type=file]").set_input_files(str(photo))

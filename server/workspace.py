@@ -58,6 +58,7 @@ class Workspace:
         self.upload_roots = tuple(Path(root).resolve() for root in upload_roots)
         self.device_slots = settings.concurrency or (2 if self.models.device_type == "cuda" else 1)
         self._device = threading.BoundedSemaphore(self.device_slots)
+        self._decoding = threading.BoundedSemaphore(1)  # one image decoded at a time: its working memory, once
 
     def _evicted(self, key: Key) -> None:
         """A model dropped for room takes its analyses along: they rebuild rows with its weights."""
@@ -75,7 +76,8 @@ class Workspace:
         if found is not None:
             return found
         try:
-            image = load_image(source, warn)
+            with self._decoding:
+                image = load_image(source, warn)
         except FileNotFoundError:
             raise UserError("The uploaded image has expired on the server: upload it again.") from None
         digest = image_digest(image)
