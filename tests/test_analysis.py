@@ -118,6 +118,15 @@ def test_head_statistics_match_dense(case):
         np.testing.assert_allclose(values, expected[name], atol=TOL, err_msg=name)
 
 
+def test_statistics_left_for_their_first_use_match_dense(case):
+    loaded, _, attentions = case
+    deferred = analyze(loaded, random_image(45, 70), long_side=64, max_stat_queries=None, statistics=False)
+    assert not any(key[0] == "statistics" for key in deferred._derived)  # the forward computed none
+    expected = dense_statistics(attentions, grid_w=8)
+    for name, values in deferred.statistics.as_dict().items():
+        np.testing.assert_allclose(values, expected[name], atol=TOL, err_msg=name)
+
+
 def test_sampled_statistics_use_spread_queries(case):
     _, analysis, attentions = case
     sampled = head_statistics(analysis.record, 1, 8, max_queries=10)

@@ -9,9 +9,7 @@ import transformers as tf
 from transformers.models.idefics2.modeling_idefics2 import Idefics2VisionTransformer
 
 import visualizer
-from analysis import CLASS_TOKEN, MEAN_RECEIVED, STAT_LABELS, AttentionRecord, analyze, head_statistics, rollout
-from analysis.flow import attention_flow
-from analysis.stats import layer_statistics
+from analysis import CLASS_TOKEN, MEAN_RECEIVED, STAT_LABELS, analyze
 from model import load_model
 from tests.helpers import dense_attentions, dense_flow, dense_rollout, random_image, save, tiny_loaded
 
@@ -208,32 +206,3 @@ def test_nan_class_token_mass_survives_exports_and_the_heatmap():
     metadata = json.loads(sidecar)  # strict JSON: NaN written as null
     assert metadata["cls_mass"] == [[None] * 4] * 3 and metadata["summary"]["kind"] == MEAN_RECEIVED
     assert visualizer.stats_heatmap(stats.cls_mass, STAT_LABELS["cls_mass"]).size[0] > 0
-
-
-def test_class_token_models_give_exactly_what_they_gave_before():
-    """The engine's row-0 computations from before stand-ins existed, run on the same forward: equal bit for bit."""
-    loaded = tiny_loaded(num_register_tokens=0)
-    image = random_image(45, 70)
-    analysis = analyze(loaded, image, long_side=64, max_stat_queries=None)
-    pixels, _ = loaded.preprocessing(image, 64)
-    rows, cls_rows, per_layer = torch.arange(1, 41), [], []
-
-    def on_layer(index, attention):
-        cls_rows.append(attention.probs(slice(0, 1))[:, 0])
-        per_layer.append(layer_statistics(attention, rows, 1, 8, 8))
-
-    with torch.inference_mode():
-        loaded.model(pixels, output_hidden_states=True, interpolate_pos_encoding=True,
-                     observer=AttentionRecord(loaded.model.encoder.layers, 8, on_layer))
-    assert analysis.summary.kind == CLASS_TOKEN and not analysis.summary.pooling
-    assert analysis.distillation_attention is None and analysis.pooling_attention is None
-    np.testing.assert_array_equal(analysis.cls_attention, torch.stack(cls_rows).numpy())
-    for stat, values in analysis.statistics.as_dict().items():
-        np.testing.assert_array_equal(values, torch.stack([layer[stat] for layer in per_layer]).numpy())
-    for stat, values in analysis.statistics_for(10).as_dict().items():
-        np.testing.assert_array_equal(values, head_statistics(analysis.record, 1, 8, 10).as_dict()[stat])
-    for fusion in ("mean", "max"):
-        np.testing.assert_array_equal(analysis.rollout_map(fusion, 0.5),
-                                      analysis.to_grid(rollout(analysis.record, fusion, 0.5)))
-    small = analyze(loaded, random_image(24, 32), long_side=32)
-    np.testing.assert_array_equal(small.flow_map("mean"), small.to_grid(attention_flow(small.record, "mean")))
