@@ -365,3 +365,15 @@ def test_public_mode_refuses_a_tower_over_the_cap_before_any_weight_is_fetched(t
         assert hub.fetched(".safetensors") == [] and str(tmp_path) not in str(refused.value)
         loaded = ModelStore(ByteCache(10**9), PUBLIC, tiny_loaded(), device="cpu").get("someone/tiny-clip")
         assert loaded.config.num_hidden_layers == 2 and hub.fetched(".safetensors") == ["model.safetensors"]
+
+
+def test_settings_are_read_from_their_environment_variables_once():
+    env = {"SPACE_ID": "someone/space", "VIT_INSPECT_CACHE_MB": "256", "VIT_INSPECT_REBUILD_CACHE_MB": "32",
+           "VIT_INSPECT_MAX_DOWNLOAD_MB": "100", "VIT_INSPECT_CONCURRENCY": "3", "GRADIO_TEMP_DIR": "/srv/managed"}
+    settings = Settings.from_env(env)
+    assert settings.public  # on a Space unless VIT_INSPECT_PUBLIC says otherwise
+    assert (settings.cache_bytes, settings.rebuild_cache_bytes, settings.max_download_bytes) == (
+        256 * 2**20, 32 * 2**20, 100 * 2**20)
+    assert settings.concurrency == 3 and str(settings.temp_dir) == "/srv/managed"
+    assert not Settings.from_env({**env, "VIT_INSPECT_PUBLIC": "0"}).public
+    assert Settings.from_env({}) == Settings()
