@@ -1,8 +1,8 @@
 """vit-inspect: see what every head of a vision transformer attends to, at any resolution.
 
-Gradio wiring only: the page's layout and which handler each event calls. The handlers live in `explorer`
-(`explorer.page` for the page, `explorer.api` for the named endpoints), the maths in `analysis`, the network in
-`model`.
+Gradio wiring only: the page's layout and which event calls what. The events live in `server` (`server.page` for
+the page, `server.api` for the named endpoints, both calling `server.handlers`), the maths in `analysis`, the network
+in `model`.
 """
 from __future__ import annotations
 

@@ -14,6 +14,7 @@ from PIL import Image
 from model import ImageGeometry, LoadedModel
 
 from . import hidden
+from .budget import ComputeLimits, Deadline, check_cost
 from .flow import attention_flow
 from .memory import release_free_memory
 from .record import AttentionRecord, LayerAttention, LayerStore, fuse_heads
@@ -181,8 +182,12 @@ def _check_dtype(loaded: LoadedModel, dtype: str | None) -> torch.dtype:
 def analyze(loaded: LoadedModel, image: Image.Image, long_side: int, dtype: str | None = None,
             max_stat_queries: int | None = DEFAULT_STAT_QUERIES, progress: Progress | None = None,
             original_size: tuple[int, int] | None = None, store: LayerStore | None = None,
-            statistics: bool = True) -> Analysis:
+            statistics: bool = True, limits: ComputeLimits | None = None,
+            deadline: Deadline | None = None) -> Analysis:
     """Runs the model once on `image` resized to about `long_side` px and derives every drawn quantity.
+
+    With `limits`, a geometry above them is refused before any pixel is resized (see `budget.check_cost`), and the
+    analysis stops between layers once `deadline` (by default one of `limits.max_seconds`) has passed.
 
     Class-token rows (or the mean attention received, without a class token) and head statistics come from each
     layer's own queries and keys while the forward holds them; afterwards only the layers' inputs and row
@@ -198,8 +203,12 @@ def analyze(loaded: LoadedModel, image: Image.Image, long_side: int, dtype: str 
     started = time.perf_counter()
     report = progress or (lambda fraction, desc: None)
     torch_dtype = _check_dtype(loaded, dtype)
-    pixels, geometry = loaded.preprocessing(image, long_side)
     config, summary = loaded.config, summary_of(loaded.config)
+    if limits is not None:
+        check_cost(config, loaded.preprocessing.geometry(image.height, image.width, long_side), limits,
+                   loaded.preprocessing)
+        deadline = deadline or limits.deadline()
+    pixels, geometry = loaded.preprocessing(image, long_side)
     num_prefix, layers = config.num_prefix_tokens, config.num_hidden_layers
     if original_size is not None:
         geometry = dataclasses.replace(geometry, orig_w=original_size[0], orig_h=original_size[1])
@@ -215,6 +224,8 @@ def analyze(loaded: LoadedModel, image: Image.Image, long_side: int, dtype: str 
             per_layer.append(layer_statistics(attention, rows, num_prefix, geometry.grid_w, geometry.patch_size,
                                               cls_rows[-1], summary.class_token))
         release_free_memory()
+        if deadline is not None:
+            deadline.check()
         report((index + 1) / layers, f"layer {index + 1}/{layers}")
 
     record = AttentionRecord(loaded.model.encoder.layers, geometry.patch_size, on_layer, store)

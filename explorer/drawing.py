@@ -40,8 +40,11 @@ class Scene:
 
     @classmethod
     def of(cls, image: Image.Image, digest: str = "") -> "Scene":
+        """The scene of a decoded upload; `load_image` may have reduced it already, and then says the file's size in
+        `image.info["original_size"]`, which stays the size clients' coordinates refer to."""
         working = _shrunk(image, max(image.size) * (WORKING_MAX_PIXELS / (image.width * image.height)) ** 0.5)
-        return cls(working, image.size, _shrunk(working, PAGE_LONG_SIDE), _shrunk(working, LARGE_LONG_SIDE),
+        original = tuple(image.info.get("original_size", image.size))
+        return cls(working, original, _shrunk(working, PAGE_LONG_SIDE), _shrunk(working, LARGE_LONG_SIDE),
                    _shrunk(working, THUMB_LONG_SIDE), digest)
 
     @property

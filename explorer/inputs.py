@@ -18,6 +18,7 @@ from .drawing import Style
 
 FILE_META = {"_type": "gradio.FileData"}
 SHOWN_CHARS = 40  # a refused value is quoted in the message up to this length
+MAX_PATH_CHARS = 1024  # longer paths are refused before any normalisation (realpath's work grows with the length)
 MIN_RESOLUTION, MAX_RESOLUTION, DEFAULT_RESOLUTION = 224, 2048, 518
 NORMALIZATIONS = ("robust", "minmax", "max")  # map scaling (see visualizer.scale_range)
 DIRECTIONS = ("row", "column")  # a clicked patch: what it attends to, or what attends to it
@@ -36,6 +37,18 @@ def shown(value: Any) -> str:
     return text if len(text) <= SHOWN_CHARS else text[:SHOWN_CHARS - 1] + "…"
 
 
+def plain_path(path: Any) -> bool:
+    """Whether `path` is text a file system takes, short enough to normalise at once: at most MAX_PATH_CHARS
+    characters, no NUL byte, no lone surrogate."""
+    if not isinstance(path, str) or not 0 < len(path) <= MAX_PATH_CHARS or "\0" in path:
+        return False
+    try:
+        path.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def uploaded_file(value: Any, name: str, roots: Iterable[Path]) -> Path:
     """The path of a file that arrived through Gradio's upload handling (or one of our own examples).
 
@@ -46,7 +59,7 @@ def uploaded_file(value: Any, name: str, roots: Iterable[Path]) -> Path:
     if hasattr(value, "model_dump"):
         value = value.model_dump()
     path = value.get("path") if isinstance(value, dict) else None
-    if not isinstance(value, dict) or value.get("meta") != FILE_META or not isinstance(path, str) or not path:
+    if not isinstance(value, dict) or value.get("meta") != FILE_META or not plain_path(path):
         raise UserError(f"{name}: send an image file as an upload (gradio_client: handle_file(...)); paths, URLs "
                         "and other references are not accepted.")
     real = Path(os.path.realpath(path))

@@ -27,3 +27,4 @@ class Checkpoint:
     name: str
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+    hub_id: str | None = None  # the hub repository it was fetched from (None: a local file or folder)

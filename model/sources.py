@@ -18,7 +18,7 @@ from .checkpoint import INDEX_FILE, WEIGHT_FILES, Checkpoint, CheckpointError
 from .config import IdeficsVisionConfig
 from .conversions import shape_fields, switches_from_keys
 from .formats import Format, Tensors, detect, rename, vision_keys
-from .hub import HUB_ID, HubLimits, describe_count, download
+from .hub import HUB_ID, HubLimits, describe_count, download, release
 
 logger = logging.getLogger(__name__)
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
@@ -49,13 +49,16 @@ def load_checkpoint(source: "str | os.PathLike", num_heads: int | None = None, l
     path, from_hub = _resolve(source, limits, allow_local)
     try:
         checkpoint = _convert(path, overrides)
+        checkpoint.name = f"{source if from_hub else Path(str(source)).name or source} ({checkpoint.name})"
+        params = sum(t.numel() for t in checkpoint.state_dict.values())
+        if limits.max_params is not None and params > limits.max_params:
+            raise CheckpointError(f"the vision tower has {describe_count(params)} parameters, more than the "
+                                  f"{describe_count(limits.max_params)} this server accepts.")
     except CheckpointError as err:
+        if from_hub:
+            release(str(source), limits)
         raise CheckpointError(f"{source}: {err}") from err
-    checkpoint.name = f"{source if from_hub else Path(str(source)).name or source} ({checkpoint.name})"
-    params = sum(t.numel() for t in checkpoint.state_dict.values())
-    if limits.max_params is not None and params > limits.max_params:
-        raise CheckpointError(f"{source}: the vision tower has {describe_count(params)} parameters, more than the "
-                              f"{describe_count(limits.max_params)} this server accepts.")
+    checkpoint.hub_id = str(source) if from_hub else None
     return checkpoint
 
 

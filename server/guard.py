@@ -1,8 +1,10 @@
 """HTTP-level protections in front of Gradio's routes, for what no event handler gets to see first.
 
-- Event requests (JSON posted to /gradio_api/...) are refused above MAX_JSON_BYTES.
+- Event requests (JSON posted to /gradio_api/...) are refused above MAX_JSON_BYTES, or nested too deeply to parse.
 - A file object naming a URL, or a path outside the upload folders, is refused: Gradio would download the URL, or
-  answer with an empty error, before any handler could say no.
+  answer with an empty error, before any handler could say no. The work is bounded: at most MAX_FILE_OBJECTS file
+  objects per request, each path at most `inputs.MAX_PATH_CHARS` characters, checked before it is normalised.
+  On /queue/join these refusals are a validation error (422), which gradio_client and the page show as they are.
 - A full queue answers with a plain "busy" message instead of Gradio's internal counts.
 """
 from __future__ import annotations
@@ -13,14 +15,21 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from .inputs import MAX_PATH_CHARS, plain_path
+
 MAX_JSON_BYTES = 1 << 20
+MAX_FILE_OBJECTS = 8  # an event takes one image; each path costs up to ~2 ms of realpath
 API_PREFIX = "/gradio_api/"
 UNCHECKED = ("/gradio_api/upload",)  # multipart uploads: Gradio applies max_file_size to them
 BUSY = "The server is busy with other analyses: try again in a minute."
 REMOTE = "Files must be uploaded: URLs are not fetched by this server."
 FOREIGN = "Files must be uploaded to this server (gradio_client: handle_file(...)); other paths are not accepted."
-NOT_A_FILE = ("image: send an image file as an upload (gradio_client: handle_file(...)); paths, URLs and other "
-              "references are not accepted.")
+NOT_A_FILE = ("Send the image as an upload (gradio_client: handle_file(...)); paths, URLs and other references are "
+              "not accepted.")
+BAD_PATH = (f"A file's path must be text of at most {MAX_PATH_CHARS} characters without NUL bytes, as Gradio's "
+            "upload gives it (gradio_client: handle_file(...)).")
+TOO_MANY_FILES = f"A request may name at most {MAX_FILE_OBJECTS} files."
+TOO_DEEP = "The request is nested too deeply to be read."
 
 
 class RequestGuard:
@@ -53,9 +62,13 @@ class RequestGuard:
             more = message.get("more_body", False)
             if len(body) > self.max_json_bytes:
                 return await reply(send, 413, "The request is too large.")
-        refused = refused_file(body, self.roots) or self.misplaced(body)
+        try:
+            request, files = parsed(body)
+        except RecursionError:
+            return await reply(send, 400, TOO_DEEP)
+        refused = refused_file(files, self.roots) or self.misplaced(request)
         if refused:
-            return await reply(send, 400, refused)
+            return await (refuse_input(send, refused) if path.endswith("/queue/join") else reply(send, 400, refused))
         pending = [{"type": "http.request", "body": body, "more_body": False}]
 
         async def replay():
@@ -63,39 +76,49 @@ class RequestGuard:
 
         await self.app(scope, replay, busy_message(send) if path.endswith("/queue/join") else send)
 
-
-    def misplaced(self, body: bytes) -> str | None:
+    def misplaced(self, request: Any) -> str | None:
         """NOT_A_FILE when an event's file input holds something other than a file object."""
         try:
-            request = json.loads(body or b"null")
             positions = self.file_inputs.get(request.get("fn_index"), [])
             data = request.get("data") or []
-        except (ValueError, AttributeError, TypeError):
+        except (AttributeError, TypeError):
             return None  # not an event request: Gradio answers it itself
         misplaced = [p for p in positions if p < len(data) and data[p] is not None and not isinstance(data[p], dict)]
         return NOT_A_FILE if misplaced else None
 
 
-def refused_file(body: bytes, roots: tuple[Path, ...]) -> str | None:
-    """Why a JSON body is refused: an object, anywhere in it, whose "path" is a URL or lies outside `roots`."""
+def parsed(body: bytes) -> tuple[Any, list[dict]]:
+    """The JSON of a body (None if it is not JSON: Gradio refuses it itself) and its objects that have a "path".
+
+    Raises RecursionError when it is nested too deeply to parse."""
+    files: list[dict] = []
+
+    def collect(item: dict) -> dict:
+        if "path" in item:
+            files.append(item)
+        return item
     try:
-        data = json.loads(body or b"null")
+        return json.loads(body or b"null", object_hook=collect), files
     except ValueError:
-        return None  # not JSON: Gradio refuses it itself
-    stack: list[Any] = [data]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, dict):
-            target = item.get("path")
-            if isinstance(target, str):
-                if target.strip().lower().startswith(("http:", "https:", "//")):
-                    return REMOTE
-                real = Path(os.path.realpath(target))
-                if not any(real.is_relative_to(root) for root in roots):
-                    return FOREIGN
-            stack.extend(item.values())
-        elif isinstance(item, list):
-            stack.extend(item)
+        return None, []
+
+
+def refused_file(files: list[dict], roots: tuple[Path, ...]) -> str | None:
+    """Why these file objects are refused: too many, a path that is not plain text, a URL, or a path outside
+    `roots`."""
+    if len(files) > MAX_FILE_OBJECTS:
+        return TOO_MANY_FILES
+    for item in files:
+        target = item["path"]
+        if target is None:
+            continue
+        if not plain_path(target):
+            return BAD_PATH
+        if target.strip().lower().startswith(("http:", "https:", "//")):
+            return REMOTE
+        real = Path(os.path.realpath(target))
+        if not any(real.is_relative_to(root) for root in roots):
+            return FOREIGN
     return None
 
 
@@ -117,7 +140,12 @@ def busy_message(send):
     return wrapped
 
 
-async def reply(send, status: int, detail: str) -> None:
+async def refuse_input(send, message: str) -> None:
+    """A 422 in the form of Gradio's own validation errors, whose message gradio_client and the page show."""
+    await reply(send, 422, [{"__type__": "validate", "is_valid": False, "parameter_name": "image", "message": message}])
+
+
+async def reply(send, status: int, detail: "str | list") -> None:
     body = json.dumps({"detail": detail}).encode()
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})

@@ -25,6 +25,7 @@ class Request:
 class FakeHub:
     repos: dict[str, Path]  # repo id → the folder whose files it serves
     sizes: bool = True  # whether model info tells file sizes (the hub does when asked, a mirror may not)
+    listed: dict[str, int] = field(default_factory=dict)  # sizes model info tells instead of the files' own
     requests: list[Request] = field(default_factory=list)
 
     def __enter__(self) -> "FakeHub":
@@ -68,8 +69,8 @@ class FakeHub:
             return self._send(handler, 404, b'{"error": "Repository not found"}', {"X-Error-Code": "RepoNotFound"})
         folder = self.repos[repo]
         if info:
-            siblings = [{"rfilename": p.name, **({"size": p.stat().st_size} if self.sizes else {})}
-                        for p in sorted(folder.iterdir())]
+            siblings = [{"rfilename": p.name, **({"size": self.listed.get(p.name, p.stat().st_size)} if self.sizes
+                                                 else {})} for p in sorted(folder.iterdir())]
             data = json.dumps({"id": repo, "sha": COMMIT, "siblings": siblings}).encode()
             return self._send(handler, 200, data if body else b"", {"Content-Type": "application/json"})
         file = folder / resolve.group(2)

@@ -36,6 +36,11 @@ def served_app(loaded: LoadedModel | None = None, **build):
         demo.close()
 
 
+def refusal(detail: "str | list") -> str:
+    """The message of a refused join: a plain detail, or the messages of Gradio's validation errors (422)."""
+    return detail if isinstance(detail, str) else " ".join(item["message"] for item in detail)
+
+
 @dataclass
 class Result:
     status: int  # of the join request
@@ -74,7 +79,7 @@ class RawClient:
         joined = self.http.post(f"{self.url}/gradio_api/queue/join", content=payload,
                                 headers={"content-type": "application/json"})
         if joined.status_code != 200:
-            return Result(joined.status_code, error=joined.json().get("detail"))
+            return Result(joined.status_code, error=refusal(joined.json().get("detail")))
         if body is not None:
             session = json.loads(body)["session_hash"]
         result = Result(200)

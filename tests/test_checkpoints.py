@@ -116,8 +116,8 @@ def hub(monkeypatch, tmp_path):
     """Serves the tiny IDEFICS (sharded) and an open_clip checkpoint; downloads land in a fresh cache."""
     import huggingface_hub.constants
 
-    def start(repos: dict[str, Path], sizes: bool = True) -> FakeHub:
-        server = FakeHub(repos, sizes).__enter__()
+    def start(repos: dict[str, Path], sizes: bool = True, listed: dict[str, int] | None = None) -> FakeHub:
+        server = FakeHub(repos, sizes, listed or {}).__enter__()
         started.append(server)
         monkeypatch.setenv("HF_ENDPOINT", server.url)
         return server
@@ -151,7 +151,8 @@ def test_hub_caps_met_load_after_header_reads_only(idefics_folder, hub):
 @pytest.mark.parametrize("caps, message", [
     ({"max_params": 10_000}, r"someone/tiny-idefics: its vision tower has 23\.9 thousand parameters, more than "
                              r"the 10 thousand this server accepts\."),
-    ({"max_download_bytes": 20_000}, r"someone/tiny-idefics: its vision weights mean downloading \d+ kB \(model-"),
+    ({"max_download_bytes": 20_000}, r"someone/tiny-idefics: its vision weights and configuration files mean "
+                                     r"downloading \d+ kB \(config\.json, model-"),
 ])
 def test_hub_caps_refuse_before_any_weight_is_fetched(idefics_folder, hub, tmp_path, caps, message):
     folder, _, _ = idefics_folder
@@ -166,9 +167,9 @@ def test_hub_caps_refuse_before_any_weight_is_fetched(idefics_folder, hub, tmp_p
 def test_hub_byte_cap_refuses_files_of_unknown_size(idefics_folder, hub):
     folder, _, _ = idefics_folder
     server = hub({"someone/tiny-idefics": folder}, sizes=False)
-    with pytest.raises(CheckpointError, match=r"the hub did not say how large config\.json, .*model-.* is"):
+    with pytest.raises(CheckpointError, match=r"the hub did not say how large config\.json, .*index\.json is"):
         load_model("someone/tiny-idefics", device="cpu", max_download_bytes=10**9)
-    assert server.fetched(".safetensors") == []
+    assert server.fetched() == []  # not even the index
 
 
 def test_hub_single_file_counts_only_the_vision_tower(hub, tmp_path):
@@ -207,6 +208,56 @@ def test_hub_errors_name_the_repo_never_a_local_path(hub, tmp_path):
         assert str(tmp_path) not in message and "hf-cache" not in message, message
     with pytest.raises(CheckpointError, match="someone/missing is not on the hub"):
         load_model("someone/missing", device="cpu")
+
+
+@pytest.mark.parametrize("listed, caps, message", [
+    (300 * 2**20, {}, r"model\.safetensors\.index\.json is larger than the 16\.8 MB this server accepts for a JSON"),
+    (5 * 2**20, {"max_download_bytes": 2**20}, r"its configuration files mean downloading 5\.\d+ MB"),
+])
+def test_hub_index_is_refused_before_it_is_fetched(idefics_folder, hub, listed, caps, message):
+    """A 300 MB index was downloaded in full before the download cap refused the repository."""
+    folder, _, _ = idefics_folder
+    server = hub({"someone/tiny-idefics": folder}, listed={"model.safetensors.index.json": listed})
+    with pytest.raises(CheckpointError, match=message):
+        load_model("someone/tiny-idefics", device="cpu", **caps)
+    assert server.fetched() == []
+
+
+def open_clip_repos(tmp_path: Path, count: int) -> dict[str, Path]:
+    repo = tmp_path / "repo"
+    shutil.copytree(REFERENCES / "open_clip_vit_b16", repo)
+    return {f"someone/clip-{i}": repo for i in range(count)}
+
+
+def cached_repos(tmp_path: Path) -> list[str]:
+    return sorted(p.name for p in (tmp_path / "hf-cache").glob("models--*"))
+
+
+def test_hub_cache_stays_under_its_cap_least_recently_used_first(hub, tmp_path):
+    from model.hub_cache import folder_bytes
+    hub(open_clip_repos(tmp_path, 4))
+    cap = int(2.5 * sum(p.stat().st_size for p in (tmp_path / "repo").iterdir()))  # two repositories fit
+    for name in ("clip-0", "clip-1", "clip-2", "clip-1", "clip-3"):  # clip-1 used again: clip-2 is the oldest
+        load_model(f"someone/{name}", device="cpu", max_cache_bytes=cap)
+        assert folder_bytes(tmp_path / "hf-cache") <= cap
+        time.sleep(0.01)
+    assert cached_repos(tmp_path) == ["models--someone--clip-1", "models--someone--clip-3"]
+    with pytest.raises(CheckpointError, match="larger than the 1 kB this server keeps of the hub"):
+        load_model("someone/clip-0", device="cpu", max_cache_bytes=1000)
+
+
+def test_hub_repository_refused_at_conversion_is_deleted_from_a_capped_cache(hub, tmp_path):
+    repo = tmp_path / "resnet"
+    repo.mkdir()
+    save_file({"conv1.weight": torch.randn(8, 3, 7, 7), "layer1.0.conv1.weight": torch.randn(8, 8, 3, 3)},
+              str(repo / "model.safetensors"))
+    hub({"someone/resnet": repo, **open_clip_repos(tmp_path, 1)})
+    load_model("someone/clip-0", device="cpu", max_cache_bytes=10**7)
+    for cap in (None, 10**7):  # without a cap the cache is left alone
+        with pytest.raises(CheckpointError, match="not a vision transformer this tool knows"):
+            load_model("someone/resnet", device="cpu", max_cache_bytes=cap)
+        kept = ["models--someone--clip-0"] + (["models--someone--resnet"] if cap is None else [])
+        assert cached_repos(tmp_path) == kept
 
 
 # ---- errors ----

@@ -161,6 +161,11 @@ def test_inputs_refuse_hostile_values():
             uploaded_file({"path": str(path), "meta": {"_type": "gradio.FileData"}}, "image", roots)
         refusals.add(str(refused.value))
     assert len(refusals) == 1  # the same words whether or not the file exists
+    for path in ("/x/" + "a/../" * 200_000, "assets/a\0.png", "assets/\ud800.png", ["chelsea.png"], 7, ""):
+        start = time.perf_counter()
+        with pytest.raises(UserError, match="image: send an image file as an upload"):
+            uploaded_file({"path": path, "meta": {"_type": "gradio.FileData"}}, "image", roots)
+        assert time.perf_counter() - start < 0.1  # refused before realpath, which took ~8 s for the first one
 
 
 class Item:

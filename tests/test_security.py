@@ -15,7 +15,7 @@ import app
 from explorer.inputs import DEFAULTS, FIELDS
 from server.api import Api
 from server.files import FileStore
-from server.guard import BUSY, NOT_A_FILE, REMOTE
+from server.guard import BAD_PATH, BUSY, NOT_A_FILE, REMOTE, TOO_DEEP
 from server.guard import FOREIGN as FOREIGN_FILE
 from server.page import ANALYSIS_OUTPUTS, VIEW_OUTPUTS
 from tests.helpers import tiny_loaded
@@ -81,13 +81,13 @@ def test_image_endpoints_read_only_uploads(client, endpoint, kind):
         assert result.error == "image: send an image file as an upload (gradio_client: handle_file(...)); paths, " \
                                "URLs and other references are not accepted."
     else:  # refused at the door, before Gradio would answer with an empty error
-        assert result.status == 400 and result.error == FOREIGN_FILE
+        assert result.status == 422 and result.error == FOREIGN_FILE
 
 
 @pytest.mark.parametrize("kind", FOREIGN)
 def test_the_page_analysis_event_reads_only_uploads(client, kind):
     result = client.call("analyze", page_analyze(client, FOREIGN[kind]))
-    assert result.status == 400 and result.error == (NOT_A_FILE if kind == "a path string" else FOREIGN_FILE)
+    assert result.status == 422 and result.error == (NOT_A_FILE if kind == "a path string" else FOREIGN_FILE)
 
 
 def test_the_page_answers_a_bad_upload_with_a_message_and_clears_its_views(client, tmp_path):
@@ -105,7 +105,7 @@ def test_remote_urls_are_never_fetched(client):
     remote = {"path": "https://example.com/cat.png", "meta": {"_type": "gradio.FileData"}}
     for event, data in (("cls_attention", [remote, *args("cls_attention")]), ("analyze", page_analyze(client, remote))):
         result = client.call(event, data)
-        assert result.status == 400 and result.error == REMOTE
+        assert result.status == 422 and result.error == REMOTE
 
 
 def test_uploads_and_examples_are_accepted(client):
@@ -114,6 +114,57 @@ def test_uploads_and_examples_are_accepted(client):
     assert result.success and result.data[2]["grid_h"] == 19
     example = {"path": str(CAT), "meta": {"_type": "gradio.FileData"}}  # the page's examples, served from assets/
     assert client.call("cls_attention", [example, *args("cls_attention")]).success
+
+
+def join(client: RawClient, body: bytes) -> tuple[int, float]:
+    """(status, seconds) of a raw POST to the queue."""
+    start = time.perf_counter()
+    answer = client.http.post(f"{client.url}/gradio_api/queue/join", content=body,
+                              headers={"content-type": "application/json"})
+    return answer.status_code, time.perf_counter() - start
+
+
+def file_body(client: RawClient, path) -> bytes:
+    return json.dumps({"data": [{"path": path, "meta": {"_type": "gradio.FileData"}}, *args("cls_attention")],
+                       "fn_index": client.fn_index("cls_attention"), "session_hash": "odd-path"}).encode()
+
+
+def test_a_path_that_is_slow_to_normalise_is_refused_at_once_and_the_server_keeps_serving(client):
+    """realpath("/x/" + "a/../" * 200000) took ~8 s on the event loop: every other request waited."""
+    body = file_body(client, "/x/" + "a/../" * 200_000)  # just under the 1 MB cap
+    assert client.call("cls_attention", [], body=body).error == BAD_PATH
+    answers = []
+    threads = [threading.Thread(target=lambda: answers.append(join(client, body))) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    time.sleep(0.2)  # the bodies are on their way
+    start = time.perf_counter()
+    assert client.http.get(f"{client.url}/config").status_code == 200
+    config_s = time.perf_counter() - start
+    for thread in threads:
+        thread.join()
+    assert [status for status, _ in answers] == [422] * 3
+    assert max(seconds for _, seconds in answers) < 1.0 and config_s < 1.0, (answers, config_s)
+
+
+@pytest.mark.parametrize("path", ["/tmp/a\0b.png", "/tmp/\ud800.png", ["/tmp/a.png"], 7, "/tmp/" + "a" * 6000])
+def test_paths_that_are_not_plain_text_get_a_plain_refusal(client, path):
+    result = client.call("cls_attention", [], body=file_body(client, path))
+    assert result.status == 422 and result.error == BAD_PATH
+
+
+def test_json_nested_too_deeply_gets_a_plain_refusal(client):
+    body = b'{"data": ' + b"[" * 100_000 + b"]" * 100_000 + b', "fn_index": 0, "session_hash": "deep"}'
+    answer = client.http.post(f"{client.url}/gradio_api/queue/join", content=body,
+                              headers={"content-type": "application/json"})
+    assert answer.status_code == 400 and answer.json() == {"detail": TOO_DEEP}
+
+
+def test_gradio_client_shows_the_refusal_of_a_url(client):
+    from gradio_client import Client, handle_file
+    with pytest.raises(Exception, match="URLs are not fetched by this server"):
+        Client(client.url, verbose=False).predict(handle_file("https://example.com/cat.png"),
+                                                  *args("cls_attention"), api_name="/cls_attention")
 
 
 WRONG = [  # (endpoint, a wrong argument, what the message must say)
