@@ -22,7 +22,7 @@ from model import LoadedModel
 from server.api import Api
 from server.files import FileStore
 from server.gpu import on_zero_gpu
-from server.guard import RequestGuard
+from server.guard import EventShape, RequestGuard
 from server.handlers import STAT_COLUMNS, stat_definitions
 from server.model_store import DEFAULT, WELL_KNOWN
 from server.page import ANALYSIS_OUTPUTS, TAB_LABELS, VIEW_OUTPUTS, Page
@@ -65,13 +65,21 @@ def workspace_for(loaded: LoadedModel | None, device: str | None = None, setting
                      device)
 
 
-def launch_options(demo: gr.Blocks, settings: Settings) -> dict:
+def launch_options(demo: gr.Blocks, workspace: Workspace) -> dict:
     """What `launch()` needs besides host and port: upload cap, request guard, page script and style."""
     file_inputs = {index: [i for i, block in enumerate(fn.inputs) if isinstance(block, gr.Image)]
                    for index, fn in demo.fns.items()}
-    guard = Middleware(RequestGuard, roots=[gr.utils.get_upload_folder(), ASSETS], file_inputs=file_inputs)
-    return dict(max_file_size=settings.max_file_size, app_kwargs={"middleware": [guard]},
+    shapes = {index: EventShape(len(fn.inputs), _examples(fn.inputs), any(event == "select" for _, event in fn.targets))
+              for index, fn in demo.fns.items()}
+    guard = Middleware(RequestGuard, roots=[gr.utils.get_upload_folder(), ASSETS], file_inputs=file_inputs,
+                       shapes=shapes, files=workspace.files)
+    return dict(max_file_size=workspace.settings.max_file_size, app_kwargs={"middleware": [guard]},
                 js=ENTER_APPLIES_RESOLUTION, css=CSS, show_error=False, allowed_paths=[], footer_links=["api"])
+
+
+def _examples(inputs: list) -> int | None:
+    """How many examples an examples gallery's click may name (None: not such a click)."""
+    return len(inputs[0].samples) if len(inputs) == 1 and isinstance(inputs[0], gr.Dataset) else None
 
 
 def build_demo(loaded: LoadedModel | None = None, device: str | None = None, workspace: Workspace | None = None,
@@ -251,4 +259,4 @@ if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO)
     workspace = workspace_for(None)
     demo = build_demo(workspace=workspace)
-    demo.launch(server_name=os.environ.get("GRADIO_SERVER_NAME"), **launch_options(demo, workspace.settings))
+    demo.launch(server_name=os.environ.get("GRADIO_SERVER_NAME"), **launch_options(demo, workspace))

@@ -43,8 +43,23 @@ class FileStore:
         self.sweep(keep=path)
         return path
 
-    def sweep(self, keep: Path | None = None, force: bool = False) -> None:
-        """Deletes files past the age limit, then the least recently used until the folder fits the size limit.
+    def admit(self, nbytes: int) -> bool:
+        """Whether an upload of `nbytes` fits, the least recently used files deleted to make room; counted at once,
+        so that uploads arriving together see each other."""
+        with self._lock:
+            self._known_bytes += nbytes
+            over = self._known_bytes > self.max_bytes
+        if over:
+            self.sweep(force=True, reserve=nbytes)
+        with self._lock:
+            if self._known_bytes <= self.max_bytes:
+                return True
+            self._known_bytes -= nbytes
+            return False
+
+    def sweep(self, keep: Path | None = None, force: bool = False, reserve: int = 0) -> None:
+        """Deletes files past the age limit, then the least recently used until the folder, with `reserve` bytes
+        about to arrive, fits the size limit.
 
         Runs at most every SWEEP_EVERY_S unless forced or our own writes alone may have passed the size limit."""
         now = time.time()
@@ -54,7 +69,7 @@ class FileStore:
                 return
             self._last_sweep = now
             files = sorted(self._files(), key=lambda f: f[1])  # oldest first
-            total = sum(size for _, _, size in files)
+            total = sum(size for _, _, size in files) + reserve
             for path, mtime, size in files:
                 if path == keep:
                     continue

@@ -6,6 +6,7 @@ from __future__ import annotations
 from PIL import Image
 
 from analysis import Analysis, analyze
+from analysis.budget import ComputeLimits
 from model import LoadedModel
 
 try:
@@ -26,7 +27,7 @@ def on_zero_gpu() -> bool:
 
 
 def lease_seconds(loaded: LoadedModel, image: Image.Image, resolution: int, dtype: str = "float32",
-                  original_size: tuple[int, int] | None = None) -> int:
+                  original_size: tuple[int, int] | None = None, limits: ComputeLimits | None = None) -> int:
     """The GPU time to ask for: the forward and the per-layer sweeps grow as layers × (N²·D + N·D²)."""
     config = loaded.config
     geometry = loaded.preprocessing.geometry(image.height, image.width, resolution)
@@ -37,11 +38,11 @@ def lease_seconds(loaded: LoadedModel, image: Image.Image, resolution: int, dtyp
 
 
 def analyze_on_gpu(loaded: LoadedModel, image: Image.Image, resolution: int, dtype: str = "float32",
-                   original_size: tuple[int, int] | None = None) -> Analysis:
+                   original_size: tuple[int, int] | None = None, limits: ComputeLimits | None = None) -> Analysis:
     """The analysis on the lent GPU, returned with CPU tensors and no module (the caller attaches its own)."""
     model = loaded.model.to(GPU_DEVICE)  # the lease's process has its own copy: the caller's stays on the CPU
     analysis = analyze(LoadedModel(model, loaded.preprocessing, loaded.name), image, resolution, dtype,
-                       original_size=original_size, statistics=False)
+                       original_size=original_size, statistics=False, limits=limits)
     analysis.record = analysis.record.moved("cpu", None)
     return analysis
 

@@ -78,7 +78,8 @@ class ModelStore:
         if key == DEFAULT:
             return load_model(None, device=self.device)
         s = self.settings
-        caps = dict(max_params=s.max_params, max_download_bytes=s.max_download_bytes, allow_local=False)
+        caps = dict(max_params=s.max_params, max_download_bytes=s.max_download_bytes,
+                    max_cache_bytes=s.hub_cache_bytes, allow_local=False)
         return load_model(key, device=self.device, **(caps if s.public else {}))
 
     @property

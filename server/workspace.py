@@ -59,6 +59,7 @@ class Workspace:
         self.device_slots = settings.concurrency or (2 if self.models.device_type == "cuda" else 1)
         self._device = threading.BoundedSemaphore(self.device_slots)
         self._decoding = threading.BoundedSemaphore(1)  # one image decoded at a time: its working memory, once
+        self.limits = settings.compute_limits(self.models.device_type)  # tokens, work and seconds per analysis
 
     def _evicted(self, key: Key) -> None:
         """A model dropped for room takes its analyses along: they rebuild rows with its weights."""
@@ -103,11 +104,11 @@ class Workspace:
         """The class-token maps first; statistics on first use. On ZeroGPU the forward runs on a lent GPU (no
         progress bar crosses to its process) and rows are rebuilt here, on the CPU, with the same weights."""
         if on_zero_gpu():
-            analysis = GPU_ANALYZE(loaded, scene.image, key.resolution, key.dtype, scene.original_size)
+            analysis = GPU_ANALYZE(loaded, scene.image, key.resolution, key.dtype, scene.original_size, self.limits)
             analysis.record = analysis.record.moved("cpu", loaded.model.encoder.layers, self.cache)
             return analysis
         return analyze(loaded, scene.image, key.resolution, key.dtype, progress=progress,
-                       original_size=scene.original_size, store=self.cache, statistics=False)
+                       original_size=scene.original_size, store=self.cache, statistics=False, limits=self.limits)
 
     def pin(self, key: AnalysisKey) -> None:
         """Keeps an analysis and its image whatever the budget (the arrival example)."""

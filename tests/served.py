@@ -29,7 +29,7 @@ def served_app(loaded: LoadedModel | None = None, **build):
     demo = app.build_demo(workspace=workspace, **build)
     port = free_port()
     demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
-                **app.launch_options(demo, workspace.settings))
+                **app.launch_options(demo, workspace))
     try:
         yield f"http://127.0.0.1:{port}/"
     finally:

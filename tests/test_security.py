@@ -323,3 +323,66 @@ def test_endpoints_asking_about_one_new_image_at_once_compute_it_once(client, mo
         thread.join()
     assert all(results[e].success for e in endpoints), {e: (r.status, r.error) for e, r in results.items()}
     assert calls == [RES]
+
+
+def test_events_of_the_wrong_shape_get_plain_refusals(client):
+    """Item 8: too few values, an example that does not exist, a select event that says nothing selected."""
+    upload = client.upload(CAT)
+    for data in ([], [upload]):
+        result = client.call("cls_attention", data)
+        assert result.status == 422 and result.error.startswith("This event takes 7 values; got"), result.error
+    examples = next(d["id"] for d in client.config["dependencies"] if d.get("api_name") == "load_example")
+    answer = client.http.post(f"{client.url}/gradio_api/run/predict",
+                              json={"data": [99], "fn_index": examples, "session_hash": "x"})
+    assert answer.status_code == 400 and answer.json()["detail"] == "There is no such example."
+    clicked = client.call("click", [None], event_data={"index": [3, 4]})
+    assert clicked.status == 422 and clicked.error == "A select event must say what was selected (its index and value)."
+
+
+def test_uploads_beyond_the_folders_room_are_refused_and_the_folder_stays_under_its_cap(tmp_path):
+    """Item 2: uploads count against the disk cap as they arrive; the least recently used files make room first."""
+    cap = 8 * 2**20
+    workspace = app.workspace_for(tiny_loaded(), "cpu")
+    workspace.files.max_bytes = cap
+    block = tmp_path / "block.png"
+    with served_app(workspace=workspace) as url:
+        client = RawClient(url)
+        sizes = []
+        for i in range(12):
+            block.write_bytes(os.urandom(2**20) + bytes([i]))  # distinct 1 MB files
+            client.upload(block, f"block{i}.png")
+            sizes.append(folder_bytes(workspace.files.root))
+        assert max(sizes) <= cap, sizes  # sampled after every upload
+        big = tmp_path / "big.png"
+        big.write_bytes(os.urandom(9 * 2**20))  # larger than the whole folder may be
+        answer = client.http.post(f"{client.url}/gradio_api/upload", files={"files": ("big.png", big.open("rb"))})
+        assert answer.status_code == 507 and "no room for uploads" in answer.json()["detail"]
+        assert client.call("cls_attention", [client.upload(CAT), *args("cls_attention")]).success
+
+
+def test_a_model_too_costly_at_this_resolution_is_refused_before_any_resize(client, tmp_path):
+    """Item 6: a tiny model with 2-pixel patches at 2048 px is a million tokens; refused at once, naming what fits."""
+    from transformers import ViTConfig, ViTModel
+    config = ViTConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                       image_size=32, patch_size=2)
+    ViTModel(config).save_pretrained(tmp_path / "tiny-patches")
+    started = time.perf_counter()
+    result = client.call("cls_attention", [client.upload(CAT), *args("cls_attention", resolution=2048,
+                                                                      model=str(tmp_path / "tiny-patches"))])
+    assert time.perf_counter() - started < 10
+    assert not result.success and "the largest resolution that fits for this image is" in result.error, result.error
+    assert client.call("cls_attention", [client.upload(CAT), *args("cls_attention")]).success  # served meanwhile
+
+
+def test_an_analysis_past_the_time_limit_stops_and_frees_the_slot(tmp_path):
+    from server.handlers import open_upload
+    from server.settings import Settings
+    workspace = app.workspace_for(tiny_loaded(), "cpu", Settings(max_seconds=1e-9))
+    folder = Path(workspace.upload_roots[0]) / f"deadline-{time.time_ns()}"
+    folder.mkdir(parents=True)
+    Image.open(CAT).save(folder / "cat.png")
+    image = {"path": str(folder / "cat.png"), "meta": {"_type": "gradio.FileData"}}
+    with pytest.raises(Exception, match="stopped after 1e-09 s"):
+        open_upload(workspace, image, RES)
+    assert workspace._device.acquire(blocking=False)  # the slot is free again
+    workspace._device.release()
