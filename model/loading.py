@@ -6,9 +6,11 @@ import os
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
-from .checkpoint import Checkpoint, CheckpointError
+from .checkpoint import Checkpoint, check_state_dict
 from .config import IdeficsVisionConfig
+from .heads import build_head
 from .preprocess import Preprocessing
 from .vision import IdeficsVisionTransformer
 
@@ -20,6 +22,8 @@ class LoadedModel:
     model: IdeficsVisionTransformer
     preprocessing: Preprocessing
     name: str
+    head: nn.Module | None = None  # a task head (heads.ClassifierHead or heads.SaliencyDecoder), when loaded
+    labels: tuple[str, ...] = ()  # a classifier's class names
 
     @property
     def config(self) -> IdeficsVisionConfig:
@@ -38,16 +42,7 @@ def build_model(checkpoint: Checkpoint) -> IdeficsVisionTransformer:
     """Instantiates the tower and loads the state dict strictly: the one check, for every source, that names any
     missing, unexpected or misshapen key."""
     model = IdeficsVisionTransformer(checkpoint.config)
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(checkpoint.state_dict))
-    unexpected = sorted(set(checkpoint.state_dict) - set(expected))
-    misshapen = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
-                 for k, v in checkpoint.state_dict.items() if k in expected and v.shape != expected[k].shape]
-    if missing or unexpected or misshapen:
-        parts = [f"{label}: {', '.join(items[:8])}{' …' if len(items) > 8 else ''}"
-                 for label, items in (("missing keys", missing), ("unexpected keys", unexpected),
-                                      ("shape mismatches", misshapen)) if items]
-        raise CheckpointError(f"{checkpoint.name} does not fit the model ({'; '.join(parts)})")
+    check_state_dict(model, checkpoint.state_dict, checkpoint.name)
     model.load_state_dict(checkpoint.state_dict, strict=True)
     return model.eval()
 
@@ -72,7 +67,13 @@ def load_model(source: "str | os.PathLike | None" = None, device: "str | torch.d
         from .sources import load_checkpoint
         checkpoint = load_checkpoint(source, limits=HubLimits(max_params, max_download_bytes), allow_local=allow_local,
                                      **overrides)
-    model = build_model(checkpoint).to(torch.device(device) if device else default_device())
+    target = torch.device(device) if device else default_device()
+    model = build_model(checkpoint).to(target)
+    head, labels = None, ()
+    if checkpoint.head is not None:
+        config = checkpoint.config
+        head = build_head(checkpoint.head, config.hidden_size, config.num_prefix_tokens).to(target)
+        labels = checkpoint.head.labels
     logger.info("loaded %s on %s", checkpoint.name, next(model.parameters()).device)
     preprocessing = Preprocessing(checkpoint.config.patch_size, tuple(checkpoint.mean), tuple(checkpoint.std))
-    return LoadedModel(model, preprocessing, checkpoint.name)
+    return LoadedModel(model, preprocessing, checkpoint.name, head, labels)
