@@ -283,8 +283,8 @@ def propagate(attention: LayerAttention, value: torch.Tensor, out_grad: torch.Te
 
     value, out_grad: (heads, N, head_dim) fp32, the layer's V and ∂y/∂O.
     """
-    n = attention.num_tokens
-    step = max(1, BLOCK_ELEMENTS // (attention.num_heads * n))
+    n, heads = attention.num_tokens, attention.num_heads
+    step = max(1, BLOCK_ELEMENTS // (heads * n))
 
     def blocks(every: bool) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
         for start in range(0, n, step):
@@ -292,7 +292,8 @@ def propagate(attention: LayerAttention, value: torch.Tensor, out_grad: torch.Te
             if not every and not (torch.any(relevance[rows]) or torch.any(rollout[rows])):
                 continue
             weighted = attention.probs(rows).mul_(torch.matmul(out_grad[:, rows], value.transpose(-1, -2)))
-            yield start, weighted.clamp(min=0).mean(0), weighted.mean(0).clamp_(min=0)  # Ā, G rows: (rows, N)
+            fused = weighted.sum(0).clamp_(min=0).div_(heads)  # G rows: (rows, N)
+            yield start, weighted.clamp_(min=0).sum(0).div_(heads), fused  # Ā rows, G rows
 
     k = int(n * n * discard_ratio)
     threshold = kth_smallest(lambda: (fused for _, _, fused in blocks(True)), k) if k else None
