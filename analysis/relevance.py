@@ -36,7 +36,7 @@ from .rollout import kth_smallest
 
 METHODS = ("relevance", "grad_rollout", "rollout", "attention")
 TOP, CLASS, EMBEDDING, PATCH, REGION = "top", "class", "embedding", "patch", "region"
-BLOCK_ELEMENTS = 1 << 22  # heads × rows × N floats of attention (and as many of its gradient) held at once
+BLOCK_ELEMENTS = 1 << 21  # heads × rows × N floats of attention (and as many of its gradient) held at once: 8 MB
 REGION_THRESHOLD, REGION_TOP_SHARE = 0.5, 0.2  # the decoder's own region: saliency ≥ 0.5, else its top 20 %
 
 

