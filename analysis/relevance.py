@@ -59,6 +59,8 @@ class Target:
 
 @dataclass(frozen=True)
 class Prediction:
+    """One class of a classifier's output: softmax probability and pre-softmax logit."""
+
     index: int
     label: str
     probability: float
@@ -67,6 +69,8 @@ class Prediction:
 
 @dataclass
 class Explanation:
+    """A map of `method` for a target, with the scalar it explains in words."""
+
     method: str
     target: Target  # resolved: never TOP
     description: str  # the scalar explained, in words

@@ -10,7 +10,8 @@ import transformers as tf
 from analysis import analyze, relevance
 from analysis.relevance import TargetError, explain, parse_target, predictions
 from model import load_model
-from tests.helpers import random_image, save
+from model.heads import SaliencyDecoder
+from tests.helpers import random_image, randomize, save, tiny_loaded
 
 TOL = 1e-5
 TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=32,
@@ -178,6 +179,33 @@ def test_mean_pooled_embedding_without_class_token(tmp_path):
     attentions = eager(reference, pixels, scalar)
     n = analysis.record.num_tokens
     assert_maps(loaded, analysis, "embedding", dense_maps(attentions, one_hot(n, *range(n))))
+
+
+def test_saliency_region_through_the_decoder():
+    """A dense head: y = Σ saliency over the decoder's own region (≥ 0.5, else its top 20 %), the patches read evenly."""
+    loaded = tiny_loaded(seed=7)
+    loaded.head = SaliencyDecoder((32, 8, 8, 4)).eval()
+    randomize(loaded.head, seed=8)
+    analysis, pixels = setup(loaded, *IMAGES[1])
+    g = analysis.geometry
+
+    def scalar(out):
+        tokens = loaded.model.post_layernorm(out.hidden_states[-1])
+        grid = tokens[:, 1:].transpose(1, 2).reshape(1, 32, g.grid_h, g.grid_w)
+        saliency = loaded.head(grid, (g.input_h, g.input_w))[0]
+        mask = saliency >= 0.5
+        if not mask.any():
+            mask = saliency >= saliency.flatten().topk(int(0.2 * saliency.numel())).values[-1]
+        return (saliency * mask.detach()).sum()
+
+    out = loaded.model(pixels, output_attentions=True, output_hidden_states=True, interpolate_pos_encoding=True)
+    for a in out.attentions:
+        a.retain_grad()
+    scalar(out).backward()
+    n = analysis.record.num_tokens
+    assert relevance.resolve(loaded, analysis, "top").kind == "region"
+    assert_maps(loaded, analysis, "top", dense_maps(out.attentions, one_hot(n, *range(1, n))))
+    assert relevance.predicted_saliency(loaded, analysis).shape == (g.input_h, g.input_w)
 
 
 def test_one_sweep_serves_both_methods_and_is_cached(vit, monkeypatch):
