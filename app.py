@@ -14,7 +14,7 @@ import gradio as gr
 from starlette.middleware import Middleware
 
 import visualizer
-from analysis import FUSIONS, STAT_LABELS
+from analysis import FUSIONS, METHODS, STAT_LABELS
 from explorer import drawing
 from explorer.inputs import (ANIMATIONS, DEFAULT_RESOLUTION, DIRECTIONS, FIELDS, NORMALIZATIONS, PRECISIONS, STAT_MODES,
                              resolution_limits)
@@ -23,7 +23,7 @@ from server.api import Api
 from server.files import FileStore
 from server.gpu import on_zero_gpu
 from server.guard import EventShape, RequestGuard
-from server.handlers import STAT_COLUMNS, stat_definitions
+from server.handlers import METHOD_LABELS, STAT_COLUMNS, stat_definitions
 from server.model_store import DEFAULT, WELL_KNOWN
 from server.page import ANALYSIS_OUTPUTS, TAB_LABELS, VIEW_OUTPUTS, Page
 from server.settings import Settings
@@ -142,6 +142,8 @@ def _tabs(c: Components) -> None:
     with gr.Tabs() as c["tab_bar"]:
         with gr.Tab(TAB_LABELS["cls"], id="cls"):
             _class_token_tab(c)
+        with gr.Tab(TAB_LABELS["explain"], id="explain"):
+            _explain_tab(c)
         with gr.Tab(TAB_LABELS["rollout"], id="rollout"):
             with gr.Row():
                 c["fusion"] = gr.Radio(list(FUSIONS), value="mean", label="Head fusion", elem_id="rollout-fusion")
@@ -167,6 +169,20 @@ def _tabs(c: Components) -> None:
             c["gif"] = gr.Image(label="Layer animation", interactive=False, format="gif", show_label=False,
                                 buttons=[], elem_id="gif")
             c["gif_file"] = gr.File(label="GIF download")
+
+
+def _explain_tab(c: Components) -> None:
+    """Which patches made the model's output: its prediction, a target and a method, the map and all four maps."""
+    c["prediction"] = gr.Markdown(elem_id="explain-prediction")
+    c["saliency"] = _view("The model's own prediction", "saliency-view", visible=False)
+    with gr.Row():
+        c["target"] = gr.Dropdown([("the model's top output", "top")], value="top", label="Explain",
+                                  elem_id="explain-target", min_width=240)
+        c["method"] = gr.Radio([(METHOD_LABELS[m], m) for m in METHODS], value="relevance", label="Method",
+                               elem_id="explain-method")
+    c["explain_caption"] = gr.Markdown(elem_id="explain-caption")
+    c["explanation"] = _view("Relevance", "explain-view")
+    c["explain_strip"] = _view("Every method for this target", "explain-strip")
 
 
 def _class_token_tab(c: Components) -> None:
@@ -225,8 +241,7 @@ def _wire(demo: gr.Blocks, c: Components, page: Page) -> None:
     model = dict(concurrency_id="model", **private)
     render = dict(fn=page.render, inputs=[view, tab, *controls], outputs=[c[n] for n in VIEW_OUTPUTS],
                   show_progress="hidden", concurrency_id="render", concurrency_limit=2, **private)
-    prepare = dict(fn=page.prepare_tab, inputs=[view, tab, c["fusion"], c["discard"], c["stat_mode"]], outputs=None,
-                   **model)
+    prepare = dict(fn=page.prepare_tab, inputs=[view, tab, *controls], outputs=None, **model)
     analyze = dict(fn=page.analyze, inputs=[c["image_in"], c["resolution"], c["model_key"], c["dtype"], *controls],
                    outputs=[c[n] for n in ANALYSIS_OUTPUTS], **model)
     gr.on([demo.load, c["image_in"].change, c["resolution"].release, c["apply_resolution"].click], **analyze,
@@ -238,10 +253,10 @@ def _wire(demo: gr.Blocks, c: Components, page: Page) -> None:
     redraws = ("layer", "head", "direction", "cmap", "smooth", "normalize", "mass_on", "statistic", "atlas_shared",
                "opacity", "mass")
     gr.on([c[n].change for n in redraws], trigger_mode="always_last", **render)
-    gr.on([c[n].change for n in ("fusion", "discard", "stat_mode")], trigger_mode="always_last", **prepare
-          ).then(**render)
-    for clickable in ("main", "patch", "similarity"):
-        c[clickable].select(page.click, view, view, concurrency_id="render", **private).then(**render)
+    gr.on([c[n].change for n in ("fusion", "discard", "stat_mode", "target", "method")], trigger_mode="always_last",
+          **prepare).then(**render)
+    for clickable in ("main", "patch", "similarity", "explanation"):  # a new patch may need a new explanation
+        c[clickable].select(page.click, view, view, concurrency_id="render", **private).then(**prepare).then(**render)
     for selectable, handler in (("atlas", page.select_in_atlas), ("table", page.select_in_table)):
         c[selectable].select(handler, view, [c["layer"], c["head"]], concurrency_id="render", **private)
     c["flow_button"].click(page.flow, [view, *controls], c["flow"], **model)

@@ -2,10 +2,12 @@
 
     python -m explorer photo.jpg --out maps/
     python -m explorer photos/ --resolution 1022 --layers 5 11 --head mean --rollout max --out maps/
+    python -m explorer photo.jpg --explain top --method relevance grad_rollout --out maps/
 """
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
@@ -13,11 +15,11 @@ from pathlib import Path
 from tqdm import tqdm
 
 import visualizer
-from analysis import FUSIONS, analyze
+from analysis import FUSIONS, METHODS, TargetError, analyze, explain
 from model import CheckpointError, InvalidImageError, load_image, load_model
 
 from . import drawing, exports
-from .inputs import DEFAULT_RESOLUTION, UserError, check_resolution, head_choice, layer_index
+from .inputs import DEFAULT_RESOLUTION, UserError, check_resolution, explain_target, head_choice, layer_index
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 logger = logging.getLogger("vit-inspect")
@@ -45,7 +47,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rollout", choices=FUSIONS, default="mean", help="head fusion of the rollout")
     parser.add_argument("--cmap", default="inferno", choices=visualizer.available_colormaps())
     parser.add_argument("--no-gif", action="store_true", help="skip the layer animation")
+    parser.add_argument("--explain", metavar="TARGET",
+                        help="also explain an output: top, class:N, embedding, region, or patch:X,Y (a pixel)")
+    parser.add_argument("--method", nargs="+", choices=METHODS, default=["relevance"],
+                        help="the explanation's methods (with --explain)")
     return parser.parse_args(argv)
+
+
+def explanations(loaded, analysis, scene: drawing.Scene, target: str, methods: list[str],
+                 style: drawing.Style) -> dict[str, bytes]:
+    """The map of each method for `target` as a PNG, and every map's numbers with what it explains as JSON."""
+    files, numbers = {}, {}
+    for method in methods:
+        e = explain(loaded, analysis, explain_target(target, analysis), method)
+        files[f"explain_{method}.png"] = visualizer.png_bytes(
+            drawing.paint(scene.large, e.values, style, f"{method} · {e.description}"))
+        numbers[method] = {"target": str(e.target), "explained": e.description, "map": e.values.round(7).tolist()}
+    files["explain.json"] = json.dumps(numbers).encode()
+    return files
 
 
 def export_image(analysis, scene: drawing.Scene, folder: Path, layers: list[int], head, fusion: str,
@@ -84,9 +103,12 @@ def main(argv: list[str] | None = None) -> int:
             analysis = analyze(loaded, scene.image, resolution, original_size=scene.original_size)
             head = head_choice(args.head, analysis.num_heads, FUSIONS)
             layers = [layer_index(layer, analysis.num_layers) for layer in (args.layers or [-1])]
-            export_image(analysis, scene, args.out / exports.safe_stem(path.stem), layers, head, args.rollout,
-                         style, not args.no_gif)
-        except (InvalidImageError, UserError) as err:
+            folder = args.out / exports.safe_stem(path.stem)
+            export_image(analysis, scene, folder, layers, head, args.rollout, style, not args.no_gif)
+            if args.explain:
+                for name, content in explanations(loaded, analysis, scene, args.explain, args.method, style).items():
+                    (folder / name).write_bytes(content)
+        except (InvalidImageError, UserError, TargetError) as err:
             failures += 1
             tqdm.write(f"skipped {path.name}: {err}", file=sys.stderr)
     return 1 if failures == len(paths) and paths else 0

