@@ -123,6 +123,20 @@ def test_rollout_redraws_on_its_settings_and_the_download_carries_them(page, tmp
         assert shown.width == 451 and shown.height > 300  # the rollout map as on screen, with its colour bar
 
 
+def test_the_explain_tab_shows_the_prediction_and_the_maps_of_a_target(page):
+    page.get_by_role("tab", name="Explain").click()
+    page.wait_for_selector("#explain-view img", timeout=180_000)
+    page.wait_for_selector("#explain-strip img", timeout=60_000)
+    assert "saliency decoder" in page.locator("#explain-prediction").inner_text()
+    page.wait_for_selector("#saliency-view img", timeout=60_000)
+    before = src(page, "#explain-view")
+    page.locator("#explain-method").get_by_label("gradient rollout (vit-explain)").check()
+    wait_for_change(page, "#explain-view", before, timeout=180)
+    page.wait_for_function("document.querySelector('#explain-caption').innerText.includes('gradient rollout')")
+    page.screenshot(path=str(SCREENSHOTS / "explain.png"), full_page=True)
+    page.get_by_role("tab", name="Class token").click()
+
+
 def test_flow_is_offered_only_where_the_token_count_allows(page):
     note = page.locator("#flow-note").inner_text()
     assert "largest resolution that works for it is 406 px" in note
@@ -201,8 +215,8 @@ def test_every_tab_opens_on_a_phone(site):
     phone.wait_for_selector("#cls-view img", timeout=60_000)
     assert phone.locator("[aria-label='More tabs']").count() == 0 or not phone.locator(
         "[aria-label='More tabs']").is_visible()
-    for name, shown in (("Rollout", "#rollout-view img"), ("Heads", "#atlas img"), ("Hidden states", "#norm-view img"),
-                        ("GIF", "text=Make GIF"), ("Class token", "#cls-view img")):
+    for name, shown in (("Explain", "#explain-view img"), ("Rollout", "#rollout-view img"), ("Heads", "#atlas img"),
+                        ("Hidden states", "#norm-view img"), ("GIF", "text=Make GIF"), ("Class token", "#cls-view img")):
         phone.get_by_role("tab", name=name).click()
         phone.wait_for_selector(shown, timeout=60_000)
     slider = phone.locator("#layer input[type=range]")
