@@ -42,7 +42,7 @@ CSS = """
 #examples .gallery-item { flex: 1 1 0; min-width: 0 }
 #examples .gallery-item img { max-height: 64px; width: 100%; object-fit: cover }
 @media (max-width: 640px) {
-  .tab-container button { padding-left: 6px !important; padding-right: 6px !important; font-size: 13px !important }
+  .tab-container button { padding-left: 3px !important; padding-right: 3px !important; font-size: 12px !important }
   #image-input { height: 200px !important }
 }
 """

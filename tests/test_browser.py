@@ -61,8 +61,11 @@ def status(page) -> str:
 
 
 def wait_for_status(page, text: str, timeout: float = 90) -> None:
-    page.wait_for_function(f"document.querySelector('#status').innerText.includes({json.dumps(text)})",
-                           timeout=timeout * 1000)
+    try:
+        page.wait_for_function(f"document.querySelector('#status').innerText.includes({json.dumps(text)})",
+                               timeout=timeout * 1000)
+    except playwright.TimeoutError:
+        raise AssertionError(f"the status never said {text!r}; it says {status(page)!r}") from None
 
 
 def click_original_pixel(page, selector: str, x: float, y: float, height: int) -> None:
