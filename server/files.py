@@ -26,7 +26,8 @@ class FileStore:
         self.max_age_s = max_age_s
         self._lock = threading.Lock()
         self._last_sweep = 0.0
-        self._known_bytes = 0  # under root at the last sweep, plus what we wrote since
+        self._known_bytes = 0  # under root at the last sweep, plus what we wrote or admitted since
+        self.sweep(force=True)  # what an earlier run left counts too
 
     def put(self, data: bytes, name: str) -> Path:
         """`data` saved as `name` in a folder named by its hash; an existing identical file is reused."""

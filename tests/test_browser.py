@@ -176,9 +176,11 @@ def test_an_example_click_analyses_and_clears_what_belonged_to_the_last_image(pa
 
 
 def test_the_last_of_two_quick_example_clicks_wins(page):
+    assert "grid 37×37" in status(page)  # the astronaut, from the test before
     page.locator("#examples .gallery-item").nth(3).click()  # rocket.jpg, 640 × 427
     page.locator("#examples .gallery-item").nth(1).click()  # astronaut.png, 512 × 512, while the rocket runs
-    wait_for_status(page, "grid 37×37")
+    wait_for_status(page, "grid 25×37")  # the rocket's analysis, which was running, is shown …
+    wait_for_status(page, "grid 37×37")  # … then the last click's
     time.sleep(2)
     assert "grid 37×37" in status(page)  # not overwritten by the rocket's analysis
 
