@@ -108,14 +108,16 @@ def main() -> None:
         return
     print(f"torch threads: {torch.get_num_threads()}, load average at start: {os.getloadavg()[0]:.1f}; "
           "MB = 2^20 bytes\n")
-    print("| px | tokens | variant | seconds | peak extra MB | time / (a) | dense peak / (r) |\n|---|---|---|---|---|---|---|")
+    print("| px | tokens | variant | seconds | peak extra MB | time / (a) | dense peak / (r) |")
+    print("|---|---|---|---|---|---|---|")
     for size in args.sizes + ([args.large] if args.large else []):
         variants = "ar" if size == args.large else "ars" + ("d" if size in args.dense_sizes else "")
         rows = {v: spawn(v, size) for v in variants}
         dense = rows["d"]["peak_extra_mb"] if "d" in rows else None
         bound = dense_bound_mb(rows["a"]["tokens"])
         for v, row in rows.items():
-            ratio = f"{dense / row['peak_extra_mb']:.1f}×" if dense else f"≥ {bound / row['peak_extra_mb']:.1f}× (bound)"
+            peak = row["peak_extra_mb"]
+            ratio = f"{dense / peak:.1f}×" if dense else f"≥ {bound / peak:.1f}× (bound)"
             print(f"| {size} | {row['tokens']} | ({v}) | {row['seconds']:.2f} | {row['peak_extra_mb']:.0f} | "
                   f"{row['seconds'] / rows['a']['seconds']:.2f}× | {ratio if v == 'r' else ''} |", flush=True)
         if dense is None:

@@ -110,7 +110,8 @@ class SaliencyDecoder(nn.Module):
 
 def head_weights(fmt: HeadFormat, state: Tensors, config_file: dict | None, class_token: bool,
                  pooling_head: bool) -> HeadWeights | None:
-    """The classifier among a checkpoint's keys (prefix stripped), renamed, with its readout and labels; None without."""
+    """The classifier among a checkpoint's keys (prefix stripped), renamed, with its readout and labels; None
+    without."""
     renamed = {}
     for key, value in state.items():
         target = next((re.sub(p, r, key) for p, r in fmt.swaps if re.fullmatch(p, key)), None)
