@@ -6,7 +6,6 @@ process, so the atlas on disk is the same whichever engine made it.
 from __future__ import annotations
 
 import importlib
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -61,10 +60,13 @@ def run_ray(measurer_args: dict, refs: list[ImageRef], batch_size: int, commit: 
     `ray.init()` (a cluster's when RAY_ADDRESS is set; every node needs this project's requirements and must reach
     SOURCE)."""
     ray = import_ray()
+    if not refs:
+        return
     if not ray.is_initialized():
         ray.init(runtime_env={"py_modules": _own_packages()})
-    table = refs_table(refs)
-    dataset = ray.data.from_arrow(table).repartition(max(1, math.ceil(len(refs) / batch_size)))
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = context.print_on_execution_start = False  # this process shows its own bar
+    dataset = ray.data.from_arrow([refs_table(batch) for batch in batches(refs, batch_size)])
     threads = max(1, int(options.cpus_per_actor))
     stage = dataset.map_batches(Measurer, fn_constructor_kwargs={**measurer_args, "threads": threads},
                                 batch_size=batch_size, batch_format="pyarrow",
