@@ -21,8 +21,8 @@ from analysis import STAT_LABELS
 from .store import AGGREGATE, FIGURE, IMAGES, STATISTICS, SUMMARY, part_paths, write_atomic, write_bytes_atomic
 
 CONFIDENCE = 0.95
-INTERVAL = ("95 % Student's t-interval of the mean over images: mean ± t(0.975; n − 1) · s / √n, with s the sample "
-            "standard deviation (n − 1 in its denominator); NaN for fewer than 2 images")
+INTERVAL = ("95 % Student's t-interval of the mean over images: mean ± t(0.975; n − 1) · s / √n, with s the "
+            "sample standard deviation (n − 1 in its denominator); NaN for fewer than 2 images")
 
 
 @dataclass

@@ -9,7 +9,6 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import numpy as np
 import pyarrow as pa
 import torch
-from PIL import Image
 
 from analysis import STAT_LABELS, analyze, summary_of
 from model import InvalidImageError, LoadedModel, load_image, load_model

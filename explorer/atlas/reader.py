@@ -13,8 +13,8 @@ from PIL import Image
 
 from analysis import STAT_LABELS
 
-from .store import (AGGREGATE, IMAGE_COLUMNS, IMAGES, STATISTICS, SUMMARY, AtlasError, check_settings, part_paths,
-                    part_settings, read_table)
+from .store import AGGREGATE, IMAGE_COLUMNS, IMAGES, STATISTICS, SUMMARY, AtlasError, check_settings, part_paths
+from .store import part_settings, read_table
 
 BLOB_COLUMNS = ("thumbnail", "cls_maps")  # read per image on demand, not with the tables
 

@@ -122,7 +122,7 @@ class AtlasWriter:
         return list(zip(failed["image"].to_pylist(), failed["error"].to_pylist()))
 
     def statistics_rows(self, analysed: pa.Table) -> pa.Table:
-        """One row per image × layer × head, from the batch's per-image lists (layer-major, as analysis keeps them)."""
+        """One row per image × layer × head, from the batch's per-image lists (layer-major, as analyses keep them)."""
         layers, heads, count = self.settings["num_layers"], self.settings["num_heads"], analysed.num_rows
         columns = {"image": pa.array(np.repeat(np.array(analysed["image"].to_pylist(), dtype=object), layers * heads),
                                      pa.string()),

@@ -1,0 +1,85 @@
+"""The dataset atlas's throughput: images per second for the default model (DINOv2 ViT-S/14) at 224 and 518 px,
+in this process and through Ray Data on this machine, side by side from one run.
+
+A folder of distinct images is made from the four assets (flipped, rotated and cropped copies; four aspect ratios).
+For each resolution the two engines run alternately on it, each into a new atlas folder, each loading the model
+itself (the weights are converted once beforehand into a private cache); Ray is started once, before any timing,
+with every CPU, and runs one actor holding every CPU (as many torch threads as the in-process run). "seconds" is
+the whole `build_atlas` call: the model's loading (for Ray: the actor's start too), the batches, the aggregate.
+
+    python benchmarks/atlas_throughput.py                       # 24 images at 224 px, 12 at 518 px
+    python benchmarks/atlas_throughput.py --sizes 224 --images 16
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from PIL import Image, ImageOps
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+IMAGES_PER_SIZE = {224: 24, 518: 12}
+VARIANTS = (lambda im: im, ImageOps.mirror, ImageOps.flip, lambda im: im.rotate(180),
+            lambda im: im.crop((0, 0, im.width * 3 // 4, im.height)),
+            lambda im: im.crop((0, 0, im.width, im.height * 3 // 4)))
+
+
+def make_images(folder: Path, count: int) -> Path:
+    """`count` distinct images from the assets: each asset under each variant in turn."""
+    folder.mkdir(parents=True, exist_ok=True)
+    assets = [Image.open(p).convert("RGB") for p in sorted((ROOT / "assets").glob("*.*g"))]
+    for index in range(count):
+        variant = VARIANTS[index // len(assets) % len(VARIANTS)]
+        variant(assets[index % len(assets)]).save(folder / f"{index:04d}.png")
+    return folder
+
+
+def timed_run(images: Path, out: Path, resolution: int, engine: str) -> float:
+    """Seconds for the whole `build_atlas` call."""
+    from explorer.atlas import RayOptions, build_atlas, open_source
+    started = time.perf_counter()
+    build_atlas(open_source(images), out, None, resolution, engine=engine, batch_size=4,
+                ray_options=RayOptions(actors=1, cpus_per_actor=os.cpu_count() or 1), progress=False)
+    return time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", type=int, nargs="+", default=list(IMAGES_PER_SIZE))
+    parser.add_argument("--images", type=int, default=None, help="images per size (default: 48 at 224, 24 at 518)")
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="atlas-bench-"))
+    os.environ["VIT_INSPECT_CACHE"] = str(work / "weights")  # Ray's workers inherit it
+    from model import load_model
+    load_model(None)  # converts the default weights once, before anything is timed
+    import ray
+    started = time.perf_counter()
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    ray_start = time.perf_counter() - started
+    rows = []
+    print(f"load average before: {os.getloadavg()[0]:.2f}", flush=True)
+    for size in args.sizes:
+        count = args.images or IMAGES_PER_SIZE.get(size, 16)
+        images = make_images(work / f"images-{size}-{count}", count)
+        results = {}
+        for engine in ("local", "ray"):
+            results[engine] = timed_run(images, work / f"atlas-{size}-{engine}", size, engine)
+            print(f"{size} px {engine}: {results[engine]:.1f} s, load average {os.getloadavg()[0]:.2f}", flush=True)
+        for engine, seconds in results.items():
+            rows.append(f"| {size} | {count} | {engine} | {seconds:.1f} | {count / seconds:.2f} | "
+                        f"{seconds / results['local']:.2f}× |")
+    ray.shutdown()
+    print(f"\nRay started in {ray_start:.1f} s (not counted below); load average after: {os.getloadavg()[0]:.2f}; "
+          f"{os.cpu_count()} CPUs\n")
+    print("| px | images | engine | seconds | images/s | time / in-process |")
+    print("|---|---|---|---|---|---|")
+    print("\n".join(rows))
+
+
+if __name__ == "__main__":
+    main()
