@@ -202,6 +202,7 @@ def test_a_datasets_folder_is_a_source(loaded, tmp_path):
     (["{tmp}/empty", "--out", "{tmp}/o"], "holds no images"),
     (["{images}", "--out", "{images}/a.png"], "--out {images}/a.png is a file"),
     (["{images}", "--out", "{images}"], "holds other files"),
+    (["{images}", "--out", "{images}/sub/atlas"], "is inside SOURCE"),
     (["{images}", "--out", "{tmp}/o", "--resolution", "100"], "resolution must be a whole number from 224"),
     (["{images}", "--out", "{tmp}/o", "--batch", "0"], "--batch and --actors must be at least 1"),
 ])

@@ -15,7 +15,7 @@ from model import LoadedModel, load_model
 from .aggregate import write_aggregate
 from .engines import RayOptions, run_local, run_ray
 from .measure import Measurer, settings_of
-from .sources import Source
+from .sources import Source, SourceError
 from .store import AtlasWriter
 
 logger = logging.getLogger("vit-inspect")
@@ -34,7 +34,11 @@ def build_atlas(source: Source, out: Path, model: "LoadedModel | str | None" = N
         queries: "spread" (512 patch queries per layer, as the page) or "all" (every query, exact).
     """
     started = time.perf_counter()
+    if source.kind == "folder" and out.resolve().is_relative_to(Path(source.location).resolve()):
+        raise SourceError(f"--out {out} is inside SOURCE {source.location}: its files would be taken for images.")
     refs = source.refs()
+    if not refs:
+        raise SourceError(f"{source.location} holds no images.")
     loaded = model if isinstance(model, LoadedModel) else load_model(model, device)
     settings = settings_of(loaded, resolution, queries, source)
     writer = AtlasWriter(out, settings)
@@ -55,7 +59,11 @@ def build_atlas(source: Source, out: Path, model: "LoadedModel | str | None" = N
             run_ray({"model": model, "source": source, "resolution": resolution, "queries": queries,
                      "device": device}, todo, batch_size, commit, ray_options)
         else:
-            run_local(Measurer(loaded, source, resolution, queries), todo, batch_size, commit)
+            measurer = Measurer(loaded, source, resolution, queries)
+            try:
+                run_local(measurer, todo, batch_size, commit)
+            finally:
+                measurer.close()
     finally:
         bar.close()
     return write_aggregate(out, settings, failures, time.perf_counter() - started)

@@ -47,13 +47,11 @@ def main(argv: list[str]) -> int:
             raise UserError("--batch and --actors must be at least 1, --cpus-per-actor above 0, "
                             "--gpus-per-actor 0 or more.")
         check_out(args.out)
-        source = open_source(args.source, args.split)
-        if not source.refs():
-            raise SourceError(f"{args.source} holds no images.")
         if args.engine == "ray":
             import_ray()
-        summary = build_atlas(source, args.out, args.model, resolution, args.queries, args.engine, args.batch,
-                              args.device, RayOptions(args.actors, args.cpus_per_actor, args.gpus_per_actor))
+        summary = build_atlas(open_source(args.source, args.split), args.out, args.model, resolution, args.queries,
+                              args.engine, args.batch, args.device,
+                              RayOptions(args.actors, args.cpus_per_actor, args.gpus_per_actor))
     except (UserError, SourceError, AtlasError, EngineError, CheckpointError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

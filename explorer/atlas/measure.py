@@ -72,6 +72,9 @@ class Measurer:
     def __call__(self, batch: pa.Table) -> pa.Table:
         return self.measure(self.decode(batch))
 
+    def close(self) -> None:
+        self.pool.shutdown(cancel_futures=True)
+
     def decode(self, batch: pa.Table) -> list[tuple[ImageRef, Future]]:
         """Starts decoding every image of the batch; the engine may call this a batch ahead."""
         refs = [ImageRef(**row) for row in batch.to_pylist()]

@@ -74,7 +74,8 @@ class Source:
                 else:
                     loaded = datasets.load_dataset(self.location, split=self.split)
             except Exception as err:  # datasets raises many kinds; the reason is in the message
-                raise SourceError(f"{self.location} could not be opened as a dataset ({err}).") from err
+                taken = "" if Path(self.location).is_dir() else ", taken as a hub dataset id (no such folder here),"
+                raise SourceError(f"{self.location}{taken} could not be opened as a dataset ({err}).") from err
             if isinstance(loaded, datasets.DatasetDict):
                 if self.split not in loaded:
                     raise SourceError(f"{self.location} has no split {self.split!r} (splits: {', '.join(loaded)}).")

@@ -104,7 +104,8 @@ class AtlasWriter:
             leftover.unlink()  # a batch that was stopped before its statistics part committed it
         for path in committed:
             check_settings(part_settings(path), settings, folder)
-        self.done = set(read_table(folder / STATISTICS, ["image"])["image"].to_pylist()) if committed else set()
+        # the images parts left are those of committed batches: one row per image
+        self.done = set(read_table(folder / IMAGES, ["image"])["image"].to_pylist()) if committed else set()
         self.next_part = int(committed[-1].stem.split("-")[1]) + 1 if committed else 0
 
     def write(self, batch: pa.Table) -> list[tuple[str, str]]:
