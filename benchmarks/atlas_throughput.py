@@ -5,9 +5,15 @@ A folder of distinct images is made from the four assets (flipped, rotated and c
 For each resolution the two engines run alternately on it, each into a new atlas folder, each loading the model
 itself (the weights are converted once beforehand into a private cache); Ray is started once, before any timing,
 with every CPU, and runs one actor holding every CPU (as many torch threads as the in-process run). "seconds" is
-the whole `build_atlas` call: the model's loading (for Ray: the actor's start too), the batches, the aggregate.
+the whole `build_atlas` call: the model's loading (for Ray: the actor's start too), the batches, the aggregate;
+"steady" is the rate between the first and the last batch written (the statistics parts' times: batches of 4), which
+leaves those fixed costs out.
 
-    python benchmarks/atlas_throughput.py                       # 24 images at 224 px, 12 at 518 px
+OpenMP's threads wait passively (OMP_WAIT_POLICY=PASSIVE, set here unless already set, and inherited by Ray's
+workers): on a machine shared with other work, spinning threads lose most of their time (on this project's 2-core
+machine under a load average of 5, one 224 px analysis took 3 s spinning and 0.2 s passive).
+
+    python benchmarks/atlas_throughput.py                       # 48 images at 224 px, 16 at 518 px
     python benchmarks/atlas_throughput.py --sizes 224 --images 16
 """
 from __future__ import annotations
@@ -23,7 +29,9 @@ from PIL import Image, ImageOps
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-IMAGES_PER_SIZE = {224: 24, 518: 12}
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch is imported (see the docstring)
+IMAGES_PER_SIZE = {224: 48, 518: 16}
+BATCH = 4
 VARIANTS = (lambda im: im, ImageOps.mirror, ImageOps.flip, lambda im: im.rotate(180),
             lambda im: im.crop((0, 0, im.width * 3 // 4, im.height)),
             lambda im: im.crop((0, 0, im.width, im.height * 3 // 4)))
@@ -39,13 +47,15 @@ def make_images(folder: Path, count: int) -> Path:
     return folder
 
 
-def timed_run(images: Path, out: Path, resolution: int, engine: str) -> float:
-    """Seconds for the whole `build_atlas` call."""
+def timed_run(images: Path, out: Path, resolution: int, engine: str) -> tuple[float, float]:
+    """(seconds for the whole `build_atlas` call, images per second between the first and last batch written)."""
     from explorer.atlas import RayOptions, build_atlas, open_source
     started = time.perf_counter()
-    build_atlas(open_source(images), out, None, resolution, engine=engine, batch_size=4,
-                ray_options=RayOptions(actors=1, cpus_per_actor=os.cpu_count() or 1), progress=False)
-    return time.perf_counter() - started
+    summary = build_atlas(open_source(images), out, None, resolution, engine=engine, batch_size=BATCH,
+                          ray_options=RayOptions(actors=1, cpus_per_actor=os.cpu_count() or 1), progress=False)
+    seconds = time.perf_counter() - started
+    written = sorted(p.stat().st_mtime for p in (out / "statistics").glob("part-*.parquet"))
+    return seconds, (summary["images"] - BATCH) / (written[-1] - written[0])
 
 
 def main() -> None:
@@ -62,22 +72,26 @@ def main() -> None:
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     ray_start = time.perf_counter() - started
     rows = []
-    print(f"load average before: {os.getloadavg()[0]:.2f}", flush=True)
+    print(f"load average before: {os.getloadavg()[0]:.2f}; OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}",
+          flush=True)
     for size in args.sizes:
         count = args.images or IMAGES_PER_SIZE.get(size, 16)
         images = make_images(work / f"images-{size}-{count}", count)
         results = {}
         for engine in ("local", "ray"):
             results[engine] = timed_run(images, work / f"atlas-{size}-{engine}", size, engine)
-            print(f"{size} px {engine}: {results[engine]:.1f} s, load average {os.getloadavg()[0]:.2f}", flush=True)
-        for engine, seconds in results.items():
+            print(f"{size} px {engine}: {results[engine][0]:.1f} s, load average {os.getloadavg()[0]:.2f}",
+                  flush=True)
+        for engine, (seconds, steady) in results.items():
+            local_seconds, local_steady = results["local"]
             rows.append(f"| {size} | {count} | {engine} | {seconds:.1f} | {count / seconds:.2f} | "
-                        f"{seconds / results['local']:.2f}× |")
+                        f"{seconds / local_seconds:.2f}× | {steady:.2f} | {local_steady / steady:.2f}× |")
     ray.shutdown()
     print(f"\nRay started in {ray_start:.1f} s (not counted below); load average after: {os.getloadavg()[0]:.2f}; "
           f"{os.cpu_count()} CPUs\n")
-    print("| px | images | engine | seconds | images/s | time / in-process |")
-    print("|---|---|---|---|---|---|")
+    print("| px | images | engine | seconds | images/s | time / in-process | steady images/s | steady time / "
+          "in-process |")
+    print("|---|---|---|---|---|---|---|---|")
     print("\n".join(rows))
 
 

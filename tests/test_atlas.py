@@ -22,6 +22,33 @@ from model import load_image
 from tests.helpers import random_image, tiny_loaded
 
 ROOT = Path(__file__).resolve().parents[1]
+MEMORY_IMAGES, MEMORY_BOUND_MB = 24, 100  # a wider tiny model at 4,097 tokens keeps about 17 MB per analysis
+MEMORY_CHILD = f"""
+import json, sys
+from pathlib import Path
+sys.path.insert(0, {str(ROOT)!r})
+from analysis import analyze
+from explorer.atlas import build_atlas, open_source
+from tests.helpers import random_image, tiny_loaded
+
+def status_mb(field):
+    line = next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith(field + ":"))
+    return int(line.split()[1]) / 1024
+
+work = Path(sys.argv[1])
+loaded = tiny_loaded(hidden_size=256, intermediate_size=256)
+for folder, count in (("warm", 2), ("images", {MEMORY_IMAGES})):
+    (work / folder).mkdir()
+    for seed in range(count):
+        random_image(512, 512, seed).save(work / folder / f"{{seed:03d}}.png")
+build_atlas(open_source(work / "warm"), work / "warm-out", loaded, 512, batch_size=4, progress=False)
+base = status_mb("VmRSS")
+Path("/proc/self/clear_refs").write_text("5")
+summary = build_atlas(open_source(work / "images"), work / "out", loaded, 512, batch_size=4, progress=False)
+peak = status_mb("VmHWM") - base
+kept = analyze(loaded, random_image(512, 512), 512).nbytes / 2**20
+print(json.dumps({{"peak_extra_mb": peak, "kept_mb": kept, "images": summary["images"]}}))
+"""
 PX = 64  # the tiny model (patch 8) sees grids of up to 8 × 8: fast, and every query is averaged
 SIZES = {"a.png": (40, 64), "b.png": (64, 48), "c.jpg": (56, 56), "d.png": (48, 72), "sub/e.png": (64, 64)}
 
@@ -229,6 +256,17 @@ def test_ray_makes_the_same_atlas(loaded, images, atlas_folder, tmp_path):
     pd.testing.assert_frame_equal(atlas.images, local.images)
     pd.testing.assert_frame_equal(atlas.aggregate, local.aggregate)
     assert [s["image"] for s in atlas.summary["skipped"]] == ["broken.png"]
+
+
+@pytest.mark.slow  # a fresh process
+def test_memory_does_not_grow_with_the_number_of_images(tmp_path):
+    done = subprocess.run([sys.executable, "-c", MEMORY_CHILD, str(tmp_path)], capture_output=True, text=True,
+                          cwd=ROOT, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["images"] == MEMORY_IMAGES
+    assert MEMORY_IMAGES * result["kept_mb"] > 4 * MEMORY_BOUND_MB  # holding every analysis could not pass
+    assert result["peak_extra_mb"] < MEMORY_BOUND_MB, result
 
 
 @pytest.mark.slow  # a fresh process running the default model

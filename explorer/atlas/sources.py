@@ -57,7 +57,7 @@ class Source:
         if ref.path is not None:
             return ref.path
         dataset = self.dataset()
-        value = dataset[ref.index][image_column(dataset, self.location)]
+        value = dataset[ref.index][image_column(dataset, self.location)] or {}
         if value.get("bytes"):
             return value["bytes"]
         if value.get("path"):
