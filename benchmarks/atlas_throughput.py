@@ -2,9 +2,10 @@
 in this process and through Ray Data on this machine, side by side from one run.
 
 A folder of distinct images is made from the four assets (flipped, rotated and cropped copies; four aspect ratios).
-For each resolution the two engines run alternately on it, each into a new atlas folder, each loading the model
-itself (the weights are converted once beforehand into a private cache); Ray is started once, before any timing,
-with every CPU, and runs one actor holding every CPU (as many torch threads as the in-process run). "seconds" is
+For each resolution the two engines run in turn on it, for a few rounds (medians reported), each into a new atlas
+folder, each loading the model itself (the weights are converted once beforehand into a private cache); Ray is
+started once, before any timing, with every CPU, and runs one actor holding every CPU (as many torch threads as
+the in-process run). "seconds" is
 the whole `build_atlas` call: the model's loading (for Ray: the actor's start too), the batches, the aggregate;
 "steady" is the rate between the first and the last batch written (the statistics parts' times: batches of 4), which
 leaves those fixed costs out.
@@ -14,12 +15,13 @@ workers): on a machine shared with other work, spinning threads lose most of the
 machine under a load average of 5, one 224 px analysis took 3 s spinning and 0.2 s passive).
 
     python benchmarks/atlas_throughput.py                       # 48 images at 224 px, 16 at 518 px
-    python benchmarks/atlas_throughput.py --sizes 224 --images 16
+    python benchmarks/atlas_throughput.py --sizes 224 --images 16 --repeats 1
 """
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -61,7 +63,8 @@ def timed_run(images: Path, out: Path, resolution: int, engine: str) -> tuple[fl
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=list(IMAGES_PER_SIZE))
-    parser.add_argument("--images", type=int, default=None, help="images per size (default: 48 at 224, 24 at 518)")
+    parser.add_argument("--images", type=int, default=None, help="images per size (default: 48 at 224, 16 at 518)")
+    parser.add_argument("--repeats", type=int, default=3, help="rounds of (local, Ray) per size; medians reported")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="atlas-bench-"))
     os.environ["VIT_INSPECT_CACHE"] = str(work / "weights")  # Ray's workers inherit it
@@ -71,24 +74,28 @@ def main() -> None:
     started = time.perf_counter()
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     ray_start = time.perf_counter() - started
-    rows = []
-    print(f"load average before: {os.getloadavg()[0]:.2f}; OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}",
-          flush=True)
+    rows, loads = [], [os.getloadavg()[0]]
+    print(f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}", flush=True)
     for size in args.sizes:
         count = args.images or IMAGES_PER_SIZE.get(size, 16)
         images = make_images(work / f"images-{size}-{count}", count)
-        results = {}
-        for engine in ("local", "ray"):
-            results[engine] = timed_run(images, work / f"atlas-{size}-{engine}", size, engine)
-            print(f"{size} px {engine}: {results[engine][0]:.1f} s, load average {os.getloadavg()[0]:.2f}",
-                  flush=True)
-        for engine, (seconds, steady) in results.items():
-            local_seconds, local_steady = results["local"]
+        runs = {"local": [], "ray": []}
+        for repeat in range(args.repeats):
+            for engine in runs:
+                runs[engine].append(timed_run(images, work / f"atlas-{size}-{engine}-{repeat}", size, engine))
+                loads.append(os.getloadavg()[0])
+                print(f"{size} px {engine}: {runs[engine][-1][0]:.1f} s, steady {runs[engine][-1][1]:.2f} images/s, "
+                      f"load average {loads[-1]:.2f}", flush=True)
+        steady_ratios = [local[1] / ray_run[1] for local, ray_run in zip(runs["local"], runs["ray"])]
+        local_seconds, local_steady = (statistics.median(v) for v in zip(*runs["local"]))
+        for engine, measured in runs.items():
+            seconds, steady = (statistics.median(v) for v in zip(*measured))
+            spread = "" if engine == "local" else f" ({min(steady_ratios):.2f}–{max(steady_ratios):.2f}× by round)"
             rows.append(f"| {size} | {count} | {engine} | {seconds:.1f} | {count / seconds:.2f} | "
-                        f"{seconds / local_seconds:.2f}× | {steady:.2f} | {local_steady / steady:.2f}× |")
+                        f"{seconds / local_seconds:.2f}× | {steady:.2f} | {local_steady / steady:.2f}×{spread} |")
     ray.shutdown()
-    print(f"\nRay started in {ray_start:.1f} s (not counted below); load average after: {os.getloadavg()[0]:.2f}; "
-          f"{os.cpu_count()} CPUs\n")
+    print(f"\nRay started in {ray_start:.1f} s (not counted below); 1-minute load average {min(loads):.2f} to "
+          f"{max(loads):.2f}; {os.cpu_count()} CPUs; medians of {args.repeats} rounds\n")
     print("| px | images | engine | seconds | images/s | time / in-process | steady images/s | steady time / "
           "in-process |")
     print("|---|---|---|---|---|---|---|---|")
