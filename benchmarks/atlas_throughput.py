@@ -7,8 +7,8 @@ folder, each loading the model itself (the weights are converted once beforehand
 started once, before any timing, with every CPU, and runs one actor holding every CPU (as many torch threads as
 the in-process run). "seconds" is
 the whole `build_atlas` call: the model's loading (for Ray: the actor's start too), the batches, the aggregate;
-"steady" is the rate between the first and the last batch written (the statistics parts' times: batches of 4), which
-leaves those fixed costs out.
+"steady" is the rate from the first batch written to the last but one (the statistics parts' times, batches of 4),
+which leaves those fixed costs out (Ray hands over its last two batches together, so the last is not counted).
 
 OpenMP's threads wait passively (OMP_WAIT_POLICY=PASSIVE, set here unless already set, and inherited by Ray's
 workers): on a machine shared with other work, spinning threads lose most of their time (on this project's 2-core
@@ -57,7 +57,7 @@ def timed_run(images: Path, out: Path, resolution: int, engine: str) -> tuple[fl
                           ray_options=RayOptions(actors=1, cpus_per_actor=os.cpu_count() or 1), progress=False)
     seconds = time.perf_counter() - started
     written = sorted(p.stat().st_mtime for p in (out / "statistics").glob("part-*.parquet"))
-    return seconds, (summary["images"] - BATCH) / (written[-1] - written[0])
+    return seconds, BATCH * (len(written) - 2) / (written[-2] - written[0])
 
 
 def main() -> None:
