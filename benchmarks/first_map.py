@@ -60,7 +60,7 @@ def upload_times(page, photo: Path) -> tuple[float, str]:
         before = page.locator("#status").inner_text()
         remove.click()
         page.wait_for_function(STATUS_CHANGED, arg=[before], timeout=600_000)  # "Upload an image…", maps cleared
-    old = page.locator("#cls-view img").get_attribute("src") if page.locator("#cls-view img").count() else None
+    old = page.evaluate("document.querySelector('#cls-view img')?.getAttribute('src') ?? null")
     page.evaluate(FIRST_MAP, [old])
     page.locator("#image-input input[type=file]").set_input_files(str(photo))
     ms, status = page.evaluate("window.__shown")

@@ -3,6 +3,7 @@
     python -m explorer photo.jpg --out maps/
     python -m explorer photos/ --resolution 1022 --layers 5 11 --head mean --rollout max --out maps/
     python -m explorer photo.jpg --explain top --method relevance grad_rollout --out maps/
+    python -m explorer atlas photos/ --out atlas/      # a dataset atlas: see explorer/atlas/command.py
 """
 from __future__ import annotations
 
@@ -87,6 +88,10 @@ def export_image(analysis, scene: drawing.Scene, folder: Path, layers: list[int]
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["atlas"]:
+        from .atlas.command import main as atlas_main  # pyarrow, and Ray if asked, only for the atlas
+        return atlas_main(argv[1:])
     args = parse_args(argv)
     try:
         paths = image_paths(args.source)

@@ -83,3 +83,28 @@ def depth_scatter(values: np.ndarray, ylabel: str, title: str,
     if heads <= 16:
         axes.legend(fontsize=7, ncols=1 + heads // 9, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return render(figure)
+
+
+def depth_intervals(means: np.ndarray, lows: np.ndarray, highs: np.ndarray, ylabel: str, title: str) -> Image.Image:
+    """`depth_scatter` over many images: each head's mean against layer depth with its interval as an error bar,
+    the heads of a layer side by side (Dosovitskiy et al. 2021, fig. 7, over a dataset)."""
+    if np.ndim(means) != 2 or np.shape(lows) != np.shape(means) or np.shape(highs) != np.shape(means):
+        raise ValueError(f"means, lows and highs must be (layers, heads) alike, got {np.shape(means)}, "
+                         f"{np.shape(lows)} and {np.shape(highs)}")
+    layers, heads = means.shape
+    figure = Figure(figsize=(6.5, 3.8), dpi=DPI, layout="constrained")
+    axes = figure.add_subplot()
+    offsets = np.linspace(-0.3, 0.3, heads) if heads > 1 else np.zeros(1)
+    for head, colour in zip(range(heads), distinct_colours(heads)):
+        error = np.stack([means[:, head] - lows[:, head], highs[:, head] - means[:, head]])
+        axes.errorbar(np.arange(layers) + offsets[head], means[:, head], yerr=np.nan_to_num(error), fmt="o",
+                      markersize=3.5, elinewidth=1, capsize=1.5, color=colour, label=f"head {head}", zorder=2)
+    axes.set_xlabel("network depth (layer)")
+    axes.set_ylabel(ylabel)
+    set_title(figure, axes, title)
+    axes.set_ylim(bottom=0)
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes.grid(alpha=0.3)
+    if heads <= 16:
+        axes.legend(fontsize=7, ncols=1 + heads // 9, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    return render(figure)

@@ -1,0 +1,69 @@
+"""Making an atlas: the images of a source not yet in the output folder, through an engine, into the folder, then
+the aggregate over everything the folder holds."""
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from pathlib import Path
+
+import pyarrow as pa
+from tqdm import tqdm
+
+from model import LoadedModel, load_model
+
+from .aggregate import write_aggregate
+from .engines import RayOptions, run_local, run_ray
+from .measure import Measurer, settings_of
+from .sources import Source, SourceError
+from .store import AtlasWriter
+
+logger = logging.getLogger("vit-inspect")
+DEFAULT_BATCH = 16  # images per part file and per Ray batch
+
+
+def build_atlas(source: Source, out: Path, model: "LoadedModel | str | None" = None, resolution: int = 518,
+                queries: str = "spread", engine: str = "local", batch_size: int = DEFAULT_BATCH,
+                device: str | None = None, ray_options: RayOptions = RayOptions(), progress: bool = True) -> dict:
+    """Analyses every image of `source` that `out` does not hold yet, writes them batch by batch, then the
+    aggregate; returns the summary (also written to out/summary.json).
+
+    Args:
+        model: a loaded model (the tests' tiny one), or what `model.load_model` loads (None: the embedded default).
+            With the Ray engine each actor loads its own copy from the same name.
+        queries: "spread" (512 patch queries per layer, as the page) or "all" (every query, exact).
+    """
+    started = time.perf_counter()
+    if source.kind == "folder" and out.resolve().is_relative_to(Path(source.location).resolve()):
+        raise SourceError(f"--out {out} is inside SOURCE {source.location}: its files would be taken for images.")
+    refs = source.refs()
+    if not refs:
+        raise SourceError(f"{source.location} holds no images.")
+    loaded = model if isinstance(model, LoadedModel) else load_model(model, device)
+    settings = settings_of(loaded, resolution, queries, source)
+    writer = AtlasWriter(out, settings)
+    todo = [ref for ref in refs if ref.name not in writer.done]
+    logger.info("%d images in %s, %d already in %s", len(refs), source.location, len(refs) - len(todo), out)
+    failures: list[tuple[str, str]] = []
+    bar = tqdm(total=len(refs), initial=len(refs) - len(todo), desc="atlas", unit="image", disable=not progress)
+
+    def commit(batch: pa.Table) -> None:
+        for name, reason in writer.write(batch):
+            failures.append((name, reason))
+            tqdm.write(f"skipped {name}: {reason}", file=sys.stderr)
+        bar.update(batch.num_rows)
+
+    try:
+        if engine == "ray":
+            device = "cuda" if ray_options.gpus_per_actor > 0 else "cpu"
+            run_ray({"model": model, "source": source, "resolution": resolution, "queries": queries,
+                     "device": device}, todo, batch_size, commit, ray_options)
+        else:
+            measurer = Measurer(loaded, source, resolution, queries)
+            try:
+                run_local(measurer, todo, batch_size, commit)
+            finally:
+                measurer.close()
+    finally:
+        bar.close()
+    return write_aggregate(out, settings, failures, time.perf_counter() - started)
