@@ -55,6 +55,7 @@ def set_resolution(page, size: int) -> None:
 
 def upload_times(page, photo: Path) -> tuple[float, str]:
     """Seconds from choosing `photo` in the image input to its first map shown, and the status line."""
+    time.sleep(4)  # the previous photo's other views are drawn after its first map: let them finish
     remove = page.locator("#image-input button[aria-label='Remove Image']")
     if remove.count():
         before = page.locator("#status").inner_text()
