@@ -80,7 +80,7 @@ def test_exact_statistics_come_from_the_kept_inputs_without_a_new_forward(worksp
     view = analyze(page, upload(random_image(150, 220, seed=5)))[0]
     analysis = workspace.analysis(view.key, view.source)
     monkeypatch.setattr("server.workspace.analyze", lambda *a, **k: pytest.fail("a new forward"))
-    page.prepare_tab(view, "heads", "mean", 0.0, "all")
+    page.prepare_tab(view, "heads", *controls(stat_mode="all"))
     table = dict(zip(VIEW_OUTPUTS, page.render(view, "heads", *controls(stat_mode="all"))))["table"]
     spread = dict(zip(VIEW_OUTPUTS, page.render(view, "heads", *controls())))["table"]
     assert analysis.statistics_for(None).num_queries == 19 * 28 > 512 == analysis.statistics.num_queries
