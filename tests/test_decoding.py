@@ -15,6 +15,7 @@ from PIL import Image
 from model import decoded_bytes, load_image
 from model.preprocess import WORKING_MAX_PIXELS
 
+pytestmark = pytest.mark.slow  # starts the app, a browser or a fresh process, or runs the default model
 ROOT = Path(__file__).resolve().parents[1]
 SIDE = 9950  # 99 MP
 SLACK_MB = 64  # above decoded_bytes: conversion strips and allocator (measured: 24–25 MB)

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # starts the app, a browser or a fresh process, or runs the default model
 ROOT = Path(__file__).resolve().parents[1]
 
 

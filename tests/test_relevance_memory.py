@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # starts the app, a browser or a fresh process, or runs the default model
 ROOT = Path(__file__).resolve().parents[1]
 # A narrow tower at 5,701 tokens (a 76 × 75 grid): the dense method keeps L·heads·N² attention probabilities and as
 # many gradients, 2·4·4·5701²·4 bytes = 3,967 MB (MB = 2^20 bytes); ours keeps the L + 1 layer inputs and works on
