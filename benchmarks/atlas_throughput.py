@@ -53,7 +53,7 @@ def timed_run(images: Path, out: Path, resolution: int, engine: str) -> tuple[fl
     """(seconds for the whole `build_atlas` call, images per second between the first and last batch written)."""
     from explorer.atlas import RayOptions, build_atlas, open_source
     started = time.perf_counter()
-    summary = build_atlas(open_source(images), out, None, resolution, engine=engine, batch_size=BATCH,
+    build_atlas(open_source(images), out, None, resolution, engine=engine, batch_size=BATCH,
                           ray_options=RayOptions(actors=1, cpus_per_actor=os.cpu_count() or 1), progress=False)
     seconds = time.perf_counter() - started
     written = sorted(p.stat().st_mtime for p in (out / "statistics").glob("part-*.parquet"))
