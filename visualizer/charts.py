@@ -74,15 +74,7 @@ def depth_scatter(values: np.ndarray, ylabel: str, title: str,
         layer, head = selected
         axes.scatter([layer], [values[layer, head]], s=110, facecolors="none", edgecolors="black", linewidths=2,
                      zorder=3)
-    axes.set_xlabel("network depth (layer)")
-    axes.set_ylabel(ylabel)
-    set_title(figure, axes, title)
-    axes.set_ylim(bottom=0)
-    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
-    axes.grid(alpha=0.3)
-    if heads <= 16:
-        axes.legend(fontsize=7, ncols=1 + heads // 9, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    return render(figure)
+    return finish_depth_plot(figure, axes, ylabel, title, heads)
 
 
 def depth_intervals(means: np.ndarray, lows: np.ndarray, highs: np.ndarray, ylabel: str, title: str) -> Image.Image:
@@ -99,6 +91,11 @@ def depth_intervals(means: np.ndarray, lows: np.ndarray, highs: np.ndarray, ylab
         error = np.stack([means[:, head] - lows[:, head], highs[:, head] - means[:, head]])
         axes.errorbar(np.arange(layers) + offsets[head], means[:, head], yerr=np.nan_to_num(error), fmt="o",
                       markersize=3.5, elinewidth=1, capsize=1.5, color=colour, label=f"head {head}", zorder=2)
+    return finish_depth_plot(figure, axes, ylabel, title, heads)
+
+
+def finish_depth_plot(figure: Figure, axes, ylabel: str, title: str, heads: int) -> Image.Image:
+    """The axes, title, grid and head legend that `depth_scatter` and `depth_intervals` share, rendered."""
     axes.set_xlabel("network depth (layer)")
     axes.set_ylabel(ylabel)
     set_title(figure, axes, title)
