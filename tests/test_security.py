@@ -28,7 +28,7 @@ SERVER_IMAGE = ROOT / "docs" / "screenshot.png"  # an image on the server that n
 CAT = ROOT / "assets" / "chelsea.png"
 RES = 224
 IMAGE_ENDPOINTS = ("cls_attention", "patch_attention", "rollout", "attention_flow", "head_statistics",
-                   "hidden_states", "layer_animation", "export")
+                   "hidden_states", "layer_animation", "export", "predict", "relevance")
 
 
 def args(endpoint: str, **values) -> list:
@@ -180,6 +180,8 @@ WRONG = [  # (endpoint, a wrong argument, what the message must say)
     ("head_statistics", {"queries": "some"}, "statistics must be one of spread, all; got 'some'"),
     ("layer_animation", {"mode": "video"}, "mode must be one of cls, rollout; got 'video'"),
     ("export", {"model": {"x": 1}}, "model must be 'default' or a model id"),
+    ("relevance", {"target": ["/etc/passwd"]}, "target must be text of at most 60 characters"),
+    ("relevance", {"method": 3}, "method must be one of relevance, grad_rollout, rollout, attention"),
 ]
 
 
