@@ -23,7 +23,7 @@ from server.api import Api
 from server.files import FileStore
 from server.gpu import on_zero_gpu
 from server.guard import EventShape, RequestGuard
-from server.handlers import METHOD_LABELS, STAT_COLUMNS, stat_definitions
+from server.handlers import METHOD_LABELS, STAT_COLUMNS, faithfulness_definition, stat_definitions
 from server.model_store import DEFAULT, WELL_KNOWN
 from server.page import ANALYSIS_OUTPUTS, TAB_LABELS, VIEW_OUTPUTS, Page
 from server.settings import Settings
@@ -144,6 +144,8 @@ def _tabs(c: Components) -> None:
             _class_token_tab(c)
         with gr.Tab(TAB_LABELS["explain"], id="explain"):
             _explain_tab(c)
+        with gr.Tab(TAB_LABELS["faithfulness"], id="faithfulness"):
+            _faithfulness_tab(c)
         with gr.Tab(TAB_LABELS["rollout"], id="rollout"):
             with gr.Row():
                 c["fusion"] = gr.Radio(list(FUSIONS), value="mean", label="Head fusion", elem_id="rollout-fusion")
@@ -183,6 +185,17 @@ def _explain_tab(c: Components) -> None:
     c["explain_caption"] = gr.Markdown(elem_id="explain-caption")
     c["explanation"] = _view("Relevance", "explain-view")
     c["explain_strip"] = _view("Every method for this target", "explain-strip")
+
+
+def _faithfulness_tab(c: Components) -> None:
+    """Which map to trust: every map's perturbation curves for the Explain tab's target, and a verdict."""
+    c["removal"] = gr.Radio([("drop the patches' tokens", "drop"), ("black out their pixels", "pixels")],
+                            value="drop", label="Remove a patch by", elem_id="faithfulness-removal")
+    c["faithfulness_caption"] = gr.Markdown(elem_id="faithfulness-caption")
+    c["faithfulness_plot"] = gr.Image(label="Perturbation curves", show_label=False, interactive=False, format="png",
+                                      elem_id="faithfulness-plot", buttons=[])
+    with gr.Accordion("How the curves are made", open=False):
+        gr.Markdown(faithfulness_definition())
 
 
 def _class_token_tab(c: Components) -> None:
@@ -253,8 +266,10 @@ def _wire(demo: gr.Blocks, c: Components, page: Page) -> None:
     redraws = ("layer", "head", "direction", "cmap", "smooth", "normalize", "mass_on", "statistic", "atlas_shared",
                "opacity", "mass")
     gr.on([c[n].change for n in redraws], trigger_mode="always_last", **render)
-    gr.on([c[n].change for n in ("fusion", "discard", "stat_mode", "target", "method")], trigger_mode="always_last",
+    gr.on([c[n].change for n in ("fusion", "discard", "stat_mode", "target", "method", "removal")],
+          trigger_mode="always_last",
           **prepare).then(**render)
+    c["layer"].release(**prepare).then(**render)  # the faithfulness curves of the selected layer's attention
     for clickable in ("main", "patch", "similarity", "explanation"):  # a new patch may need a new explanation
         c[clickable].select(page.click, view, view, concurrency_id="render", **private).then(**prepare).then(**render)
     for selectable, handler in (("atlas", page.select_in_atlas), ("table", page.select_in_table)):

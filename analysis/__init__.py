@@ -8,6 +8,7 @@ from .budget import (
                         check_cost,
 )
 from .engine import DTYPES, Analysis, analyze
+from .faithfulness import REMOVALS, Faithfulness, faithfulness
 from .record import FUSIONS, AttentionRecord, LayerAttention, fuse_heads
 from .relevance import (
                         METHODS,
@@ -24,8 +25,8 @@ from .rollout import rollout
 from .stats import STAT_LABELS, HeadStatistics, head_statistics
 from .summary import CLASS_TOKEN, MEAN_RECEIVED, Summary, summary_of
 
-__all__ = ["CLASS_TOKEN", "CPU_LIMITS", "DTYPES", "FUSIONS", "GPU_LIMITS", "MEAN_RECEIVED", "METHODS", "STAT_LABELS",
-           "Analysis", "AttentionRecord", "BudgetError", "ComputeLimits", "Deadline", "Explanation", "HeadStatistics",
-           "LayerAttention", "Prediction", "Summary", "Target", "TargetError", "analyze", "check_cost", "explain",
-           "fuse_heads", "head_statistics", "parse_target", "predicted_saliency", "predictions", "rollout",
-           "summary_of"]
+__all__ = ["CLASS_TOKEN", "CPU_LIMITS", "DTYPES", "FUSIONS", "GPU_LIMITS", "MEAN_RECEIVED", "METHODS", "REMOVALS",
+           "STAT_LABELS", "Analysis", "AttentionRecord", "BudgetError", "ComputeLimits", "Deadline", "Explanation",
+           "Faithfulness", "HeadStatistics", "LayerAttention", "Prediction", "Summary", "Target", "TargetError",
+           "analyze", "check_cost", "explain", "faithfulness", "fuse_heads", "head_statistics", "parse_target",
+           "predicted_saliency", "predictions", "rollout", "summary_of"]

@@ -3,6 +3,7 @@
     python -m explorer photo.jpg --out maps/
     python -m explorer photos/ --resolution 1022 --layers 5 11 --head mean --rollout max --out maps/
     python -m explorer photo.jpg --explain top --method relevance grad_rollout --out maps/
+    python -m explorer photo.jpg --explain class:3 --faithfulness pixels --out maps/   # which map to trust
     python -m explorer atlas photos/ --out atlas/      # a dataset atlas: see explorer/atlas/command.py
 """
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 import visualizer
-from analysis import FUSIONS, METHODS, TargetError, analyze, explain
+from analysis import FUSIONS, METHODS, REMOVALS, TargetError, analyze, explain, faithfulness
 from model import CheckpointError, InvalidImageError, load_image, load_model
 
 from . import drawing, exports
@@ -52,6 +53,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="also explain an output: top, class:N, embedding, region, or patch:X,Y (a pixel)")
     parser.add_argument("--method", nargs="+", choices=METHODS, default=["relevance"],
                         help="the explanation's methods (with --explain)")
+    parser.add_argument("--faithfulness", metavar="REMOVAL", choices=REMOVALS,
+                        help="also score every map of the target (--explain, default top) by perturbation, removing "
+                             "patches by dropping their tokens (drop) or blacking their pixels (pixels)")
     return parser.parse_args(argv)
 
 
@@ -66,6 +70,15 @@ def explanations(loaded, analysis, scene: drawing.Scene, target: str, methods: l
         numbers[method] = {"target": str(e.target), "explained": e.description, "map": e.values.round(7).tolist()}
     files["explain.json"] = json.dumps(numbers).encode()
     return files
+
+
+def perturbation_files(loaded, analysis, scene: drawing.Scene, target: str, removal: str,
+                       resolution: int) -> dict[str, bytes]:
+    """The perturbation curves of every map for `target` as a plot and as JSON (as /faithfulness returns them)."""
+    pixels = loaded.preprocessing(scene.image, resolution)[0] if removal == "pixels" else None
+    result = faithfulness(loaded, analysis, explain_target(target, analysis), removal, pixels)
+    return {"faithfulness.png": visualizer.png_bytes(drawing.faithfulness_plot(result)),
+            "faithfulness.json": json.dumps(result.to_dict()).encode()}
 
 
 def export_image(analysis, scene: drawing.Scene, folder: Path, layers: list[int], head, fusion: str,
@@ -112,6 +125,11 @@ def main(argv: list[str] | None = None) -> int:
             export_image(analysis, scene, folder, layers, head, args.rollout, style, not args.no_gif)
             if args.explain:
                 for name, content in explanations(loaded, analysis, scene, args.explain, args.method, style).items():
+                    (folder / name).write_bytes(content)
+            if args.faithfulness:
+                files = perturbation_files(loaded, analysis, scene, args.explain or "top", args.faithfulness,
+                                           resolution)
+                for name, content in files.items():
                     (folder / name).write_bytes(content)
         except (InvalidImageError, UserError, TargetError) as err:
             failures += 1

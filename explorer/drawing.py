@@ -9,7 +9,7 @@ import numpy as np
 from PIL import Image
 
 import visualizer
-from analysis import FUSIONS, Analysis
+from analysis import FUSIONS, Analysis, Faithfulness
 
 PAGE_LONG_SIDE = 640  # maps in the page are drawn this large: a redraw stays fast
 LARGE_LONG_SIDE = 1280  # maps returned by the API and written by the command line
@@ -215,3 +215,15 @@ def layer_animation(analysis: Analysis, base: Image.Image, mode: str, head: "int
         if progress is not None:
             progress((layer + 1) / analysis.num_layers)
     return visualizer.animation_gif(frames, 500, captions=captions)
+
+
+REMOVAL_LABELS = {"drop": "tokens dropped from the sequence",
+                  "pixels": "pixels set to black before normalising (Chefer et al.'s code)"}
+
+
+def faithfulness_plot(result: Faithfulness) -> Image.Image:
+    """Every map's positive and negative perturbation curves with their areas, random orders with their spread."""
+    curves = {name: (curve.positive, curve.negative, curve.spread) for name, curve in result.curves.items()}
+    areas = {name: (curve.positive_auc, curve.negative_auc) for name, curve in result.curves.items()}
+    return visualizer.perturbation_plot(result.fractions, curves, areas, result.score,
+                                        f"Target {result.target}, patches removed as {REMOVAL_LABELS[result.removal]}")

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import visualizer
-from analysis import FUSIONS, METHODS, STAT_LABELS, Analysis
+from analysis import FUSIONS, METHODS, REMOVALS, STAT_LABELS, Analysis
 from analysis.stats import DEFAULT_STAT_QUERIES
 
 from .drawing import Style
@@ -174,6 +174,7 @@ class Controls:
     stat_mode: str = "spread"
     target: str = "top"  # what is explained, as `analysis.relevance` names it (a patch by its row and column)
     method: str = "relevance"
+    removal: str = "drop"  # how the faithfulness curves remove a patch (see analysis.faithfulness)
 
     @classmethod
     def parse(cls, analysis: Analysis, values: Mapping[str, Any]) -> "Controls":
@@ -189,7 +190,8 @@ class Controls:
                    choice(v["direction"], "direction", DIRECTIONS), style, choice(v["fusion"], "fusion", FUSIONS),
                    check_discard(v["discard"]), choice(v["statistic"], "statistic", tuple(STAT_LABELS)),
                    flag(v["atlas_shared"], "shared"), choice(v["stat_mode"], "statistics", tuple(STAT_MODES)),
-                   explain_target(v["target"], analysis), choice(v["method"], "method", METHODS))
+                   explain_target(v["target"], analysis), choice(v["method"], "method", METHODS),
+                   choice(v["removal"], "removal", REMOVALS))
 
 
 def explain_target(value: Any, analysis: Analysis) -> str:
@@ -213,5 +215,5 @@ COLORMAPS = tuple(visualizer.available_colormaps())
 DEFAULTS = {"layer": -1, "head": "mean", "direction": "row", "opacity": 0.6, "cmap": "inferno", "smooth": True,
             "normalize": "robust", "mass_on": False, "mass": 0.6, "fusion": "mean", "discard": 0.0,
             "statistic": "mean_distance_px", "atlas_shared": False, "stat_mode": "spread", "target": "top",
-            "method": "relevance"}
+            "method": "relevance", "removal": "drop"}
 FIELDS = tuple(DEFAULTS)  # the controls' names: the page's components and the endpoints' parameters use them

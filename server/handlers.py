@@ -18,8 +18,9 @@ from gradio.data_classes import FileData
 from PIL import Image
 
 import visualizer
-from analysis import (DTYPES, METHODS, STAT_LABELS, Analysis, Explanation, HeadStatistics, TargetError, explain,
-                      predicted_saliency, predictions)
+from analysis import (DTYPES, METHODS, STAT_LABELS, Analysis, Explanation, Faithfulness, HeadStatistics, TargetError,
+                      explain, faithfulness, predicted_saliency, predictions)
+from analysis.faithfulness import RANDOM, RANDOM_SEEDS
 from analysis.flow import MAX_FLOW_TOKENS
 from explorer import drawing, exports
 from explorer.drawing import Scene
@@ -214,6 +215,33 @@ def explanation_strip(ws: Workspace, s: Subject, c: Controls, progress: Progress
     return visualizer.head_grid(tiles, [METHOD_LABELS[m] for m in METHODS], columns=4, tile_width=224)
 
 
+def perturbation(ws: Workspace, s: Subject, c: Controls, progress: Progress | None = None,
+                 cached_only: bool = False) -> tuple[Image.Image | None, Faithfulness]:
+    """Positive and negative perturbation curves of every offered map (and random orders) for `c.target`, removing
+    patches as `c.removal` says, within the server's time limit for one analysis; and their plot (None when
+    `cached_only` finds nothing computed yet)."""
+    loaded = ws.models.get(s.key.model, s.key.dtype)
+    pixels = (loaded.preprocessing(s.scene.image, s.key.resolution)[0]
+              if c.removal == "pixels" and not cached_only else None)
+    result = faithfulness(loaded, s.analysis, c.target, c.removal, pixels, c.layer, c.discard,
+                          ws.limits.deadline().progress(progress), cached_only)
+    if RANDOM not in result.curves:
+        return None, result
+    return drawing.faithfulness_plot(result), result
+
+
+def verdict(result: Faithfulness) -> str:
+    """One line naming the most faithful map for this image and target, and the maps that beat random orders."""
+    positive, negative = result.most_faithful()
+    best = f"**{positive}** by both tests" if positive == negative else (
+        f"**{positive}** by positive perturbation, **{negative}** by negative")
+    chance = result.curves[RANDOM]
+    beating = [name for name, curve in result.curves.items() if name != RANDOM
+               and curve.positive_auc < chance.positive_auc and curve.negative_auc > chance.negative_auc]
+    return (f"Most faithful for this image and target: {best}. Better than a random order by both tests: "
+            f"{', '.join(beating) or 'none'}.")
+
+
 def animation(ws: Workspace, s: Subject, c: Controls, mode: str, progress: Progress | None = None) -> FileData:
     """The GIF through the layers, written once per content."""
     gif = drawing.layer_animation(s.analysis, s.scene.page, mode, c.head, c.style, progress)
@@ -251,6 +279,21 @@ def stats_table(stats: HeadStatistics) -> dict:
 def shown_number(value: float) -> "float | str":
     """A statistic for the table: rounded, or "n/a" where it has no meaning (NaN)."""
     return round(float(value), 4) if np.isfinite(value) else "n/a"
+
+
+def faithfulness_definition() -> str:
+    """How the curves are made and scored, for beside the plot."""
+    return ("Patches are removed in the order a map ranks them, 0 % to 90 % in steps of 10 % (at f, the first "
+            "floor(f × patches)). **Positive**: most relevant first; a faithful map makes the score fall fast, lower "
+            "area is better. **Negative**: least relevant first; higher is better. The score at 0 % is the "
+            "unperturbed one; the area is the trapezoidal rule over 0–0.9, as Chefer et al. (2021) score theirs. "
+            "**drop** takes the patches' tokens out of the sequence (the others keep their position embeddings; "
+            "class and register tokens always stay); **pixels** sets the patches' pixels to black before "
+            f"normalising. Random: the mean of {RANDOM_SEEDS} random orders (grey band: ± one standard deviation), "
+            "the same for both tests. The score: a class's softmax probability; for an embedding, the cosine "
+            "similarity of the final feature to the unperturbed one; for the saliency decoder, the mean predicted "
+            "saliency inside its own region. Maps: relevance and gradient rollout for the target, rollout and the "
+            "last layer's class-token attention, the selected layer's attention, and flow once computed.")
 
 
 def stat_definitions() -> str:

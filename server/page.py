@@ -20,12 +20,12 @@ from . import handlers
 from .handlers import Subject, guarded, open_upload, open_view, user_message, warn
 from .workspace import View, Workspace
 
-TAB_LABELS = {"cls": "Class token", "explain": "Explain", "rollout": "Rollout", "heads": "Heads",
-              "hidden": "Hidden states", "animation": "GIF"}
+TAB_LABELS = {"cls": "Class token", "explain": "Explain", "faithfulness": "Faithfulness", "rollout": "Rollout",
+              "heads": "Heads", "hidden": "Hidden states", "animation": "GIF"}
 TABS = tuple(TAB_LABELS)
 VIEW_OUTPUTS = ("main", "patch", "grid", "patch_caption", "second", "rollout", "rollout_caption", "atlas", "chart",
                 "scatter", "table", "norms", "pca", "similarity", "hidden_caption", "prediction", "saliency",
-                "explanation", "explain_caption", "explain_strip")
+                "explanation", "explain_caption", "explain_strip", "faithfulness_plot", "faithfulness_caption")
 ANALYSIS_OUTPUTS = ("view", "status", "summary", "layer", "head", "resolution", "target", "flow", "flow_note",
                     "flow_button", "gif", "gif_file", "export_files", *VIEW_OUTPUTS)
 CLICKED = "patch"  # the target choice that stands for the clicked patch's feature
@@ -150,6 +150,13 @@ class Page:
             return handlers.hidden(s, c, True, *self.marker(view, s))
         if tab == "explain":
             return self._explained(s, c)
+        if tab == "faithfulness":  # computed in `prepare_tab`, with a progress bar; drawn here from the cache
+            plot, result = handlers.perturbation(self.workspace, s, c, cached_only=True)
+            if plot is None:
+                return {"faithfulness_plot": None, "faithfulness_caption": "Computing the curves…"}
+            caption = (f"{handlers.verdict(result)} Target `{result.target}` (pick it in the Explain tab); score: "
+                       f"{result.score}.")
+            return {"faithfulness_plot": plot, "faithfulness_caption": caption}
         return {}
 
     def _explained(self, s: Subject, c: Controls) -> dict:
@@ -209,10 +216,10 @@ class Page:
 
     @guarded
     def prepare_tab(self, view: View | None, tab: str, *values: Any, progress: gr.Progress = gr.Progress()) -> None:
-        """The slow part of a tab, with a progress bar, before it is drawn: the rollout, the statistics, or the
-        backward sweep of an explanation."""
+        """The slow part of a tab, with a progress bar, before it is drawn: the rollout, the statistics, the
+        backward sweep of an explanation, or the perturbed passes of the faithfulness curves."""
         tab = choice(tab, "tab", TABS)
-        if view is None or tab not in ("rollout", "heads", "explain"):
+        if view is None or tab not in ("rollout", "heads", "explain", "faithfulness"):
             return
         s = open_view(self.workspace, view)
         c = controls(s, values, view)
@@ -220,6 +227,8 @@ class Page:
             s.analysis.rollout_map(c.fusion, c.discard, progress=lambda f: progress(f, desc="rollout"))
         elif tab == "heads":
             handlers.statistics(s, c.stat_mode, lambda f: progress(f, desc="head statistics"))
+        elif tab == "faithfulness":
+            handlers.perturbation(self.workspace, s, c, lambda f: progress(f, desc="maps, then perturbed passes"))
         else:
             handlers.explanation_strip(self.workspace, s, c, lambda f: progress(f, desc="backward, layer by layer"))
 
@@ -253,10 +262,11 @@ class Page:
         settings = {"tab": tab, "direction": c.direction, "opacity": c.style.opacity, "colormap": c.style.cmap,
                     "smooth": c.style.smooth, "scaling": c.style.normalize, "mass_fraction": c.style.mass,
                     "statistic": c.statistic, "statistics_queries": c.stat_mode, "atlas_one_scale": c.atlas_shared,
+                    "removal": c.removal,
                     "clicked_patch": [row, col]}
         npz, sidecar = handlers.export(self.workspace, s, c, s.analysis.token_at(row, col), settings)
-        shown = {"rollout": "rollout", "heads": "atlas", "hidden": "similarity",
-                 "explain": "explanation"}.get(tab, "main")
+        shown = {"rollout": "rollout", "heads": "atlas", "hidden": "similarity", "explain": "explanation",
+                 "faithfulness": "faithfulness_plot"}.get(tab, "main")
         on_screen = self._drawn(tab if tab != "animation" else "cls", view, s, c)[shown]
         return gr.update(value=[npz.path, sidecar.path, handlers.write_png(self.workspace, on_screen,
                                                                            "current_view").path], visible=True)

@@ -105,3 +105,34 @@ def finish_depth_plot(figure: Figure, axes, ylabel: str, title: str, heads: int)
     if heads <= 16:
         axes.legend(fontsize=7, ncols=1 + heads // 9, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return render(figure)
+
+
+def perturbation_plot(fractions: np.ndarray, curves: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray | None]],
+                      areas: dict[str, tuple[float, float]], ylabel: str, title: str) -> Image.Image:
+    """Positive (left: lower is better) and negative (right: higher is better) perturbation curves, one line per map
+    with its area under the curve in the legend; a curve with a spread (random orders) dashed in grey with its ± band.
+
+    Args:
+        curves: name → (positive, negative, spread or None), each over `fractions`.
+        areas: name → (positive area, negative area).
+    """
+    figure = Figure(figsize=(9.0, 3.9), dpi=DPI, layout="constrained")
+    panels = figure.subplots(1, 2, sharey=True)
+    named = [name for name, (_, _, spread) in curves.items() if spread is None]
+    colours = dict(zip(named, distinct_colours(max(1, len(named)))))
+    percent = 100 * np.asarray(fractions)
+    for index, (axes, test, better) in enumerate(zip(panels, ("positive", "negative"), ("lower", "higher"))):
+        for name, (*scores, spread) in curves.items():
+            label = f"{name}: AUC {areas[name][index]:.3f}"
+            if spread is None:
+                axes.plot(percent, scores[index], marker="o", markersize=3, color=colours[name], label=label)
+            else:
+                axes.plot(percent, scores[index], linestyle="--", color="grey", label=label)
+                axes.fill_between(percent, scores[index] - spread, scores[index] + spread, color="grey", alpha=0.2)
+        axes.set_xlabel("patches removed (%)")
+        axes.set_title(f"{test} perturbation ({better} AUC is better)", fontsize=10)
+        axes.grid(alpha=0.3)
+        axes.legend(fontsize=7, loc="best")
+    panels[0].set_ylabel(ylabel)
+    figure.suptitle(textwrap.fill(title, int(figure.get_figwidth() * TITLE_CHARS_PER_INCH)), fontsize=10)
+    return render(figure)

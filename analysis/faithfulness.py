@@ -1,0 +1,349 @@
+"""Which map can you trust: perturbation curves (Chefer et al. 2021, "Transformer Interpretability Beyond Attention
+Visualization", their perturbation test) for the image in front of you.
+
+A map ranks the patches; remove them in that order and watch the model's output. *Positive* perturbation removes
+the most relevant first (a faithful map makes the score fall fast: a lower area is better), *negative* the least
+relevant first (a higher area is better). At fraction f = i/10 of FRACTIONS the first floor(f × P) patches of the
+order are removed, P the removable patches; the score at 0 is the unperturbed one, and a curve's area is the
+trapezoidal rule over FRACTIONS (0 to 0.9), as Chefer et al. score theirs.
+
+Removal:
+  drop    the removed patches' tokens leave the sequence; the others keep their own position embeddings and the
+          prefix tokens (class, distillation, registers) always stay, so each pass is shorter than the full one.
+  pixels  the removed patches' pixels turn black before normalising (Chefer et al.'s code zeroes the unnormalised
+          image), and the full sequence runs.
+
+The score watched: a class's softmax probability; for an embedding target the cosine similarity of the perturbed
+final feature to the unperturbed one (the class token's, or the pooled output without one, or the target patch's,
+which is never removed under drop); for the saliency decoder the mean predicted saliency inside its own region (the
+region fixed from the unperturbed prediction; under drop the decoder reads zeros where tokens left).
+
+A random order has no direction: RANDOM_SEEDS orders give one set of curves, their mean serves both positive and
+negative, their standard deviation is the spread. Orders that coincide (two maps ranking the patches alike) run once.
+
+Memory: one batch of perturbed sequences at a time, at most BATCH_TOKENS tokens in all, through the fused attention
+kernel: linear in the token count.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy.integrate import trapezoid
+from torch import nn
+
+from model import LoadedModel
+from model.heads import CLASS as READ_CLASS
+from model.heads import CLASS_AND_DISTILLATION as READ_CLASS_AND_DISTILLATION
+
+from .engine import Analysis
+from .relevance import (CLASS, EMBEDDING, METHODS, PATCH, REGION, Target, TargetError, explain, predicted_region,
+                        resolve)
+
+FRACTIONS = tuple(i / 10 for i in range(10))  # 0, 0.1, …, 0.9 of the removable patches
+REMOVALS = ("drop", "pixels")
+RANDOM = "random"
+RANDOM_SEEDS = 4
+BATCH_TOKENS = 1 << 14  # tokens (batch × sequence) run at once: activations stay linear in the token count
+
+
+@dataclass
+class Curve:
+    """One map's scores at each of FRACTIONS, as its most relevant (positive) or least relevant (negative) patches
+    go first; the spread (a random order's standard deviation over seeds) where there is one."""
+
+    positive: np.ndarray
+    negative: np.ndarray
+    spread: np.ndarray | None = None
+
+    @property
+    def positive_auc(self) -> float:
+        return area(self.positive)
+
+    @property
+    def nbytes(self) -> int:
+        return self.positive.nbytes + self.negative.nbytes + (0 if self.spread is None else self.spread.nbytes)
+
+    @property
+    def negative_auc(self) -> float:
+        return area(self.negative)
+
+
+@dataclass
+class Faithfulness:
+    """Every map's curves for one target and removal; `score` says in words what is watched."""
+
+    target: Target
+    removal: str
+    score: str
+    curves: dict[str, Curve] = field(default_factory=dict)
+    fractions: tuple[float, ...] = FRACTIONS
+
+    def most_faithful(self) -> tuple[str, str]:
+        """The best map by each test (the lowest positive area, the highest negative one), random left out."""
+        maps = {name: c for name, c in self.curves.items() if name != RANDOM}
+        return (min(maps, key=lambda n: maps[n].positive_auc), max(maps, key=lambda n: maps[n].negative_auc))
+
+    def to_dict(self) -> dict:
+        return {"target": str(self.target), "removal": self.removal, "score": self.score,
+                "fractions": list(self.fractions),
+                "maps": {name: {"positive": c.positive.round(7).tolist(), "negative": c.negative.round(7).tolist(),
+                                "positive_auc": round(c.positive_auc, 7), "negative_auc": round(c.negative_auc, 7),
+                                **({"spread": c.spread.round(7).tolist()} if c.spread is not None else {})}
+                         for name, c in self.curves.items()}}
+
+
+def area(scores: np.ndarray) -> float:
+    """The trapezoidal area under scores at FRACTIONS."""
+    return float(trapezoid(scores, FRACTIONS))
+
+
+def describe_score(target: Target) -> str:
+    """The score watched for `target`, in words."""
+    if target.kind == CLASS:
+        return f"softmax probability of class {target.index}"
+    if target.kind == REGION:
+        return "mean predicted saliency inside the model's own region"
+    if target.kind == PATCH:
+        return f"cosine similarity of patch {target.row},{target.col}'s final feature to the unperturbed one"
+    return "cosine similarity of the class token's final feature (or the pooled output) to the unperturbed one"
+
+
+def removal_orders(values: np.ndarray, removable: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(most relevant first, least relevant first) over the `removable` patch indices, ties broken by index."""
+    scores = values.reshape(-1)[removable]
+    return removable[np.argsort(-scores, kind="stable")], removable[np.argsort(scores, kind="stable")]
+
+
+def random_orders(removable: np.ndarray, seeds: int = RANDOM_SEEDS) -> list[np.ndarray]:
+    return [np.random.default_rng(seed).permutation(removable) for seed in range(seeds)]
+
+
+class Score:
+    """The output watched, for a batch of perturbed last-layer outputs x (B, n, D) whose patch tokens are the
+    `kept` patch indices (B, K) in grid order (None: every patch, at its place)."""
+
+    def __init__(self, loaded: LoadedModel, analysis: Analysis, target: Target):
+        self.model, self.head, self.target = loaded.model, loaded.head, target
+        self.num_prefix, self.geometry = analysis.num_prefix_tokens, analysis.geometry
+        self.patch = target.row * self.geometry.grid_w + target.col if target.kind == PATCH else None
+        last = analysis.record.hidden_states[-1].unsqueeze(0)
+        self.reference = self._feature(last, None) if target.kind in (EMBEDDING, PATCH) else None
+        self.region = (predicted_region(self._saliency(last, None)[0]) if target.kind == REGION else None)
+
+    @property
+    def prefix_rows(self) -> int | None:
+        """How many leading (prefix) tokens of the last layer's output the score reads, when it reads nothing else."""
+        config = self.model.config
+        if config.pooling_head or not config.class_token:
+            return None
+        if self.target.kind == EMBEDDING:
+            return 1
+        if self.target.kind == CLASS and self.head.readout in (READ_CLASS, READ_CLASS_AND_DISTILLATION):
+            return 1 + (self.head.readout == READ_CLASS_AND_DISTILLATION)
+        return None
+
+    def __call__(self, x: torch.Tensor, kept: torch.Tensor | None) -> torch.Tensor:
+        kind = self.target.kind
+        if kind == CLASS:
+            tokens, pooled = self.model.post_layernorm(x), self.model.pool(x)[1]
+            return self.head(tokens, pooled).float().softmax(-1)[:, self.target.index]
+        if kind == REGION:
+            saliency = self._saliency(x, kept)  # (B, input_h, input_w)
+            return (saliency * self.region).sum((1, 2)).float() / self.region.sum()
+        return F.cosine_similarity(self._feature(x, kept).float(), self.reference.float(), dim=-1)
+
+    def _feature(self, x: torch.Tensor, kept: torch.Tensor | None) -> torch.Tensor:
+        """(B, D): the final feature of the class token (or the pooled output), or of the target patch."""
+        if self.patch is not None:
+            place = (torch.full((len(x),), self.patch, device=x.device) if kept is None
+                     else (kept == self.patch).int().argmax(1))
+            return self.model.post_layernorm(x[torch.arange(len(x)), self.num_prefix + place])
+        if self.model.config.class_token:
+            return self.model.post_layernorm(x[:, 0])
+        return self.model.pool(x)[1]
+
+    def _saliency(self, x: torch.Tensor, kept: torch.Tensor | None) -> torch.Tensor:
+        g = self.geometry
+        tokens = self.model.post_layernorm(x[:, self.num_prefix:])  # (B, K, D)
+        if kept is not None:  # the dropped patches' places read zeros
+            full = tokens.new_zeros(len(x), g.grid_h * g.grid_w, tokens.shape[-1])
+            tokens = full.scatter(1, kept.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]), tokens)
+        grid = tokens.transpose(1, 2).reshape(len(x), -1, g.grid_h, g.grid_w)
+        return torch.cat([self.head(one, (g.input_h, g.input_w)) for one in grid.split(1)])  # one image's
+        # upsampled activations at a time (64 channels at 8× the grid): faster on a CPU, and far less memory
+
+
+def run_layers(loaded: LoadedModel, x: torch.Tensor, rows: int | None = None) -> torch.Tensor:
+    """The encoder on embedded (pre-normed) tokens x (B, n, D) → the last layer's output (B, n, D), or only its
+    first `rows` tokens (B, rows, D): the last layer's queries, residual and MLP then run for those rows alone."""
+    layers = loaded.model.encoder.layers
+    for layer in layers[:-1] if rows else layers:
+        x = layer(x)[0]
+    return leading_rows(layers[-1], x, rows) if rows else x
+
+
+def leading_rows(layer: nn.Module, x: torch.Tensor, rows: int) -> torch.Tensor:
+    """An encoder layer's output for the first `rows` tokens of its input x (B, n, D), attending over all n."""
+    attn, batch, dim = layer.self_attn, len(x), x.shape[-1]
+    normed = layer.layer_norm1(x)
+    query = attn._split_heads(attn.q_proj(normed[:, :rows]))  # (B, heads, rows, head_dim)
+    key, value = attn._split_heads(attn.k_proj(normed)), attn._split_heads(attn.v_proj(normed))
+    heads = F.scaled_dot_product_attention(query, key, value, scale=attn.scale)
+    y = x[:, :rows] + attn.out_proj(heads.transpose(1, 2).reshape(batch, rows, dim))
+    return y + layer.mlp(layer.layer_norm2(y))
+
+
+def dropped(loaded: LoadedModel, analysis: Analysis, removed: torch.Tensor,
+            rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The last layer's output with the `removed` patches (B, k) dropped from the sequence, and the kept patches
+    (B, K) in grid order. The tokens are the forward's own embeddings: each keeps its position embedding."""
+    embedded = analysis.record.hidden_states[0]  # (N, D), after the pre-norm: per token, so dropping commutes
+    patches = analysis.geometry.grid_h * analysis.geometry.grid_w
+    keep = torch.ones(len(removed), patches, dtype=torch.bool, device=removed.device)
+    keep[torch.arange(len(removed)).unsqueeze(1), removed] = False
+    kept = keep.nonzero()[:, 1].view(len(removed), -1)  # (B, K), ascending
+    prefix = torch.arange(analysis.num_prefix_tokens, device=kept.device).expand(len(removed), -1)
+    tokens = torch.cat([prefix, analysis.num_prefix_tokens + kept], dim=1)
+    return run_layers(loaded, embedded[tokens.to(embedded.device)], rows), kept
+
+
+def blacked(loaded: LoadedModel, analysis: Analysis, pixels: torch.Tensor, removed: torch.Tensor,
+            rows: int | None = None) -> torch.Tensor:
+    """The last layer's output for the image (1, 3, H, W, normalised) with the `removed` patches (B, k) black."""
+    g = analysis.geometry
+    mask = torch.zeros(len(removed), g.grid_h * g.grid_w, dtype=torch.bool)
+    mask[torch.arange(len(removed)).unsqueeze(1), removed.cpu()] = True
+    mask = mask.view(-1, 1, g.grid_h, g.grid_w).repeat_interleave(g.patch_size, 2).repeat_interleave(g.patch_size, 3)
+    p = loaded.preprocessing
+    black = (-torch.tensor(p.mean) / torch.tensor(p.std)).view(1, 3, 1, 1)  # 0 before normalising
+    batch = torch.where(mask, black, pixels.cpu().float()).to(loaded.device, next(loaded.model.parameters()).dtype)
+    model = loaded.model
+    embedded = model.pre_layrnorm(model.embeddings(batch, interpolate_pos_encoding=True))
+    return run_layers(loaded, embedded, rows)
+
+
+@torch.inference_mode()
+def perturbation_curves(loaded: LoadedModel, analysis: Analysis, target: "Target | str", removal: str,
+                        maps: dict[str, np.ndarray], pixels: torch.Tensor | None = None,
+                        seeds: int = RANDOM_SEEDS, progress: Callable[[float], None] | None = None) -> Faithfulness:
+    """Positive and negative curves for each of `maps` (name → (grid_h, grid_w)) and a random order.
+
+    Args:
+        pixels: the model's input (1, 3, H, W) as the analysis saw it; needed for removal "pixels".
+        progress: called with the fraction done after each batch (a deadline's callback stops the work there).
+    """
+    if removal not in REMOVALS:
+        raise TargetError(f"removal must be one of {', '.join(REMOVALS)}, got {removal!r}")
+    target = resolve(loaded, analysis, target)
+    g = analysis.geometry
+    if removal == "pixels" and (pixels is None or tuple(pixels.shape[-2:]) != (g.input_h, g.input_w)):
+        raise ValueError("removal 'pixels' needs the analysis's own input pixels")
+    score = Score(loaded, analysis, target)
+    patches = np.arange(g.grid_h * g.grid_w)
+    removable = patches[patches != score.patch] if removal == "drop" and score.patch is not None else patches
+    orders, names = [], {}
+    for name, values in maps.items():
+        for direction, order in zip(("positive", "negative"), removal_orders(np.asarray(values), removable)):
+            names[(name, direction)] = _index_of(orders, order)
+    randoms = [_index_of(orders, order) for order in random_orders(removable, seeds)]
+    last = analysis.record.hidden_states[-1].unsqueeze(0)
+    unperturbed = float(score(last, None if removal == "pixels" else torch.from_numpy(patches).unsqueeze(0))[0])
+    table = _scores(loaded, analysis, score, removal, orders, len(removable), pixels, progress)  # (orders, 9)
+    table = np.concatenate([np.full((len(orders), 1), unperturbed), table], axis=1)
+    result = Faithfulness(target, removal, describe_score(target))
+    for name in maps:
+        result.curves[name] = Curve(table[names[(name, "positive")]], table[names[(name, "negative")]])
+    if randoms:
+        chance = table[randoms]
+        result.curves[RANDOM] = Curve(chance.mean(0), chance.mean(0), chance.std(0))
+    return result
+
+
+def offered_maps(analysis: Analysis, layer: int | None = None) -> list[str]:
+    """The names of the maps offered: every method of `relevance.explain` (the two gradient ones from one backward
+    sweep), the class-token attention (heads' mean) of `layer` when it is not the last, and attention flow once the
+    Rollout tab has computed it (it takes minutes at the token counts where it is offered)."""
+    names = list(METHODS)
+    if layer is not None and layer != analysis.num_layers - 1:
+        names.append(f"attention_layer_{layer}")
+    if ("flow", "mean") in analysis._derived:
+        names.append("flow")
+    return names
+
+
+def map_values(loaded: LoadedModel, analysis: Analysis, target: Target, name: str, discard_ratio: float,
+               progress: Callable[[float], None] | None) -> np.ndarray:
+    """The (grid_h, grid_w) values of an offered map."""
+    if name.startswith("attention_layer_"):
+        return analysis.cls_map(int(name.removeprefix("attention_layer_")), "mean")
+    if name == "flow":
+        return analysis.flow_map("mean")
+    return explain(loaded, analysis, target, name, discard_ratio, progress).values
+
+
+def faithfulness(loaded: LoadedModel, analysis: Analysis, target: "Target | str" = "top", removal: str = "drop",
+                 pixels: torch.Tensor | None = None, layer: int | None = None, discard_ratio: float = 0.0,
+                 progress: Callable[[float], None] | None = None, cached_only: bool = False) -> Faithfulness:
+    """The curves of every offered map (see `offered_maps`) and of random orders for `target`, cached per map in
+    the analysis by (target, removal, map, discard ratio): another layer computes one map's curves, nothing else.
+    `cached_only`: nothing is computed, the maps whose curves are not cached yet are left out."""
+    if removal not in REMOVALS:
+        raise TargetError(f"removal must be one of {', '.join(REMOVALS)}, got {removal!r}")
+    target = resolve(loaded, analysis, target)
+    ratio = round(float(discard_ratio), 6)
+
+    def key(name: str) -> tuple:
+        return ("faithfulness", str(target), removal, name, ratio if name in ("rollout", "grad_rollout") else None)
+
+    names = offered_maps(analysis, layer)
+    missing = [name for name in names if key(name) not in analysis._derived]
+    seeds = 0 if key(RANDOM) in analysis._derived else RANDOM_SEEDS
+    if (missing or seeds) and not cached_only:
+        maps = {name: map_values(loaded, analysis, target, name, discard_ratio, _share(progress, 0.0, 0.2))
+                for name in missing}
+        computed = perturbation_curves(loaded, analysis, target, removal, maps, pixels, seeds,
+                                       _share(progress, 0.2, 1.0))
+        analysis._derived.update({key(name): curve for name, curve in computed.curves.items()})
+    kept = {name: analysis._derived.get(key(name)) for name in (*names, RANDOM)}
+    return Faithfulness(target, removal, describe_score(target),
+                        {name: curve for name, curve in kept.items() if curve is not None})
+
+
+def _share(progress: Callable[[float], None] | None, low: float, high: float) -> Callable[[float], None] | None:
+    """`progress` for a part of the work that spans [low, high] of the whole."""
+    return None if progress is None else (lambda fraction: progress(low + (high - low) * fraction))
+
+
+def _index_of(orders: list[np.ndarray], order: np.ndarray) -> int:
+    """The index of `order` in `orders`, appended when new: coinciding orders run once."""
+    for i, known in enumerate(orders):
+        if np.array_equal(known, order):
+            return i
+    orders.append(order)
+    return len(orders) - 1
+
+
+def _scores(loaded: LoadedModel, analysis: Analysis, score: Score, removal: str, orders: list[np.ndarray],
+            removable: int, pixels: torch.Tensor | None, progress: Callable[[float], None] | None) -> np.ndarray:
+    """(orders, 9): the score with the first floor(f × removable) patches of each order removed, f = 0.1 … 0.9.
+    The orders' sequences at one fraction have the same length and run together, BATCH_TOKENS at a time."""
+    out = np.zeros((len(orders), len(FRACTIONS) - 1))
+    stacked = torch.from_numpy(np.stack(orders)).to(loaded.device)  # (orders, removable)
+    tokens = analysis.record.num_tokens
+    work = [(i, start) for i in range(1, len(FRACTIONS))
+            for start in range(0, len(orders), max(1, BATCH_TOKENS // tokens))]
+    for done, (i, start) in enumerate(work):
+        k = i * removable // 10  # floor(i/10 × removable), exactly
+        chunk = stacked[start:start + max(1, BATCH_TOKENS // tokens), :k]
+        if removal == "drop":
+            x, kept = dropped(loaded, analysis, chunk, score.prefix_rows)
+        else:
+            x, kept = blacked(loaded, analysis, pixels, chunk, score.prefix_rows), None
+        out[start:start + len(chunk), i - 1] = score(x, kept).cpu().numpy()
+        if progress is not None:
+            progress((done + 1) / len(work))
+    return out

@@ -1,0 +1,225 @@
+"""Perturbation curves (Chefer et al. 2021's positive and negative perturbation) against a direct reference: the
+perturbed inputs built one by one in the test (tokens picked from transformers' own embeddings, or pixels blacked
+before normalising) and passed through transformers' model; a tiny linear-readout model whose exact attribution
+ranks first; random orders between the best and the worst; bad fields refused."""
+import numpy as np
+import pytest
+import torch
+import transformers as tf
+
+from analysis import analyze
+from analysis.faithfulness import (FRACTIONS, RANDOM, Curve, area, faithfulness, perturbation_curves,
+                                   random_orders, removal_orders)
+from analysis.relevance import TargetError
+from model import load_model
+from model.heads import PATCH_MEAN, ClassifierHead
+from tests.helpers import random_image, save, tiny_loaded
+
+TOL = 1e-5
+TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=32,
+            patch_size=8)
+SIZE, LONG_SIDE = (40, 64), 64  # a 5 × 8 grid: not square
+
+
+def setup(loaded, seed=0):
+    image = random_image(*SIZE, seed=seed)
+    pixels, _ = loaded.preprocessing(image, LONG_SIDE)
+    return analyze(loaded, image, LONG_SIDE), pixels
+
+
+def some_maps(analysis, seed=0):
+    g = analysis.geometry
+    generator = np.random.default_rng(seed)
+    return {"first": generator.normal(size=(g.grid_h, g.grid_w)), "second": generator.normal(size=(g.grid_h, g.grid_w))}
+
+
+def reference_curve(order, removable, score_of):
+    """The score with the first floor(f × removable) patches of `order` removed, each input built on its own."""
+    return np.array([score_of(np.sort(order[:i * removable // 10])) for i in range(len(FRACTIONS))])
+
+
+def assert_curves(result, maps, removable_patches, score_of):
+    for name, values in maps.items():
+        positive, negative = removal_orders(values, removable_patches)
+        for got, order in ((result.curves[name].positive, positive), (result.curves[name].negative, negative)):
+            expected = reference_curve(order, len(removable_patches), score_of)
+            assert np.abs(got - expected).max() <= TOL, (name, got, expected)
+    randoms = np.stack([reference_curve(o, len(removable_patches), score_of) for o in random_orders(removable_patches)])
+    assert np.abs(result.curves[RANDOM].positive - randoms.mean(0)).max() <= TOL
+    assert np.abs(result.curves[RANDOM].spread - randoms.std(0)).max() <= TOL
+
+
+@pytest.fixture(scope="module")
+def vit(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("vit")
+    reference = save(tf.ViTForImageClassification(tf.ViTConfig(**TINY, num_labels=5)), folder, seed=1)
+    return load_model(folder, device="cpu"), reference
+
+
+@torch.no_grad()
+def test_class_curves_with_tokens_dropped(vit):
+    """transformers' ViT embeddings (its own position interpolation), the removed patches' rows taken out, its
+    encoder, layernorm and classifier: the softmax probability of the class."""
+    loaded, reference = vit
+    analysis, pixels = setup(loaded)
+    maps = some_maps(analysis)
+    embedded = reference.vit.embeddings(pixels, interpolate_pos_encoding=True)  # (1, 1 + patches, D)
+
+    def score_of(removed):
+        kept = [0] + [1 + p for p in range(embedded.shape[1] - 1) if p not in set(removed.tolist())]
+        hidden = embedded[:, kept]
+        for layer in reference.vit.layers:
+            hidden = layer(hidden)
+        hidden = reference.vit.layernorm(hidden)
+        return float(reference.classifier(hidden[:, 0]).softmax(-1)[0, 3])
+
+    result = perturbation_curves(loaded, analysis, "class:3", "drop", maps)
+    assert result.curves["first"].positive[0] == pytest.approx(score_of(np.array([], dtype=int)), abs=TOL)
+    assert_curves(result, maps, np.arange(analysis.geometry.grid_h * analysis.geometry.grid_w), score_of)
+
+
+@torch.no_grad()
+def test_class_curves_with_pixels_blacked(vit):
+    """The removed patches' pixels set to 0 in [0, 1] and normalised again, through transformers' whole model."""
+    loaded, reference = vit
+    analysis, pixels = setup(loaded)
+    maps = some_maps(analysis, seed=1)
+    mean = torch.tensor(loaded.preprocessing.mean).view(1, 3, 1, 1)
+    std = torch.tensor(loaded.preprocessing.std).view(1, 3, 1, 1)
+    raw, g = pixels * std + mean, analysis.geometry
+
+    def score_of(removed):
+        image = raw.clone()
+        for patch in removed:
+            row, col = divmod(int(patch), g.grid_w)
+            image[..., row * 8:(row + 1) * 8, col * 8:(col + 1) * 8] = 0.0
+        logits = reference((image - mean) / std, interpolate_pos_encoding=True).logits
+        return float(logits.softmax(-1)[0, 1])
+
+    result = perturbation_curves(loaded, analysis, "class:1", "pixels", maps, pixels)
+    assert_curves(result, maps, np.arange(g.grid_h * g.grid_w), score_of)
+
+
+@pytest.fixture(scope="module")
+def dinov2(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("dinov2")
+    sizes = {k: v for k, v in TINY.items() if k != "intermediate_size"}
+    reference = save(tf.Dinov2WithRegistersModel(tf.Dinov2WithRegistersConfig(**sizes, mlp_ratio=2,
+                                                                               num_register_tokens=2)), folder, seed=2)
+    return load_model(folder, device="cpu"), reference
+
+
+@pytest.mark.parametrize("target", ["embedding", "patch:2,5"])
+@torch.no_grad()
+def test_dropping_keeps_the_prefix_and_the_position_embeddings(dinov2, target):
+    """DINOv2 with two registers on a 5 × 8 grid: the class token and both registers always stay, every kept patch
+    keeps its own (interpolated) position embedding; the score is the cosine similarity of the final feature (the
+    class token's, or patch 2,5's, which is never removed) to the unperturbed one."""
+    loaded, reference = dinov2
+    analysis, pixels = setup(loaded, seed=3)
+    assert loaded.config.num_prefix_tokens == 3
+    g = analysis.geometry
+    embedded = reference.embeddings(pixels)  # (1, 3 + patches, D): [class, registers, patches]
+    patch = 2 * g.grid_w + 5
+
+    def feature(removed):
+        kept = [0, 1, 2] + [3 + p for p in range(g.grid_h * g.grid_w) if p not in set(removed.tolist())]
+        hidden = reference.layernorm(reference.encoder(embedded[:, kept]).last_hidden_state)[0]
+        return hidden[0] if target == "embedding" else hidden[kept.index(3 + patch)]
+
+    unperturbed = feature(np.array([], dtype=int))
+
+    def score_of(removed):
+        return float(torch.nn.functional.cosine_similarity(feature(removed), unperturbed, dim=0))
+
+    maps = some_maps(analysis, seed=2)
+    result = perturbation_curves(loaded, analysis, target, "drop", maps)
+    patches = np.arange(g.grid_h * g.grid_w)
+    assert_curves(result, maps, patches[patches != patch] if target != "embedding" else patches, score_of)
+
+
+def linear_readout(pixels_exact: bool):
+    """A tower whose layers add nothing (attention and MLP outputs zeroed) and a two-class head on the patches' mean:
+    class 0's logit is the mean over the kept patches of c_i = w·LN(e_i), class 1's is 0, so its probability is
+    sigmoid(that mean). Returns the model and a function of the analysis giving each patch's exact attribution."""
+    loaded = tiny_loaded(seed=4)
+    with torch.no_grad():
+        for layer in loaded.model.encoder.layers:
+            for linear in (layer.self_attn.out_proj, layer.mlp.fc2):
+                linear.weight.zero_()
+                linear.bias.zero_()
+        head = ClassifierHead(PATCH_MEAN, 32, 2, loaded.config.num_prefix_tokens)
+        head.classifier.weight.zero_()
+        head.classifier.bias.zero_()
+        head.classifier.weight[0] = torch.randn(32, generator=torch.Generator().manual_seed(5))
+    loaded.head = head.eval()
+
+    def contributions(hidden):  # (N, D) → each patch's share of class 0's logit, over the patch grid
+        return (loaded.model.post_layernorm(hidden) @ head.classifier.weight[0])[1:]
+
+    def exact(analysis, pixels):
+        grid = (analysis.geometry.grid_h, analysis.geometry.grid_w)
+        with torch.no_grad():
+            values = contributions(analysis.record.hidden_states[-1])
+            if pixels_exact:  # what blacking a patch takes away: its contribution minus that of a black patch
+                black = (-torch.tensor(loaded.preprocessing.mean) / torch.tensor(loaded.preprocessing.std))
+                embedded = loaded.model.embeddings(black.view(1, 3, 1, 1).expand_as(pixels).contiguous(),
+                                                   interpolate_pos_encoding=True)
+                values = values - contributions(loaded.model.pre_layrnorm(embedded)[0])
+        return values.numpy().reshape(grid)
+
+    return loaded, exact
+
+
+@pytest.mark.parametrize("removal", ["drop", "pixels"])
+def test_the_exact_attribution_ranks_first_and_random_lies_between(removal):
+    loaded, exact = linear_readout(removal == "pixels")
+    analysis, pixels = setup(loaded, seed=6)
+    best = exact(analysis, pixels)
+    maps = {"exact": best, "reversed": -best, **some_maps(analysis, seed=3)}
+    result = perturbation_curves(loaded, analysis, "class:0", removal, maps, pixels)
+    curves = result.curves
+    assert result.most_faithful() == ("exact", "exact")
+    assert curves["exact"].positive_auc < curves[RANDOM].positive_auc < curves["reversed"].positive_auc
+    assert curves["reversed"].negative_auc < curves[RANDOM].negative_auc < curves["exact"].negative_auc
+    # at every fraction, removing the largest contributions leaves the lowest mean: the lowest probability
+    for name in ("reversed", "first", "second"):
+        assert np.all(curves["exact"].positive <= curves[name].positive + 1e-7)
+        assert np.all(curves["exact"].negative >= curves[name].negative - 1e-7)
+
+
+def test_areas_are_the_trapezoidal_rule_from_the_unperturbed_score():
+    scores = np.linspace(1.0, 0.1, len(FRACTIONS))
+    assert FRACTIONS == (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+    expected = sum(0.1 * (scores[i] + scores[i + 1]) / 2 for i in range(9))
+    assert area(scores) == pytest.approx(expected)
+    assert Curve(scores, scores).positive_auc == pytest.approx(expected)
+
+
+def test_every_offered_map_is_scored_and_cached(vit):
+    """The page's maps (four methods, the selected layer's attention) and random, cached per map: another layer
+    adds one map's curves and recomputes nothing else."""
+    loaded, _ = vit
+    analysis, pixels = setup(loaded)
+    first = faithfulness(loaded, analysis, "top", "pixels", pixels, layer=2)
+    assert set(first.curves) == {"relevance", "grad_rollout", "rollout", "attention", RANDOM}
+    calls = []
+    second = faithfulness(loaded, analysis, "top", "pixels", pixels, layer=0, progress=calls.append)
+    assert set(second.curves) == set(first.curves) | {"attention_layer_0"}
+    for name, curve in first.curves.items():
+        assert second.curves[name] is curve
+    assert calls and calls[-1] == pytest.approx(1.0)
+    data = second.to_dict()
+    assert data["fractions"] == list(FRACTIONS) and data["removal"] == "pixels"
+    assert set(data["maps"]["relevance"]) >= {"positive", "negative", "positive_auc", "negative_auc"}
+
+
+def test_bad_fields_are_refused_plainly(vit):
+    loaded, _ = vit
+    analysis, pixels = setup(loaded)
+    with pytest.raises(TargetError, match="removal must be one of drop, pixels"):
+        faithfulness(loaded, analysis, "top", "erase", pixels)
+    with pytest.raises(TargetError, match="class 9 is out of range"):
+        faithfulness(loaded, analysis, "class:9", "drop")
+    with pytest.raises(TargetError, match="region needs a saliency decoder"):
+        faithfulness(loaded, analysis, "region", "drop")
