@@ -144,8 +144,6 @@ def _tabs(c: Components) -> None:
             _class_token_tab(c)
         with gr.Tab(TAB_LABELS["explain"], id="explain"):
             _explain_tab(c)
-        with gr.Tab(TAB_LABELS["faithfulness"], id="faithfulness"):
-            _faithfulness_tab(c)
         with gr.Tab(TAB_LABELS["rollout"], id="rollout"):
             with gr.Row():
                 c["fusion"] = gr.Radio(list(FUSIONS), value="mean", label="Head fusion", elem_id="rollout-fusion")
@@ -185,15 +183,19 @@ def _explain_tab(c: Components) -> None:
     c["explain_caption"] = gr.Markdown(elem_id="explain-caption")
     c["explanation"] = _view("Relevance", "explain-view")
     c["explain_strip"] = _view("Every method for this target", "explain-strip")
+    _faithfulness(c)
 
 
-def _faithfulness_tab(c: Components) -> None:
-    """Which map to trust: every map's perturbation curves for the Explain tab's target, and a verdict."""
-    c["removal"] = gr.Radio([("drop the patches' tokens", "drop"), ("black out their pixels", "pixels")],
-                            value="drop", label="Remove a patch by", elem_id="faithfulness-removal")
+def _faithfulness(c: Components) -> None:
+    """Which map to trust: every map's perturbation curves for the target above, and a verdict."""
+    gr.Markdown("### Which map can you trust?")
+    with gr.Row():
+        c["removal"] = gr.Radio([("drop the patches' tokens", "drop"), ("black out their pixels", "pixels")],
+                                value="drop", label="Remove a patch by", elem_id="faithfulness-removal", scale=2)
+        c["score_button"] = gr.Button("Score every map by perturbation", elem_id="faithfulness-button", scale=1)
     c["faithfulness_caption"] = gr.Markdown(elem_id="faithfulness-caption")
     c["faithfulness_plot"] = gr.Image(label="Perturbation curves", show_label=False, interactive=False, format="png",
-                                      elem_id="faithfulness-plot", buttons=[])
+                                      elem_id="faithfulness-plot", buttons=[], visible=False)
     with gr.Accordion("How the curves are made", open=False):
         gr.Markdown(faithfulness_definition())
 
@@ -264,17 +266,17 @@ def _wire(demo: gr.Blocks, c: Components, page: Page) -> None:
     loaded.success(**analyze).then(**prepare).then(**render)
     c["tab_bar"].select(page.select_tab, None, tab, queue=False, **private).then(**prepare).then(**render)
     redraws = ("layer", "head", "direction", "cmap", "smooth", "normalize", "mass_on", "statistic", "atlas_shared",
-               "opacity", "mass")
+               "opacity", "mass", "removal")
     gr.on([c[n].change for n in redraws], trigger_mode="always_last", **render)
-    gr.on([c[n].change for n in ("fusion", "discard", "stat_mode", "target", "method", "removal")],
-          trigger_mode="always_last",
+    gr.on([c[n].change for n in ("fusion", "discard", "stat_mode", "target", "method")], trigger_mode="always_last",
           **prepare).then(**render)
-    c["layer"].release(**prepare).then(**render)  # the faithfulness curves of the selected layer's attention
     for clickable in ("main", "patch", "similarity", "explanation"):  # a new patch may need a new explanation
         c[clickable].select(page.click, view, view, concurrency_id="render", **private).then(**prepare).then(**render)
     for selectable, handler in (("atlas", page.select_in_atlas), ("table", page.select_in_table)):
         c[selectable].select(handler, view, [c["layer"], c["head"]], concurrency_id="render", **private)
     c["flow_button"].click(page.flow, [view, *controls], c["flow"], **model)
+    c["score_button"].click(page.score_maps, [view, *controls], [c["faithfulness_plot"], c["faithfulness_caption"]],
+                            **model)
     c["anim_button"].click(page.animate, [view, c["anim_mode"], *controls], [c["gif"], c["gif_file"]], **model)
     c["export_button"].click(page.download, [view, tab, *controls], c["export_files"], **model)
 

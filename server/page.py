@@ -20,8 +20,8 @@ from . import handlers
 from .handlers import Subject, guarded, open_upload, open_view, user_message, warn
 from .workspace import View, Workspace
 
-TAB_LABELS = {"cls": "Class token", "explain": "Explain", "faithfulness": "Faithfulness", "rollout": "Rollout",
-              "heads": "Heads", "hidden": "Hidden states", "animation": "GIF"}
+TAB_LABELS = {"cls": "Class token", "explain": "Explain", "rollout": "Rollout", "heads": "Heads",
+              "hidden": "Hidden states", "animation": "GIF"}
 TABS = tuple(TAB_LABELS)
 VIEW_OUTPUTS = ("main", "patch", "grid", "patch_caption", "second", "rollout", "rollout_caption", "atlas", "chart",
                 "scatter", "table", "norms", "pca", "similarity", "hidden_caption", "prediction", "saliency",
@@ -29,6 +29,7 @@ VIEW_OUTPUTS = ("main", "patch", "grid", "patch_caption", "second", "rollout", "
 ANALYSIS_OUTPUTS = ("view", "status", "summary", "layer", "head", "resolution", "target", "flow", "flow_note",
                     "flow_button", "gif", "gif_file", "export_files", *VIEW_OUTPUTS)
 CLICKED = "patch"  # the target choice that stands for the clicked patch's feature
+FAITHFULNESS_FORWARDS = 60  # the curves' cost in plain forwards, about (benchmarks/faithfulness.py, README)
 
 
 def as_outputs(values: dict[str, Any], names: tuple[str, ...]) -> tuple:
@@ -150,13 +151,6 @@ class Page:
             return handlers.hidden(s, c, True, *self.marker(view, s))
         if tab == "explain":
             return self._explained(s, c)
-        if tab == "faithfulness":  # computed in `prepare_tab`, with a progress bar; drawn here from the cache
-            plot, result = handlers.perturbation(self.workspace, s, c, cached_only=True)
-            if plot is None:
-                return {"faithfulness_plot": None, "faithfulness_caption": "Computing the curves…"}
-            caption = (f"{handlers.verdict(result)} Target `{result.target}` (pick it in the Explain tab); score: "
-                       f"{result.score}.")
-            return {"faithfulness_plot": plot, "faithfulness_caption": caption}
         return {}
 
     def _explained(self, s: Subject, c: Controls) -> dict:
@@ -170,7 +164,30 @@ class Page:
                    "target; rollout and attention are the class token's whatever the target.")
         return {"prediction": prediction_text(predicted), "saliency": gr.update(value=shown, visible=shown is not None),
                 "explanation": image, "explain_caption": caption,
-                "explain_strip": handlers.explanation_strip(self.workspace, s, c)}
+                "explain_strip": handlers.explanation_strip(self.workspace, s, c), **self._scored(s, c)}
+
+    def _scored(self, s: Subject, c: Controls, progress: Any = None) -> dict:
+        """The faithfulness curves of the target and removal: computed (with `progress`), or drawn from the cache
+        only, with a line saying how to compute them when they are not there yet."""
+        plot, result = handlers.perturbation(self.workspace, s, c, progress, cached_only=progress is None)
+        if plot is None:
+            return {"faithfulness_plot": gr.update(value=None, visible=False),
+                    "faithfulness_caption": f"Score every map for target `{result.target}` by perturbation: about "
+                                            f"{FAITHFULNESS_FORWARDS} forward passes of the model."}
+        selected = c.layer != s.analysis.num_layers - 1 and f"attention_layer_{c.layer}" not in result.curves
+        missing = f" Press the button again to add layer {c.layer}'s attention." if selected else ""
+        return {"faithfulness_plot": gr.update(value=plot, visible=True),
+                "faithfulness_caption": f"{handlers.verdict(result)} Target `{result.target}`; score: "
+                                        f"{result.score}.{missing}"}
+
+    @guarded
+    def score_maps(self, view: View | None, *values: Any, progress: gr.Progress = gr.Progress()) -> tuple:
+        """Which map to trust: every map's perturbation curves for the Explain tab's target, with a progress bar."""
+        if view is None:
+            raise gr.Error("Analyse an image first.", print_exception=False)
+        s = open_view(self.workspace, view)
+        scored = self._scored(s, controls(s, values, view), lambda f: progress(f, desc="maps, then perturbed passes"))
+        return scored["faithfulness_plot"], scored["faithfulness_caption"]
 
     @staticmethod
     def marker(view: View, s: Subject) -> tuple[int, int]:
@@ -216,10 +233,10 @@ class Page:
 
     @guarded
     def prepare_tab(self, view: View | None, tab: str, *values: Any, progress: gr.Progress = gr.Progress()) -> None:
-        """The slow part of a tab, with a progress bar, before it is drawn: the rollout, the statistics, the
-        backward sweep of an explanation, or the perturbed passes of the faithfulness curves."""
+        """The slow part of a tab, with a progress bar, before it is drawn: the rollout, the statistics, or the
+        backward sweep of an explanation."""
         tab = choice(tab, "tab", TABS)
-        if view is None or tab not in ("rollout", "heads", "explain", "faithfulness"):
+        if view is None or tab not in ("rollout", "heads", "explain"):
             return
         s = open_view(self.workspace, view)
         c = controls(s, values, view)
@@ -227,8 +244,6 @@ class Page:
             s.analysis.rollout_map(c.fusion, c.discard, progress=lambda f: progress(f, desc="rollout"))
         elif tab == "heads":
             handlers.statistics(s, c.stat_mode, lambda f: progress(f, desc="head statistics"))
-        elif tab == "faithfulness":
-            handlers.perturbation(self.workspace, s, c, lambda f: progress(f, desc="maps, then perturbed passes"))
         else:
             handlers.explanation_strip(self.workspace, s, c, lambda f: progress(f, desc="backward, layer by layer"))
 
@@ -265,8 +280,8 @@ class Page:
                     "removal": c.removal,
                     "clicked_patch": [row, col]}
         npz, sidecar = handlers.export(self.workspace, s, c, s.analysis.token_at(row, col), settings)
-        shown = {"rollout": "rollout", "heads": "atlas", "hidden": "similarity", "explain": "explanation",
-                 "faithfulness": "faithfulness_plot"}.get(tab, "main")
+        shown = {"rollout": "rollout", "heads": "atlas", "hidden": "similarity",
+                 "explain": "explanation"}.get(tab, "main")
         on_screen = self._drawn(tab if tab != "animation" else "cls", view, s, c)[shown]
         return gr.update(value=[npz.path, sidecar.path, handlers.write_png(self.workspace, on_screen,
                                                                            "current_view").path], visible=True)

@@ -1,6 +1,7 @@
-"""The Faithfulness tab, the /faithfulness endpoint and the command line's --faithfulness, called directly with a tiny
-classifier saved by transformers: the dict's fields, the scores against /predict, the page's progress-then-draw
-order and its selected layer, plain messages for bad fields; and the peak memory of the curves in a fresh process."""
+"""The Explain tab's faithfulness view, the /faithfulness endpoint and the command line's --faithfulness, called
+directly with a tiny classifier saved by transformers: the dict's fields, the scores against /predict, the page's
+button then redraws from the cache and its selected layer, plain messages for bad fields; and the peak memory of the
+curves in a fresh process."""
 import json
 import subprocess
 import sys
@@ -85,26 +86,30 @@ def test_bad_fields_get_plain_messages(workspace, upload, classifier, field, val
         endpoint(upload(random_image(45, 70)), arguments["target"], arguments["removal"], 224, classifier)
 
 
-def test_the_tab_computes_with_progress_then_draws_and_follows_the_layer(workspace, upload, classifier):
+def test_the_explain_tab_scores_on_request_then_redraws_from_the_cache(workspace, upload, classifier):
     page = Page(workspace)
     out = dict(zip(ANALYSIS_OUTPUTS, page.analyze(upload(random_image(45, 70, seed=4)), 224, classifier, "float32",
                                                   *controls())))
-    view = out["view"]
-    before = dict(zip(VIEW_OUTPUTS, page.render(view, "faithfulness", *controls(target="class:2"))))
-    assert before["faithfulness_plot"] is None and "Computing" in before["faithfulness_caption"]
-    page.prepare_tab(view, "faithfulness", *controls(target="class:2", removal="pixels"))
-    drawn = dict(zip(VIEW_OUTPUTS, page.render(view, "faithfulness", *controls(target="class:2", removal="pixels"))))
-    assert isinstance(drawn["faithfulness_plot"], Image.Image)
-    assert "Most faithful" in drawn["faithfulness_caption"] and "`class:2`" in drawn["faithfulness_caption"]
+    view, chosen = out["view"], controls(target="class:2", removal="pixels")
+    before = dict(zip(VIEW_OUTPUTS, page.render(view, "explain", *chosen)))
+    assert before["faithfulness_plot"]["visible"] is False and "Score every map" in before["faithfulness_caption"]
+    plot, caption = page.score_maps(view, *chosen)
+    assert isinstance(plot["value"], Image.Image) and plot["visible"] is True
+    assert "Most faithful" in caption and "`class:2`" in caption
+    drawn = dict(zip(VIEW_OUTPUTS, page.render(view, "explain", *chosen)))  # no new pass: from the cache
+    assert drawn["faithfulness_caption"] == caption
     first_layer = controls(target="class:2", removal="pixels", layer=0)
-    page.prepare_tab(view, "faithfulness", *first_layer)  # the slider's release: one more map's curves
-    files = page.download(view, "faithfulness", *first_layer)["value"]
-    sidecar = json.loads(Path(files[1]).read_text())
-    assert sidecar["settings"]["removal"] == "pixels" and sidecar["settings"]["target"] == "class:2"
+    drawn = dict(zip(VIEW_OUTPUTS, page.render(view, "explain", *first_layer)))
+    assert "Press the button again to add layer 0's attention" in drawn["faithfulness_caption"]
+    page.score_maps(view, *first_layer)
     from analysis.faithfulness import faithfulness
     s = workspace.analysis(view.key, view.source)
     cached = faithfulness(workspace.models.get(classifier), s, "class:2", "pixels", layer=0, cached_only=True)
     assert set(cached.curves) == {*METHODS, "attention_layer_0", "random"}
+    other = dict(zip(VIEW_OUTPUTS, page.render(view, "explain", *controls(target="class:0", removal="pixels"))))
+    assert other["faithfulness_plot"]["visible"] is False  # another target's curves are not the ones drawn
+    files = page.download(view, "explain", *first_layer)["value"]
+    assert json.loads(Path(files[1]).read_text())["settings"]["removal"] == "pixels"
 
 
 @pytest.mark.slow
