@@ -172,25 +172,28 @@ def test_hub_byte_cap_refuses_files_of_unknown_size(idefics_folder, hub):
     assert server.fetched() == []  # not even the index
 
 
-def test_hub_single_file_counts_only_the_vision_tower(hub, tmp_path):
-    """open_clip's file also holds a text tower: the cap counts `visual.*` only; the byte cap, the whole file."""
+def test_hub_single_file_counts_both_towers(hub, tmp_path):
+    """open_clip's file holds a text tower too: the parameter cap counts both towers (and the logit scale and bias),
+    the byte cap the whole file; its tokenizer is fetched with it."""
     repo = tmp_path / "repo"
     shutil.copytree(REFERENCES / "open_clip_vit_b16", repo)
-    vision = sum(t.numel() for k, t in load_file(str(OPEN_CLIP_SAFETENSORS)).items() if k.startswith("visual."))
-    total = sum(t.numel() for t in load_file(str(OPEN_CLIP_SAFETENSORS)).values())
+    tensors = load_file(str(OPEN_CLIP_SAFETENSORS))
+    vision = sum(t.numel() for k, t in tensors.items() if k.startswith("visual."))
+    total = sum(t.numel() for t in tensors.values())
     assert vision < total
     server = hub({"someone/tiny-open-clip": repo})
-    with pytest.raises(CheckpointError, match="vision tower has"):
-        load_model("someone/tiny-open-clip", device="cpu", max_params=vision - 1)
+    with pytest.raises(CheckpointError, match="its vision and text towers have 37.5 thousand parameters"):
+        load_model("someone/tiny-open-clip", device="cpu", max_params=total - 1)
     assert server.fetched(".safetensors") == []
-    loaded = load_model("someone/tiny-open-clip", device="cpu", max_params=vision)
-    assert "someone/tiny-open-clip (open_clip" in loaded.name
+    loaded = load_model("someone/tiny-open-clip", device="cpu", max_params=total)
+    assert "someone/tiny-open-clip (open_clip" in loaded.name and loaded.text is not None
     assert server.fetched(".safetensors") == ["open_clip_model.safetensors"]
+    assert "tokenizer.json" in server.fetched()
 
 
 def test_parameter_cap_applies_to_what_was_read_whatever_the_source():
-    with pytest.raises(CheckpointError, match=r"open_clip_vit_b16: the vision tower has 32\.\d thousand parameters, "
-                                              r"more than the 30 thousand this server accepts\."):
+    with pytest.raises(CheckpointError, match=r"open_clip_vit_b16: the vision and text towers have 37\.5 thousand "
+                                              r"parameters, more than the 30 thousand this server accepts\."):
         load_model(REFERENCES / "open_clip_vit_b16", device="cpu", max_params=30_000)
     assert load_model(REFERENCES / "open_clip_vit_b16", device="cpu", max_params=40_000).config.hidden_size == 32
 
