@@ -114,11 +114,11 @@ def resolve(loaded: LoadedModel, analysis: Analysis, target: "Target | str") -> 
                               f"classes, 0–{head.num_classes - 1})")
     if target.kind == REGION and not isinstance(head, SaliencyDecoder):
         raise TargetError("target: region needs a saliency decoder, and this model has none")
+    if target.kind == TEXT and not target.prompt:
+        raise TargetError("target: text:PROMPT needs a prompt after 'text:'")
     if target.kind == TEXT and loaded.text is None:
         raise TargetError(f"target: text:PROMPT needs a model with a text tower, and this one has none ({FAMILIES} "
                           "have one)")
-    if target.kind == TEXT and not target.prompt:
-        raise TargetError("target: text:PROMPT needs a prompt after 'text:'")
     g = analysis.geometry
     if target.kind == PATCH and not (target.row < g.grid_h and target.col < g.grid_w):
         raise TargetError(f"target: patch {target.row},{target.col} is outside the {g.grid_h}×{g.grid_w} grid")
