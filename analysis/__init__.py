@@ -27,6 +27,7 @@ from .text import TextError, ZeroShot, similarity, zero_shot
 
 __all__ = ["CLASS_TOKEN", "CPU_LIMITS", "DTYPES", "FUSIONS", "GPU_LIMITS", "MEAN_RECEIVED", "METHODS", "STAT_LABELS",
            "Analysis", "AttentionRecord", "BudgetError", "ComputeLimits", "Deadline", "Explanation", "HeadStatistics",
-           "LayerAttention", "Prediction", "Summary", "Target", "TargetError", "TextError", "ZeroShot", "analyze", "check_cost", "explain",
+           "LayerAttention", "Prediction", "Summary", "Target", "TargetError", "TextError", "ZeroShot", "analyze",
+           "check_cost", "explain",
            "fuse_heads", "head_statistics", "parse_target", "predicted_saliency", "predictions", "rollout",
            "similarity", "summary_of", "zero_shot"]

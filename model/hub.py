@@ -177,14 +177,15 @@ def _check_limits(repo_id: str, limits: HubLimits, sizes: dict[str, int | None],
         counts = [_header_params(repo_id, name, keys, endpoint) for name, keys in weights.items()]
         params = sum(count for count, _ in counts)
         if params > limits.max_params:
-            towers = "vision and text towers have" if any(text for _, text in counts) else "vision tower has"
+            read = [key for _, keys in counts for key in keys]
+            towers = "vision and text towers have" if text_keys(read) else "vision tower has"
             raise CheckpointError(f"{repo_id}: its {towers} {describe_count(params)} parameters, more than "
                                   f"the {describe_count(limits.max_params)} this server accepts.")
 
 
-def _header_params(repo_id: str, name: str, keys: list | None, endpoint: str | None) -> tuple[int, bool]:
+def _header_params(repo_id: str, name: str, keys: list | None, endpoint: str | None) -> tuple[int, list[str]]:
     """Parameters of the towers' tensors of one safetensors file, read from its header alone (HTTP range reads),
-    and whether a text tower is among them."""
+    and those tensors' names."""
     from huggingface_hub import HfApi
     try:
         tensors = HfApi(endpoint=endpoint).parse_safetensors_file_metadata(repo_id, name, timeout=TIMEOUT_S).tensors
@@ -193,7 +194,7 @@ def _header_params(repo_id: str, name: str, keys: list | None, endpoint: str | N
         raise CheckpointError(f"{repo_id}: the header of {name} could not be read ({_reason(err)}), so its size "
                               "cannot be checked against this server's caps.") from err
     keys = keys if keys is not None else tower_keys(list(tensors))
-    return sum(math.prod(tensors[k].shape) for k in keys), bool(text_keys(keys))
+    return sum(math.prod(tensors[k].shape) for k in keys), keys
 
 
 class _Unreachable(Exception):
@@ -249,7 +250,8 @@ def _cached_or_fail(repo_id: str, why: str) -> Path:
     """The cached snapshot of a repo fetched before, or the error that says the hub is unreachable."""
     from huggingface_hub import snapshot_download
     try:
-        folder = Path(snapshot_download(repo_id, local_files_only=True, allow_patterns=["*.json", "*.safetensors", "spiece.model"]))
+        patterns = ["*.json", "*.safetensors", "spiece.model"]
+        folder = Path(snapshot_download(repo_id, local_files_only=True, allow_patterns=patterns))
     except Exception as err:  # not in the local cache
         raise _unreachable(repo_id, why) from err
     touch(repo_id)

@@ -191,6 +191,38 @@ def test_hub_single_file_counts_both_towers(hub, tmp_path):
     assert "tokenizer.json" in server.fetched()
 
 
+def test_hub_counts_the_text_shards_of_an_image_text_model_and_fetches_its_tokenizer(hub, tmp_path):
+    from tests.text_models import save_clip
+    folder = tmp_path / "clip"
+    save_clip(folder, max_shard_size="20KB")
+    weight_map = json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"]
+    shards = set(weight_map.values())
+    text_shards = {s for k, s in weight_map.items() if k.startswith("text_model.")}
+    assert len(shards) > 2 and text_shards - {s for k, s in weight_map.items() if k.startswith("vision_model.")}
+    total = sum(t.numel() for shard in shards for t in load_file(str(folder / shard)).values())
+    server = hub({"someone/tiny-clip": folder})
+    with pytest.raises(CheckpointError, match=r"its vision and text towers have .* parameters"):
+        load_model("someone/tiny-clip", device="cpu", max_params=total - 1)
+    assert server.fetched(".safetensors") == [] and {r.file for r in server.requests if r.byte_range} == shards
+    loaded = load_model("someone/tiny-clip", device="cpu", max_params=total, max_download_bytes=10_000_000)
+    assert loaded.text is not None and loaded.text.tokenizer.source == "tokenizer.json"
+    assert set(server.fetched(".safetensors")) == shards and "tokenizer.json" in server.fetched()
+
+
+def test_hub_never_fetches_a_vlm_tokenizer_or_its_language_model(idefics_folder, hub, tmp_path):
+    folder, reference, vision_shards = idefics_folder
+    repo = tmp_path / "vlm"
+    shutil.copytree(folder, repo)
+    (repo / "tokenizer.json").write_text("{}")  # the language model's: never fetched
+    (repo / "tokenizer_config.json").write_text("{}")
+    server = hub({"someone/tiny-vlm": repo})
+    loaded = load_model("someone/tiny-vlm", device="cpu", max_params=30_000, max_download_bytes=10_000_000)
+    check_idefics(loaded, reference)
+    assert loaded.text is None
+    assert sorted(server.fetched()) == sorted({"config.json", "preprocessor_config.json",
+                                               "model.safetensors.index.json", *vision_shards})
+
+
 def test_parameter_cap_applies_to_what_was_read_whatever_the_source():
     with pytest.raises(CheckpointError, match=r"open_clip_vit_b16: the vision and text towers have 37\.5 thousand "
                                               r"parameters, more than the 30 thousand this server accepts\."):

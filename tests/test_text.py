@@ -3,23 +3,29 @@ with their tokenizers) and against fixtures written by the real open_clip: token
 and zero-shot scores within 1e-5; relevance for a prompt against the dense reference; the cache of prompt
 embeddings; and the plain messages for models without a text tower and for bad prompts."""
 import json
+import time
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from safetensors import safe_open
 
 from analysis import TextError, analyze, explain, similarity, zero_shot
 from analysis.relevance import TEXT, Target, TargetError, parse_target, resolve
 from analysis.text import image_embedding
-from explorer.inputs import UserError, explain_target, prompt_list, templated_prompts
+from explorer.inputs import DEFAULTS, FIELDS, UserError, explain_target, prompt_list, templated_prompts
 from model import load_model
+from server.api import Api
+from server.page import ANALYSIS_OUTPUTS, VIEW_OUTPUTS, Page
 from tests.helpers import random_image, tiny_loaded
 from tests.test_relevance import assert_maps, dense_maps, eager, one_hot, siglip_pooled_with_probe
 from tests.text_models import CONTEXT, save_clip, save_siglip
 
 TOL = 1e-5
-REFERENCES = __import__("pathlib").Path(__file__).resolve().parent / "fixtures" / "references"
+REFERENCES = Path(__file__).resolve().parent / "fixtures" / "references"
 PROMPTS = ["a photo of a dog.", "A RED car, on the Sky!", "photo of " * 12 + "a cat", "a cat: small & blue, 2",
            "IMAGE of an Person  with\tgreen   sky"]
 OPEN_CLIP_CASES = ("open_clip_vit_b32_quickgelu", "open_clip_vit_b16", "open_clip_vit_m16_alt_layer_scale")
@@ -56,7 +62,7 @@ def reference_outputs(reference, tokenizer, pixels, prompts, siglip: bool):
 # ---- tokens ----
 @pytest.mark.parametrize("family", ["clip", "siglip"])
 def test_tokens_match_the_reference_tokenizers(family, clip, siglip):
-    """Punctuation, casing, tabs and runs of spaces, and a prompt longer than the context (truncated, end token kept)."""
+    """Punctuation, casing, tabs and runs of spaces, a prompt longer than the context (truncated, end token kept)."""
     loaded, _, tokenizer = clip if family == "clip" else siglip
     padding = {"padding": "max_length"} if family == "siglip" else {}
     expected = [tokenizer(p, truncation=True, max_length=CONTEXT, **padding)["input_ids"] for p in PROMPTS]
@@ -82,8 +88,8 @@ def test_embeddings_logits_and_scores_match_transformers(family, size, long_side
     result = zero_shot(loaded, analysis, PROMPTS)
     assert result.prompts == PROMPTS
     assert_close(result.logits, expected.logits_per_image[0])
-    probabilities = expected.logits_per_image[0].sigmoid() if family == "siglip" else expected.logits_per_image[0].softmax(-1)
-    assert_close(result.scores, probabilities)
+    logits = expected.logits_per_image[0]
+    assert_close(result.scores, logits.sigmoid() if family == "siglip" else logits.softmax(-1))
     assert result.kind == ("sigmoid" if family == "siglip" else "softmax")
     assert_close(similarity(loaded, image_embedding(loaded, analysis), PROMPTS[1]), expected.logits_per_image[0, 1:2])
 
@@ -160,7 +166,8 @@ def test_prompts_are_encoded_once_per_model(clip, monkeypatch):
     loaded = clip[0]
     calls = []
     forward = type(loaded.text.tower).forward
-    monkeypatch.setattr(type(loaded.text.tower), "forward", lambda self, ids: calls.append(len(ids)) or forward(self, ids))
+    monkeypatch.setattr(type(loaded.text.tower), "forward",
+                        lambda self, ids: calls.append(len(ids)) or forward(self, ids))
     prompts = ["a red sky, seen once", "a blue car, seen once"]
     for seed in range(3):  # three images: the prompts are encoded for the first only
         zero_shot(loaded, analyze(loaded, random_image(32, 32, seed=seed), 32), prompts)
@@ -208,3 +215,61 @@ def test_prompt_inputs():
     for bad in ("text:", "text:" + "z" * 301, "text:a\nb"):
         with pytest.raises(UserError, match="target"):
             explain_target(bad, analysis)
+
+
+# ---- the page and the API ----
+@pytest.fixture(scope="module")
+def clip_workspace(clip):
+    import app
+    return app.workspace_for(clip[0], "cpu")
+
+
+def uploaded(workspace, image, name: str = "photo.png") -> dict:
+    """An image saved where Gradio keeps uploads, as the file object a client sends."""
+    folder = Path(workspace.upload_roots[0]) / f"test-{time.time_ns()}"
+    folder.mkdir(parents=True)
+    image.save(folder / name)
+    return {"path": str(folder / name), "meta": {"_type": "gradio.FileData"}}
+
+
+def test_zero_shot_and_relevance_endpoints(clip_workspace, clip):
+    api, image = Api(clip_workspace), random_image(40, 64, seed=4)
+    out = api.zero_shot(uploaded(clip_workspace, image), "a photo of a dog\n\nA Cat, asleep: on a sofa\n", 224)
+    assert out["prompts"] == ["a photo of a dog", "A Cat, asleep: on a sofa"] and out["kind"] == "softmax"
+    expected = zero_shot(clip[0], analyze(clip[0], image, 224), out["prompts"])
+    assert_close(out["scores"], expected.scores) and abs(sum(out["scores"]) - 1) < 1e-6
+    assert_close(out["logits"], expected.logits)
+    _, relevance = api.relevance(uploaded(clip_workspace, image), "text:A Cat, asleep: on a sofa", "relevance", 224)
+    assert relevance["target"] == "text:A Cat, asleep: on a sofa"
+    assert "A Cat, asleep: on a sofa" in relevance["explained"]
+    assert np.array(relevance["map"]).shape == (relevance["grid_h"], relevance["grid_w"])
+    for prompts, message in (("", "at least one prompt"), (7, "must be text"), ("a\n" * 40, "at most 32 prompts")):
+        with pytest.raises(UserError, match=message):
+            api.zero_shot(uploaded(clip_workspace, image), prompts, 224)
+
+
+def test_models_without_a_text_tower_are_refused_before_any_analysis(monkeypatch):
+    import app
+    workspace = app.workspace_for(tiny_loaded(), "cpu")
+    monkeypatch.setattr(workspace, "analysis", lambda *args, **kwargs: pytest.fail("analysed"))
+    with pytest.raises(TextError, match="no text tower; prompts need an image-text model: CLIP"):
+        Api(workspace).zero_shot(uploaded(workspace, random_image(32, 32)), "a dog", 224)
+
+
+def test_the_explain_tab_scores_the_prompts_and_draws_one_map_per_prompt(clip_workspace):
+    page = Page(clip_workspace)
+    values = DEFAULTS | {"layer": 1, "template": "a photo of a {}", "labels": "Dog\ncat\nred car"}
+    controls = [values[name] for name in FIELDS]
+    out = dict(zip(ANALYSIS_OUTPUTS, page.analyze(uploaded(clip_workspace, random_image(40, 64)), 224, "default",
+                                                  "float32", *controls)))
+    assert out["prompts_box"]["visible"] is True
+    targets = dict((value, label) for label, value in out["target"]["choices"])
+    assert {"text:a photo of a Dog", "text:a photo of a cat", "text:a photo of a red car"} <= set(targets)
+    assert out["target"]["value"].startswith("text:a photo of a")  # the best-scoring prompt is explained first
+    controls[FIELDS.index("target")] = "text:a photo of a cat"
+    drawn = dict(zip(VIEW_OUTPUTS, page.render(out["view"], "explain", *controls)))
+    assert "Zero-shot scores" in drawn["zero_shot"] and "a photo of a red car" in drawn["zero_shot"]
+    assert isinstance(drawn["prompt_strip"], Image.Image) and isinstance(drawn["explanation"], Image.Image)
+    assert "a photo of a cat" in drawn["explain_caption"]
+    controls[FIELDS.index("labels")] = "sky"
+    assert page.set_prompts(out["view"], *controls)["value"] == "text:a photo of a sky"

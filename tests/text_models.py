@@ -46,12 +46,13 @@ def clip_tokenizer(folder: Path) -> tf.CLIPTokenizer:
     return tokenizer
 
 
-def save_clip(folder: Path, seed: int = 11) -> tuple[tf.CLIPModel, tf.CLIPTokenizer]:
+def save_clip(folder: Path, seed: int = 11, **kwargs) -> tuple[tf.CLIPModel, tf.CLIPTokenizer]:
+    """A CLIPModel (`kwargs` go to save_pretrained: max_shard_size=…) with its tokenizer."""
     tokenizer = clip_tokenizer(folder)
     text = dict(TEXT, vocab_size=len(tokenizer.get_vocab()), max_position_embeddings=CONTEXT,
                 bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=0)
     config = tf.CLIPConfig(text_config=text, vision_config=VISION, projection_dim=16, logit_scale_init_value=2.0)
-    return save(tf.CLIPModel(config), folder, seed), tokenizer
+    return save(tf.CLIPModel(config), folder, seed, **kwargs), tokenizer
 
 
 def siglip_tokenizer(folder: Path) -> tf.SiglipTokenizer:
