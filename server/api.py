@@ -10,7 +10,7 @@ from gradio.data_classes import FileData
 import visualizer
 from analysis import STAT_LABELS
 from explorer import drawing
-from explorer.inputs import ANIMATIONS, DEFAULT_RESOLUTION, Controls, choice, point, prompt_list
+from explorer.inputs import ANIMATIONS, DEFAULT_RESOLUTION, Controls, choice, point, prompt_list, uploaded_file
 
 from . import handlers
 from .handlers import guarded, open_upload, write_png
@@ -141,8 +141,9 @@ class Api:
         """An image-text model's (CLIP, SigLIP, open_clip) scores for `prompts` (one per line, at most 32 of 300
         characters): "scores" in the prompts' order (softmax over them for CLIP, each prompt's sigmoid for SigLIP),
         "logits" (logit_scale·cos, plus SigLIP's bias) and "kind" ("softmax" or "sigmoid")."""
+        uploaded_file(image, "image", self.workspace.upload_roots)  # an upload, checked first as everywhere
         checked = prompt_list(prompts)
-        handlers.require_text(self.workspace, model)
+        handlers.require_text(self.workspace, model)  # before any analysis
         s = open_upload(self.workspace, image, resolution, model)
         result = handlers.scores(self.workspace, s, checked)
         return {"model": s.analysis.model_name, "prompts": result.prompts, "scores": result.scores,
