@@ -235,15 +235,12 @@ def explain_target(value: Any, analysis: Analysis) -> str:
     """What to explain: "top", "class:N", "embedding", "region" (a saliency decoder's own), "patch:X,Y", the patch
     under pixel (X, Y) of the original image, returned as "patch:ROW,COL", or "text:PROMPT" (an image-text model's
     similarity with the prompt, kept as typed)."""
-    target = text(value, "target", MAX_PROMPT_CHARS + 5)
-    if match := re.fullmatch(r"text:(.*)", target, re.IGNORECASE | re.DOTALL):
+    if isinstance(value, str) and (match := re.fullmatch(r"\s*text:(.*)", value, re.IGNORECASE | re.DOTALL)):
         prompt = match.group(1).strip()
         if not prompt or "\n" in prompt:
             raise UserError(f"target: text:PROMPT needs one prompt after 'text:', got {shown(value)}.")
         return f"text:{check_prompt(prompt, 'target')}"
-    if len(target) > 60:
-        raise UserError(f"target must be text of at most 60 characters, got {shown(value)}.")
-    target = target.lower().replace(" ", "")
+    target = text(value, "target", 60).lower().replace(" ", "")
     if target in ("top", "embedding", "region") or re.fullmatch(r"class:\d+", target):
         return target
     if match := re.fullmatch(r"patch:([0-9.]+),([0-9.]+)", target):

@@ -99,6 +99,7 @@ class Page:
         cleared = {name: None for name in ANALYSIS_OUTPUTS if name not in ("layer", "head", "resolution")}
         cleared |= {name: gr.update(value=None, visible=False) for name in ("flow", "flow_button", "export_files",
                                                                              "second")}
+        cleared["prompts_box"] = gr.update(visible=False)  # a layout block: shown again for an image-text model
         if image is None:
             return as_outputs({**cleared, "status": "Upload an image, or pick an example."}, ANALYSIS_OUTPUTS)
         try:
