@@ -274,8 +274,9 @@ def _wire(demo: gr.Blocks, c: Components, page: Page) -> None:
         c[clickable].select(page.click, view, view, concurrency_id="render", **private).then(**prepare).then(**render)
     for selectable, handler in (("atlas", page.select_in_atlas), ("table", page.select_in_table)):
         c[selectable].select(handler, view, [c["layer"], c["head"]], concurrency_id="render", **private)
-    gr.on([c["prompt_button"].click, c["template"].submit], page.set_prompts, [view, *controls], c["target"],
-          **model).then(**prepare).then(**render)
+    prompted = [c["prompt_button"].click, c["template"].submit, c["template"].blur, c["labels"].blur]  # new prompts'
+    gr.on(prompted, page.set_prompts, [view, *controls], c["target"], trigger_mode="always_last",  # maps: in the
+          **model).then(**prepare).then(**render)  # model's slot, before any redraw needs them
     c["flow_button"].click(page.flow, [view, *controls], c["flow"], **model)
     c["anim_button"].click(page.animate, [view, c["anim_mode"], *controls], [c["gif"], c["gif_file"]], **model)
     c["export_button"].click(page.download, [view, tab, *controls], c["export_files"], **model)

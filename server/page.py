@@ -139,7 +139,8 @@ class Page:
 
     @guarded
     def set_prompts(self, view: View | None, *values: Any) -> Any:
-        """New prompts: offer them as targets, the best-scoring one chosen."""
+        """New prompts: offer them as targets; the target stays where it is still offered, else the best-scoring
+        prompt is chosen."""
         if view is None:
             return gr.skip()
         s = open_view(self.workspace, view)
@@ -148,8 +149,9 @@ class Page:
         if scored is None:
             raise gr.Error("This model has no text tower, or no label was given.", print_exception=False)
         predicted = handlers.prediction(self.workspace, s, saliency=False)
-        return gr.update(choices=[("the model's top output", "top"), *target_choices(predicted, scored)],
-                         value=best_prompt(scored))
+        choices = [("the model's top output", "top"), *target_choices(predicted, scored)]
+        current = dict(zip(FIELDS, values))["target"]
+        return gr.update(choices=choices, value=current if current in {v for _, v in choices} else best_prompt(scored))
 
     def warm(self, path: str, res: int) -> None:
         """Analyses an example at start-up and keeps it, so that the page opens with its maps at once."""

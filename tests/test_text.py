@@ -271,5 +271,6 @@ def test_the_explain_tab_scores_the_prompts_and_draws_one_map_per_prompt(clip_wo
     assert "Zero-shot scores" in drawn["zero_shot"] and "a photo of a red car" in drawn["zero_shot"]
     assert isinstance(drawn["prompt_strip"], Image.Image) and isinstance(drawn["explanation"], Image.Image)
     assert "a photo of a cat" in drawn["explain_caption"]
+    assert page.set_prompts(out["view"], *controls)["value"] == "text:a photo of a cat"  # still offered: kept
     controls[FIELDS.index("labels")] = "sky"
     assert page.set_prompts(out["view"], *controls)["value"] == "text:a photo of a sky"
