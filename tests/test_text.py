@@ -274,3 +274,21 @@ def test_the_explain_tab_scores_the_prompts_and_draws_one_map_per_prompt(clip_wo
     assert page.set_prompts(out["view"], *controls)["value"] == "text:a photo of a cat"  # still offered: kept
     controls[FIELDS.index("labels")] = "sky"
     assert page.set_prompts(out["view"], *controls)["value"] == "text:a photo of a sky"
+
+
+@pytest.mark.slow  # starts the app
+def test_served_zero_shot_and_prompt_relevance_through_gradio_client(clip):
+    from gradio_client import Client, handle_file
+
+    from tests.served import served_app
+    image = REFERENCES.parents[2] / "assets" / "chelsea.png"
+    with served_app(clip[0]) as url:
+        client = Client(url, verbose=False)
+        out = client.predict(handle_file(str(image)), "a photo of a cat\nA Dog: big, red", 224, api_name="/zero_shot")
+        assert out["prompts"] == ["a photo of a cat", "A Dog: big, red"] and len(out["scores"]) == 2
+        assert abs(sum(out["scores"]) - 1) < 1e-5 and out["kind"] == "softmax"
+        _, relevance = client.predict(handle_file(str(image)), "text:A Dog: big, red", "grad_rollout", 224,
+                                      api_name="/relevance")
+        assert relevance["target"] == "text:A Dog: big, red" and relevance["method"] == "grad_rollout"
+        with pytest.raises(Exception, match="at most 32 prompts"):
+            client.predict(handle_file(str(image)), "a\n" * 33, 224, api_name="/zero_shot")
