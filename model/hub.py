@@ -20,9 +20,9 @@ from pathlib import Path
 
 from .checkpoint import CONFIG_FILES, INDEX_FILE, WEIGHT_FILES, CheckpointError
 from .formats import tower_keys
+from .hub_cache import Fetching, folder_bytes, forget, repo_folder, touch
 from .text_formats import text_keys
 from .tokenizer import TOKENIZER_FILES
-from .hub_cache import Fetching, folder_bytes, forget, repo_folder, touch
 
 logger = logging.getLogger(__name__)
 TIMEOUT_S = 3.0  # for the first question to the hub; downloads themselves may take as long as they need

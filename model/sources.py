@@ -18,10 +18,10 @@ from .checkpoint import INDEX_FILE, WEIGHT_FILES, Checkpoint, CheckpointError
 from .config import IdeficsVisionConfig
 from .conversions import shape_fields, switches_from_keys
 from .formats import Format, Tensors, detect, rename, stripped, tower_keys
-from .text_formats import TextWeights, convert_text, detect_text
-from .tokenizer import PromptTokenizer
 from .heads import head_weights
 from .hub import HUB_ID, HubLimits, describe_count, download, release
+from .text_formats import TextWeights, convert_text, detect_text
+from .tokenizer import PromptTokenizer
 
 logger = logging.getLogger(__name__)
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")

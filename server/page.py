@@ -65,7 +65,7 @@ def zero_shot_text(scored: ZeroShot) -> str:
     """The prompts' scores as a table, best first."""
     what = ("sigmoid of each prompt's logit (SigLIP: prompts scored independently)" if scored.kind == "sigmoid"
             else "softmax over the prompts of logit_scale·cos (CLIP)")
-    rows = "\n".join(f"| {html.escape(p)} | {score:.1%} | {logit:.2f} |" for score, logit, p in
+    rows = "\n".join(f"| {html.escape(p).replace('|', '&#124;')} | {score:.1%} | {logit:.2f} |" for score, logit, p in
                      sorted(zip(scored.scores, scored.logits, scored.prompts), key=lambda row: -row[0]))
     return f"**Zero-shot scores**: {what}.\n\n| prompt | score | logit |\n|---|---|---|\n{rows}"
 

@@ -209,6 +209,17 @@ def test_hub_counts_the_text_shards_of_an_image_text_model_and_fetches_its_token
     assert set(server.fetched(".safetensors")) == shards and "tokenizer.json" in server.fetched()
 
 
+def test_hub_fetches_a_siglip_sentencepiece_model_for_its_text_tower(hub, tmp_path):
+    """One weights file, no index: config.json's model_type says it is an image-text model."""
+    from tests.text_models import save_siglip
+    folder = tmp_path / "siglip"
+    save_siglip(folder)
+    server = hub({"someone/tiny-siglip": folder})
+    loaded = load_model("someone/tiny-siglip", device="cpu", max_params=10**6, max_download_bytes=10_000_000)
+    assert loaded.text is not None and loaded.text.tokenizer.source == "spiece.model" and loaded.text.sigmoid
+    assert {"spiece.model", "tokenizer_config.json", "model.safetensors"} <= set(server.fetched())
+
+
 def test_hub_never_fetches_a_vlm_tokenizer_or_its_language_model(idefics_folder, hub, tmp_path):
     folder, reference, vision_shards = idefics_folder
     repo = tmp_path / "vlm"

@@ -57,6 +57,7 @@ def save_clip(folder: Path, seed: int = 11, **kwargs) -> tuple[tf.CLIPModel, tf.
 
 def siglip_tokenizer(folder: Path) -> tf.SiglipTokenizer:
     import sentencepiece
+    folder.mkdir(parents=True, exist_ok=True)
     corpus = folder / "corpus.txt"
     corpus.write_text("\n".join(f"{a} {b} of {c}" for a in WORDS for b in WORDS[:6] for c in WORDS[::3]))
     sentencepiece.SentencePieceTrainer.train(
