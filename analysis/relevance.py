@@ -188,12 +188,12 @@ class Objective:
     CLASS: the class's logit (pre-softmax). EMBEDDING / PATCH: y = f·sg(f) (the feature times its own detached
     value, whose gradient is f itself), f the final feature (after post_layernorm) of the class token or of the
     patch; without a class token f is the pooled output. TEXT: the image-text similarity logit of the pooled output
-    (projected) with the prompt's detached text embedding (`text.similarity`), read like EMBEDDING's.
-    REGION: the decoder's predicted saliency summed over its
-    own region (pixels at ≥ 0.5, or its top 20 % where none is), the mask held fixed, backpropagated through the
-    decoder. The row w: the tokens the target reads, evenly (the class token; DeiT's class and distillation tokens;
-    DINOv2's classifier: ½ class token + ½ the patches' mean; mean-pooled heads and the decoder: the patches); an
-    attention-pooling probe's row is its own mean_h (∇P ⊙ P)⁺ (relevance) or rownorm((mean_h ∇P ⊙ P)⁺) (rollout).
+    (projected) with the prompt's detached text embedding (`text.similarity`), read like EMBEDDING. REGION: the
+    decoder's predicted saliency summed over its own region (pixels at ≥ 0.5, or its top 20 % where none is), the
+    mask held fixed, backpropagated through the decoder. The row w: the tokens the target reads, evenly (the class
+    token; DeiT's class and distillation tokens; DINOv2's classifier: ½ class token + ½ the patches' mean;
+    mean-pooled heads and the decoder: the patches); an attention-pooling probe's row is its own mean_h (∇P ⊙ P)⁺
+    (relevance) or rownorm((mean_h ∇P ⊙ P)⁺) (rollout).
     """
 
     def __init__(self, loaded: LoadedModel, analysis: Analysis, target: Target):

@@ -32,9 +32,14 @@ OPEN_CLIP_CASES = ("open_clip_vit_b32_quickgelu", "open_clip_vit_b16", "open_cli
 
 
 @pytest.fixture(scope="module")
-def clip(tmp_path_factory):
+def clip_folder(tmp_path_factory):
     folder = tmp_path_factory.mktemp("clip")
-    reference, tokenizer = save_clip(folder)
+    return folder, *save_clip(folder)
+
+
+@pytest.fixture(scope="module")
+def clip(clip_folder):
+    folder, reference, tokenizer = clip_folder
     return load_model(folder, device="cpu"), reference, tokenizer
 
 
@@ -292,3 +297,19 @@ def test_served_zero_shot_and_prompt_relevance_through_gradio_client(clip):
         assert relevance["target"] == "text:A Dog: big, red" and relevance["method"] == "grad_rollout"
         with pytest.raises(Exception, match="at most 32 prompts"):
             client.predict(handle_file(str(image)), "a\n" * 33, 224, api_name="/zero_shot")
+
+
+def test_command_line_prompts_and_a_prompt_target(clip_folder, tmp_path, capsys):
+    from explorer.cli import main
+    image = tmp_path / "photo.png"
+    random_image(40, 64).save(image)
+    out = tmp_path / "maps"
+    assert main([str(image), "--model", str(clip_folder[0]), "--resolution", "224", "--no-gif", "--out", str(out),
+                 "--prompts", "a photo of a dog", "A Cat: asleep", "--explain", "text:A Cat: asleep"]) == 0
+    scores = json.loads((out / "photo" / "zero_shot.json").read_text())
+    assert scores["prompts"] == ["a photo of a dog", "A Cat: asleep"] and abs(sum(scores["scores"]) - 1) < 1e-6
+    explained = json.loads((out / "photo" / "explain.json").read_text())
+    assert explained["relevance"]["target"] == "text:A Cat: asleep"
+    no_text = str(REFERENCES / "timm_vit_small_augreg")
+    assert main([str(image), "--model", no_text, "--out", str(out), "--prompts", "a dog"]) == 2
+    assert "has no text tower" in capsys.readouterr().err
