@@ -210,6 +210,8 @@ class Page:
                  "explain_strip": handlers.explanation_strip(self.workspace, s, c)}
         if not self._has_text(s):
             return drawn
+        drawn["prediction"] = ("This model matches images with text: score prompts below and explain any of them "
+                               "(or its class token's final feature, or a patch's).")
         scored = self._scored(s, c)
         if scored is None:
             return {**drawn, "zero_shot": "Type one label per line to score prompts.", "prompt_strip": None}
