@@ -105,7 +105,11 @@ def _text(raw: Tensors, folder: Path | None) -> TextWeights | None:
     if not PromptTokenizer.available(folder):
         logger.warning("%s text tower without tokenizer.json or spiece.model beside it: left out", fmt.name)
         return None
-    tokenizer = PromptTokenizer(folder, config.context_length, siglip=fmt.name == "transformers SigLIP")
+    try:
+        tokenizer = PromptTokenizer(folder, config.context_length, siglip=fmt.name == "transformers SigLIP")
+    except Exception as err:  # the tokenizers and SentencePiece libraries raise plain exceptions for unreadable files
+        raise CheckpointError(f"its tokenizer files (tokenizer.json or spiece.model) are not readable "
+                              f"({_plain(err, folder / 'tokenizer.json')})") from err
     return TextWeights(config, state, tokenizer)
 
 

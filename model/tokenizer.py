@@ -12,7 +12,8 @@ from pathlib import Path
 import torch
 
 logger = logging.getLogger(__name__)
-TOKENIZER_FILES = ("tokenizer.json", "spiece.model", "tokenizer_config.json", "special_tokens_map.json")
+TOKENIZER_MODELS = ("tokenizer.json", "spiece.model")  # one of them is needed
+TOKENIZER_FILES = (*TOKENIZER_MODELS, "tokenizer_config.json", "special_tokens_map.json")  # fetched from the hub
 SIGLIP_PAD = "</s>"  # SiglipTokenizer's pad and end-of-sequence token
 
 
@@ -48,7 +49,7 @@ class PromptTokenizer:
 
     @staticmethod
     def available(folder: Path | None) -> bool:
-        return folder is not None and any((folder / name).is_file() for name in TOKENIZER_FILES[:2])
+        return folder is not None and any((folder / name).is_file() for name in TOKENIZER_MODELS)
 
     def ids(self, prompt: str) -> list[int]:
         """One prompt's token ids, special tokens included, at most `context_length`."""

@@ -180,6 +180,19 @@ def test_prompts_are_encoded_once_per_model(clip, monkeypatch):
     assert calls == [2]
 
 
+def test_a_tokenizer_that_cannot_be_read_is_a_plain_error(clip_folder, tmp_path):
+    import shutil
+
+    from model import CheckpointError
+    folder = tmp_path / "broken"
+    shutil.copytree(clip_folder[0], folder)
+    (folder / "tokenizer.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match=r"broken: its tokenizer files .* are not readable"):
+        load_model(folder, device="cpu")
+    (folder / "tokenizer.json").unlink()  # no tokenizer at all: the vision tower alone, prompts refused
+    assert load_model(folder, device="cpu").text is None
+
+
 def test_text_targets_keep_the_prompt_as_typed():
     assert parse_target("TEXT:A Dog: on a Sofa, asleep ") == Target(TEXT, prompt="A Dog: on a Sofa, asleep")
     assert str(parse_target("text:a, b: C")) == "text:a, b: C"
