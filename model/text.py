@@ -131,19 +131,18 @@ class TextModel:
     def embed(self, prompts: list[str]) -> torch.Tensor:
         """(P, E) float32 text embeddings of the prompts, not normalised; prompts encoded before are not again."""
         with self._lock:
-            missing = list(dict.fromkeys(p for p in prompts if p not in self._kept))
+            known = {p: self._kept[p] for p in prompts if p in self._kept}
+        missing = list(dict.fromkeys(p for p in prompts if p not in known))
         if missing:
             device = self.tower.logit_scale.device
-            embedded = self.tower(self.tokenizer(missing).to(device)).float()
-            with self._lock:
-                self._kept.update(zip(missing, embedded))
+            known |= dict(zip(missing, self.tower(self.tokenizer(missing).to(device)).float()))
         with self._lock:
             for prompt in prompts:
+                self._kept[prompt] = known[prompt]
                 self._kept.move_to_end(prompt)
-            rows = torch.stack([self._kept[p] for p in prompts])
             while len(self._kept) > EMBEDDINGS_KEPT:
                 self._kept.popitem(last=False)
-        return rows
+        return torch.stack([known[p] for p in prompts])
 
     def scores(self, logits: torch.Tensor) -> torch.Tensor:
         """(B, P) logits → the model's zero-shot scores: softmax over the prompts (CLIP), or sigmoids (SigLIP)."""

@@ -178,6 +178,9 @@ def test_prompts_are_encoded_once_per_model(clip, monkeypatch):
         zero_shot(loaded, analyze(loaded, random_image(32, 32, seed=seed), 32), prompts)
     explain(loaded, analyze(loaded, random_image(32, 32, seed=9), 32), f"text:{prompts[0]}")
     assert calls == [2]
+    monkeypatch.setattr("model.text.EMBEDDINGS_KEPT", 2)  # the least recently used go past the bound
+    loaded.text.embed(["first", "second", "third"])
+    assert list(loaded.text._kept) == ["second", "third"]
 
 
 def test_a_tokenizer_that_cannot_be_read_is_a_plain_error(clip_folder, tmp_path):
