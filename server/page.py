@@ -308,7 +308,7 @@ class Page:
         settings = {"tab": tab, "direction": c.direction, "opacity": c.style.opacity, "colormap": c.style.cmap,
                     "smooth": c.style.smooth, "scaling": c.style.normalize, "mass_fraction": c.style.mass,
                     "statistic": c.statistic, "statistics_queries": c.stat_mode, "atlas_one_scale": c.atlas_shared,
-                    "clicked_patch": [row, col]}
+                    "clicked_patch": [row, col], **({"prompts": list(c.prompts)} if self._has_text(s) else {})}
         npz, sidecar = handlers.export(self.workspace, s, c, s.analysis.token_at(row, col), settings)
         shown = {"rollout": "rollout", "heads": "atlas", "hidden": "similarity",
                  "explain": "explanation"}.get(tab, "main")
