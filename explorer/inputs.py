@@ -140,8 +140,10 @@ def check_prompt(prompt: str, name: str) -> str:
 
 def templated_prompts(template: Any, labels: Any) -> list[str]:
     """The page's prompts: each label (one per line) put into the template where it says "{}" (a template without
-    "{}" is left out: the labels are the prompts)."""
+    "{}" is left out: the labels are the prompts); none for blank labels."""
     template = text(template, "template", MAX_PROMPT_CHARS)
+    if isinstance(labels, str) and not labels.strip():
+        return []
     labels = prompt_list(labels, "labels")
     if "{}" not in template:
         return labels
@@ -228,7 +230,7 @@ class Controls:
                    check_discard(v["discard"]), choice(v["statistic"], "statistic", tuple(STAT_LABELS)),
                    flag(v["atlas_shared"], "shared"), choice(v["stat_mode"], "statistics", tuple(STAT_MODES)),
                    explain_target(v["target"], analysis), choice(v["method"], "method", METHODS),
-                   tuple(templated_prompts(v["template"], v["labels"])) if text(v["labels"], "labels", 10**4) else ())
+                   tuple(templated_prompts(v["template"], v["labels"])))
 
 
 def explain_target(value: Any, analysis: Analysis) -> str:

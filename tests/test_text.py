@@ -230,7 +230,9 @@ def test_bad_prompts_get_plain_messages(value, message):
 def test_prompt_inputs():
     assert prompt_list(" A Dog \n\n a cat: small, Red \n") == ["A Dog", "a cat: small, Red"]
     assert templated_prompts("a photo of a {}", "Dog\ncat") == ["a photo of a Dog", "a photo of a cat"]
-    assert templated_prompts("no slot", "dog") == ["dog"]
+    assert templated_prompts("no slot", "dog") == ["dog"] and templated_prompts("a {}", " \n") == []
+    with pytest.raises(UserError, match="labels must be text"):
+        templated_prompts("a {}", None)
     analysis = analyze(tiny_loaded(), random_image(32, 32), 32)
     assert explain_target(" Text:A Dog, asleep: ", analysis) == "text:A Dog, asleep:"
     for bad in ("text:", "text:" + "z" * 301, "text:a\nb"):
