@@ -3,7 +3,7 @@
     python -m explorer photo.jpg --out maps/
     python -m explorer photos/ --resolution 1022 --layers 5 11 --head mean --rollout max --out maps/
     python -m explorer photo.jpg --explain top --method relevance grad_rollout --out maps/
-    python -m explorer photo.jpg --model openai/clip-vit-base-patch32 --prompts "a photo of a cat" "a dog" \
+    python -m explorer photo.jpg --model openai/clip-vit-base-patch32 --prompts "a photo of a cat" "a dog" \\
         --explain "text:a photo of a cat"          # zero_shot.json, and the prompt's relevance map
     python -m explorer atlas photos/ --out atlas/      # a dataset atlas: see explorer/atlas/command.py
 """
