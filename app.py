@@ -16,8 +16,8 @@ from starlette.middleware import Middleware
 import visualizer
 from analysis import FUSIONS, METHODS, STAT_LABELS
 from explorer import drawing
-from explorer.inputs import (ANIMATIONS, DEFAULT_RESOLUTION, DIRECTIONS, FIELDS, NORMALIZATIONS, PRECISIONS, STAT_MODES,
-                             resolution_limits)
+from explorer.inputs import (ANIMATIONS, DEFAULT_LABELS, DEFAULT_RESOLUTION, DEFAULT_TEMPLATE, DIRECTIONS, FIELDS,
+                             NORMALIZATIONS, PRECISIONS, STAT_MODES, resolution_limits)
 from model import LoadedModel
 from server.api import Api
 from server.files import FileStore
@@ -175,6 +175,7 @@ def _explain_tab(c: Components) -> None:
     """Which patches made the model's output: its prediction, a target and a method, the map and all four maps."""
     c["prediction"] = gr.Markdown(elem_id="explain-prediction")
     c["saliency"] = _view("The model's own prediction", "saliency-view", visible=False)
+    _prompts(c)
     with gr.Row():
         c["target"] = gr.Dropdown([("the model's top output", "top")], value="top", label="Explain",
                                   elem_id="explain-target", min_width=240)
@@ -198,6 +199,20 @@ def _faithfulness(c: Components) -> None:
                                       elem_id="faithfulness-plot", buttons=[], visible=False)
     with gr.Accordion("How the curves are made", open=False):
         gr.Markdown(faithfulness_definition())
+
+
+def _prompts(c: Components) -> None:
+    """An image-text model's prompts (shown only for CLIP, SigLIP and open_clip): labels through a template, their
+    zero-shot scores, and one map per prompt; each prompt is offered as a target."""
+    with gr.Column(visible=False, elem_id="prompts") as c["prompts_box"]:
+        with gr.Row():
+            c["template"] = gr.Textbox(DEFAULT_TEMPLATE, label="Prompt template ({} is the label)", max_lines=1,
+                                       elem_id="prompt-template", min_width=200)
+            c["labels"] = gr.Textbox(DEFAULT_LABELS, label="Labels, one per line (at most 32)", lines=3,
+                                     elem_id="prompt-labels", min_width=200)
+        c["prompt_button"] = gr.Button("Score these prompts", elem_id="prompt-button")
+        c["zero_shot"] = gr.Markdown(elem_id="zero-shot")
+        c["prompt_strip"] = _view("One map per prompt", "prompt-strip")
 
 
 def _class_token_tab(c: Components) -> None:
@@ -274,6 +289,9 @@ def _wire(demo: gr.Blocks, c: Components, page: Page) -> None:
         c[clickable].select(page.click, view, view, concurrency_id="render", **private).then(**prepare).then(**render)
     for selectable, handler in (("atlas", page.select_in_atlas), ("table", page.select_in_table)):
         c[selectable].select(handler, view, [c["layer"], c["head"]], concurrency_id="render", **private)
+    prompted = [c["prompt_button"].click, c["template"].submit, c["template"].blur, c["labels"].blur]  # new prompts'
+    gr.on(prompted, page.set_prompts, [view, *controls], c["target"], trigger_mode="always_last",  # maps: in the
+          **model).then(**prepare).then(**render)  # model's slot, before any redraw needs them
     c["flow_button"].click(page.flow, [view, *controls], c["flow"], **model)
     c["score_button"].click(page.score_maps, [view, *controls], [c["faithfulness_plot"], c["faithfulness_caption"]],
                             **model)

@@ -24,9 +24,10 @@ from .relevance import (
 from .rollout import rollout
 from .stats import STAT_LABELS, HeadStatistics, head_statistics
 from .summary import CLASS_TOKEN, MEAN_RECEIVED, Summary, summary_of
+from .text import TextError, ZeroShot, similarity, zero_shot
 
 __all__ = ["CLASS_TOKEN", "CPU_LIMITS", "DTYPES", "FUSIONS", "GPU_LIMITS", "MEAN_RECEIVED", "METHODS", "REMOVALS",
            "STAT_LABELS", "Analysis", "AttentionRecord", "BudgetError", "ComputeLimits", "Deadline", "Explanation",
            "Faithfulness", "HeadStatistics", "LayerAttention", "Prediction", "Summary", "Target", "TargetError",
-           "analyze", "check_cost", "explain", "faithfulness", "fuse_heads", "head_statistics", "parse_target",
-           "predicted_saliency", "predictions", "rollout", "summary_of"]
+           "TextError", "ZeroShot", "analyze", "check_cost", "explain", "faithfulness", "fuse_heads", "head_statistics",
+           "parse_target", "predicted_saliency", "predictions", "rollout", "similarity", "summary_of", "zero_shot"]

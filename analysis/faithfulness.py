@@ -15,8 +15,9 @@ Removal:
 
 The score watched: a class's softmax probability; for an embedding target the cosine similarity of the perturbed
 final feature to the unperturbed one (the class token's, or the pooled output without one, or the target patch's,
-which is never removed under drop); for the saliency decoder the mean predicted saliency inside its own region (the
-region fixed from the unperturbed prediction; under drop the decoder reads zeros where tokens left).
+which is never removed under drop); for a prompt the image-text similarity logit, as the model computes it; for the
+saliency decoder the mean predicted saliency inside its own region (the region fixed from the unperturbed
+prediction; under drop the decoder reads zeros where tokens left).
 
 A random order has no direction: RANDOM_SEEDS orders give one set of curves, their mean serves both positive and
 negative, their standard deviation is the spread. Orders that coincide (two maps ranking the patches alike) run once.
@@ -40,8 +41,9 @@ from model.heads import CLASS as READ_CLASS
 from model.heads import CLASS_AND_DISTILLATION as READ_CLASS_AND_DISTILLATION
 
 from .engine import Analysis
-from .relevance import (CLASS, EMBEDDING, METHODS, PATCH, REGION, Target, TargetError, explain, predicted_region,
-                        resolve)
+from .relevance import (CLASS, EMBEDDING, METHODS, PATCH, REGION, TEXT, Target, TargetError, explain,
+                        predicted_region, resolve)
+from .text import similarity
 
 FRACTIONS = tuple(i / 10 for i in range(10))  # 0, 0.1, …, 0.9 of the removable patches
 REMOVALS = ("drop", "pixels")
@@ -109,6 +111,8 @@ def describe_score(target: Target) -> str:
         return "mean predicted saliency inside the model's own region"
     if target.kind == PATCH:
         return f"cosine similarity of patch {target.row},{target.col}'s final feature to the unperturbed one"
+    if target.kind == TEXT:
+        return f"image-text similarity logit with {target.prompt!r}"
     return "cosine similarity of the class token's final feature (or the pooled output) to the unperturbed one"
 
 
@@ -127,7 +131,7 @@ class Score:
     `kept` patch indices (B, K) in grid order (None: every patch, at its place)."""
 
     def __init__(self, loaded: LoadedModel, analysis: Analysis, target: Target):
-        self.model, self.head, self.target = loaded.model, loaded.head, target
+        self.loaded, self.model, self.head, self.target = loaded, loaded.model, loaded.head, target
         self.num_prefix, self.geometry = analysis.num_prefix_tokens, analysis.geometry
         self.patch = target.row * self.geometry.grid_w + target.col if target.kind == PATCH else None
         last = analysis.record.hidden_states[-1].unsqueeze(0)
@@ -140,7 +144,7 @@ class Score:
         config = self.model.config
         if config.pooling_head or not config.class_token:
             return None
-        if self.target.kind == EMBEDDING:
+        if self.target.kind in (EMBEDDING, TEXT):  # the class token's final feature (projected, for TEXT)
             return 1
         if self.target.kind == CLASS and self.head.readout in (READ_CLASS, READ_CLASS_AND_DISTILLATION):
             return 1 + (self.head.readout == READ_CLASS_AND_DISTILLATION)
@@ -151,6 +155,8 @@ class Score:
         if kind == CLASS:
             tokens, pooled = self.model.post_layernorm(x), self.model.pool(x)[1]
             return self.head(tokens, pooled).float().softmax(-1)[:, self.target.index]
+        if kind == TEXT:
+            return similarity(self.loaded, self.model.pool(x)[1], self.target.prompt).float()
         if kind == REGION:
             saliency = self._saliency(x, kept)  # (B, input_h, input_w)
             return (saliency * self.region).sum((1, 2)).float() / self.region.sum()

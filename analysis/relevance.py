@@ -33,9 +33,10 @@ from .engine import Analysis
 from .memory import release_free_memory
 from .record import AttentionRecord, LayerAttention
 from .rollout import kth_smallest
+from .text import FAMILIES, similarity
 
 METHODS = ("relevance", "grad_rollout", "rollout", "attention")
-TOP, CLASS, EMBEDDING, PATCH, REGION = "top", "class", "embedding", "patch", "region"
+TOP, CLASS, EMBEDDING, PATCH, REGION, TEXT = "top", "class", "embedding", "patch", "region", "text"
 BLOCK_ELEMENTS = 1 << 21  # heads × rows × N floats of attention (and as many of its gradient) held at once: 8 MB
 REGION_THRESHOLD, REGION_TOP_SHARE = 0.5, 0.2  # the decoder's own region: saliency ≥ 0.5, else its top 20 %
 
@@ -46,15 +47,18 @@ class TargetError(ValueError):
 
 @dataclass(frozen=True)
 class Target:
-    """What is explained: TOP (resolved per model), CLASS `index`, EMBEDDING, PATCH (`row`, `col`), or REGION."""
+    """What is explained: TOP (resolved per model), CLASS `index`, EMBEDDING, PATCH (`row`, `col`), REGION, or TEXT
+    (the image's similarity with `prompt`, kept as typed)."""
 
     kind: str
     index: int = 0
     row: int = 0
     col: int = 0
+    prompt: str = ""
 
     def __str__(self) -> str:
-        return {CLASS: f"class:{self.index}", PATCH: f"patch:{self.row},{self.col}"}.get(self.kind, self.kind)
+        return {CLASS: f"class:{self.index}", PATCH: f"patch:{self.row},{self.col}",
+                TEXT: f"text:{self.prompt}"}.get(self.kind, self.kind)
 
 
 @dataclass(frozen=True)
@@ -78,7 +82,10 @@ class Explanation:
 
 
 def parse_target(text: str) -> Target:
-    """"top", "class:N", "embedding", "patch:ROW,COL" (or "region", the saliency decoder's) → Target."""
+    """"top", "class:N", "embedding", "patch:ROW,COL", "region" (the saliency decoder's) or "text:PROMPT" (the
+    prompt as typed: any case, ':' and commas included) → Target."""
+    if match := re.fullmatch(r"\s*text:(.*)", str(text), re.IGNORECASE | re.DOTALL):
+        return Target(TEXT, prompt=match.group(1).strip())
     text = str(text).strip().lower()
     if text in (TOP, EMBEDDING, REGION):
         return Target(text)
@@ -86,7 +93,8 @@ def parse_target(text: str) -> Target:
         return Target(CLASS, index=int(match.group(1)))
     if match := re.fullmatch(r"patch:(\d+),(\d+)", text):
         return Target(PATCH, row=int(match.group(1)), col=int(match.group(2)))
-    raise TargetError(f"target must be 'top', 'class:N', 'embedding', 'patch:ROW,COL' or 'region', got {text!r}")
+    raise TargetError(f"target must be 'top', 'class:N', 'embedding', 'patch:ROW,COL', 'region' or 'text:PROMPT', "
+                      f"got {text!r}")
 
 
 def resolve(loaded: LoadedModel, analysis: Analysis, target: "Target | str") -> Target:
@@ -106,6 +114,11 @@ def resolve(loaded: LoadedModel, analysis: Analysis, target: "Target | str") -> 
                               f"classes, 0–{head.num_classes - 1})")
     if target.kind == REGION and not isinstance(head, SaliencyDecoder):
         raise TargetError("target: region needs a saliency decoder, and this model has none")
+    if target.kind == TEXT and not target.prompt:
+        raise TargetError("target: text:PROMPT needs a prompt after 'text:'")
+    if target.kind == TEXT and loaded.text is None:
+        raise TargetError(f"target: text:PROMPT needs a model with a text tower, and this one has none ({FAMILIES} "
+                          "have one)")
     g = analysis.geometry
     if target.kind == PATCH and not (target.row < g.grid_h and target.col < g.grid_w):
         raise TargetError(f"target: patch {target.row},{target.col} is outside the {g.grid_h}×{g.grid_w} grid")
@@ -151,6 +164,9 @@ def describe(loaded: LoadedModel, target: Target) -> str:
         return "the predicted saliency summed over the model's own predicted region"
     if target.kind == PATCH:
         return f"f·sg(f), f the final feature of patch {target.row},{target.col}"
+    if target.kind == TEXT:
+        bias = " + bias" if loaded.text is not None and loaded.text.sigmoid else ""
+        return f"the image's similarity with the prompt \"{target.prompt}\" (logit_scale·cos{bias})"
     return "f·sg(f), f the final feature of the class token (or the pooled output without one)"
 
 
@@ -171,15 +187,17 @@ class Objective:
 
     CLASS: the class's logit (pre-softmax). EMBEDDING / PATCH: y = f·sg(f) (the feature times its own detached
     value, whose gradient is f itself), f the final feature (after post_layernorm) of the class token or of the
-    patch; without a class token f is the pooled output. REGION: the decoder's predicted saliency summed over its
-    own region (pixels at ≥ 0.5, or its top 20 % where none is), the mask held fixed, backpropagated through the
-    decoder. The row w: the tokens the target reads, evenly (the class token; DeiT's class and distillation tokens;
-    DINOv2's classifier: ½ class token + ½ the patches' mean; mean-pooled heads and the decoder: the patches); an
-    attention-pooling probe's row is its own mean_h (∇P ⊙ P)⁺ (relevance) or rownorm((mean_h ∇P ⊙ P)⁺) (rollout).
+    patch; without a class token f is the pooled output. TEXT: the image-text similarity logit of the pooled output
+    (projected) with the prompt's detached text embedding (`text.similarity`), read like EMBEDDING. REGION: the
+    decoder's predicted saliency summed over its own region (pixels at ≥ 0.5, or its top 20 % where none is), the
+    mask held fixed, backpropagated through the decoder. The row w: the tokens the target reads, evenly (the class
+    token; DeiT's class and distillation tokens; DINOv2's classifier: ½ class token + ½ the patches' mean;
+    mean-pooled heads and the decoder: the patches); an attention-pooling probe's row is its own mean_h (∇P ⊙ P)⁺
+    (relevance) or rownorm((mean_h ∇P ⊙ P)⁺) (rollout).
     """
 
     def __init__(self, loaded: LoadedModel, analysis: Analysis, target: Target):
-        self.model, self.head, self.target = loaded.model, loaded.head, target
+        self.loaded, self.model, self.head, self.target = loaded, loaded.model, loaded.head, target
         self.num_prefix = analysis.num_prefix_tokens
         self.geometry = analysis.geometry
         self.token = analysis.token_at(target.row, target.col) if target.kind == PATCH else None
@@ -201,7 +219,7 @@ class Objective:
             y, weights = f @ f.detach(), F.one_hot(torch.tensor(self.token), n).float()
         else:
             f = tokens[0, 0] if config.class_token else pooled[0]
-            y = f @ f.detach()
+            y = similarity(self.loaded, pooled, self.target.prompt)[0] if self.target.kind == TEXT else f @ f.detach()
             weights = F.one_hot(torch.tensor(0), n).float() if config.class_token else weights
         if weights is not None:
             grad, = torch.autograd.grad(y, x)

@@ -4,6 +4,8 @@
     python -m explorer photos/ --resolution 1022 --layers 5 11 --head mean --rollout max --out maps/
     python -m explorer photo.jpg --explain top --method relevance grad_rollout --out maps/
     python -m explorer photo.jpg --explain class:3 --faithfulness pixels --out maps/   # which map to trust
+    python -m explorer photo.jpg --model openai/clip-vit-base-patch32 --prompts "a photo of a cat" "a dog" \\
+        --explain "text:a photo of a cat"          # zero_shot.json, and the prompt's relevance map
     python -m explorer atlas photos/ --out atlas/      # a dataset atlas: see explorer/atlas/command.py
 """
 from __future__ import annotations
@@ -17,11 +19,13 @@ from pathlib import Path
 from tqdm import tqdm
 
 import visualizer
-from analysis import FUSIONS, METHODS, REMOVALS, TargetError, analyze, explain, faithfulness
+from analysis import FUSIONS, METHODS, REMOVALS, TargetError, TextError, analyze, explain, faithfulness, zero_shot
+from analysis.text import text_model
 from model import CheckpointError, InvalidImageError, load_image, load_model
 
 from . import drawing, exports
-from .inputs import DEFAULT_RESOLUTION, UserError, check_resolution, explain_target, head_choice, layer_index
+from .inputs import (DEFAULT_RESOLUTION, UserError, check_resolution, explain_target, head_choice, layer_index,
+                     prompt_list)
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 logger = logging.getLogger("vit-inspect")
@@ -50,7 +54,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--cmap", default="inferno", choices=visualizer.available_colormaps())
     parser.add_argument("--no-gif", action="store_true", help="skip the layer animation")
     parser.add_argument("--explain", metavar="TARGET",
-                        help="also explain an output: top, class:N, embedding, region, or patch:X,Y (a pixel)")
+                        help="also explain an output: top, class:N, embedding, region, patch:X,Y (a pixel), or "
+                             "text:PROMPT (an image-text model's similarity with the prompt)")
+    parser.add_argument("--prompts", nargs="+", metavar="PROMPT",
+                        help="an image-text model's (CLIP, SigLIP) zero-shot scores of these prompts: zero_shot.json")
     parser.add_argument("--method", nargs="+", choices=METHODS, default=["relevance"],
                         help="the explanation's methods (with --explain)")
     parser.add_argument("--faithfulness", metavar="REMOVAL", choices=REMOVALS,
@@ -109,8 +116,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         paths = image_paths(args.source)
         resolution = check_resolution(args.resolution)
+        prompts = prompt_list("\n".join(args.prompts)) if args.prompts is not None else None
         loaded = load_model(args.model)
-    except (FileNotFoundError, ValueError, CheckpointError) as err:
+        if prompts is not None:
+            text_model(loaded)
+    except (FileNotFoundError, ValueError, CheckpointError, TextError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     style = drawing.Style(cmap=args.cmap)
@@ -131,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
                                            resolution)
                 for name, content in files.items():
                     (folder / name).write_bytes(content)
+            if prompts is not None:
+                (folder / "zero_shot.json").write_text(json.dumps(vars(zero_shot(loaded, analysis, prompts))))
         except (InvalidImageError, UserError, TargetError) as err:
             failures += 1
             tqdm.write(f"skipped {path.name}: {err}", file=sys.stderr)

@@ -26,6 +26,9 @@ DIRECTIONS = ("row", "column")  # a clicked patch: what it attends to, or what a
 ANIMATIONS = ("cls", "rollout")  # what the layer animation shows
 STAT_MODES = {"spread": DEFAULT_STAT_QUERIES, "all": None}  # head statistics over 512 spread queries, or every one
 PRECISIONS = ("float32", "float16", "bfloat16")
+MAX_PROMPTS, MAX_PROMPT_CHARS = 32, 300  # prompts per request, characters per prompt
+DEFAULT_TEMPLATE = "a photo of a {}"  # the page's labels become prompts through it ("{}": the label)
+DEFAULT_LABELS = "cat\ndog\ncar"
 
 
 class UserError(ValueError):
@@ -111,6 +114,42 @@ def text(value: Any, name: str, max_chars: int = 200) -> str:
     return value.strip()
 
 
+def prompt_list(value: Any, name: str = "prompts") -> list[str]:
+    """One prompt per line, blank lines skipped, each kept as typed (case, punctuation) but for its ends' spaces:
+    1 to MAX_PROMPTS prompts of at most MAX_PROMPT_CHARS characters each."""
+    if not isinstance(value, str):
+        raise UserError(f"{name} must be text, one prompt per line; got {shown(value)}.")
+    if len(value) > MAX_PROMPTS * (MAX_PROMPT_CHARS + 2):
+        raise UserError(f"{name}: at most {MAX_PROMPTS} prompts of at most {MAX_PROMPT_CHARS} characters each.")
+    prompts = [line.strip() for line in value.splitlines() if line.strip()]
+    if not prompts:
+        raise UserError(f"{name}: give at least one prompt (one per line), e.g. 'a photo of a cat'.")
+    if len(prompts) > MAX_PROMPTS:
+        raise UserError(f"{name}: at most {MAX_PROMPTS} prompts, got {len(prompts)}.")
+    for prompt in prompts:
+        check_prompt(prompt, name)
+    return prompts
+
+
+def check_prompt(prompt: str, name: str) -> str:
+    if len(prompt) > MAX_PROMPT_CHARS:
+        raise UserError(f"{name}: each prompt has at most {MAX_PROMPT_CHARS} characters; {shown(prompt)} has "
+                        f"{len(prompt)}.")
+    return prompt
+
+
+def templated_prompts(template: Any, labels: Any) -> list[str]:
+    """The page's prompts: each label (one per line) put into the template where it says "{}" (a template without
+    "{}" is left out: the labels are the prompts); none for blank labels."""
+    template = text(template, "template", MAX_PROMPT_CHARS)
+    if isinstance(labels, str) and not labels.strip():
+        return []
+    labels = prompt_list(labels, "labels")
+    if "{}" not in template:
+        return labels
+    return [check_prompt(template.replace("{}", label), "prompts") for label in labels]
+
+
 def layer_index(value: Any, num_layers: int) -> int:
     """A layer index; negative values count from the end (-1 is the last layer)."""
     layer = whole(value, "layer", -num_layers, num_layers - 1)
@@ -175,6 +214,7 @@ class Controls:
     target: str = "top"  # what is explained, as `analysis.relevance` names it (a patch by its row and column)
     method: str = "relevance"
     removal: str = "drop"  # how the faithfulness curves remove a patch (see analysis.faithfulness)
+    prompts: tuple[str, ...] = ()  # the page's prompts (template × labels); empty where no label is given
 
     @classmethod
     def parse(cls, analysis: Analysis, values: Mapping[str, Any]) -> "Controls":
@@ -191,20 +231,26 @@ class Controls:
                    check_discard(v["discard"]), choice(v["statistic"], "statistic", tuple(STAT_LABELS)),
                    flag(v["atlas_shared"], "shared"), choice(v["stat_mode"], "statistics", tuple(STAT_MODES)),
                    explain_target(v["target"], analysis), choice(v["method"], "method", METHODS),
-                   choice(v["removal"], "removal", REMOVALS))
+                   choice(v["removal"], "removal", REMOVALS), tuple(templated_prompts(v["template"], v["labels"])))
 
 
 def explain_target(value: Any, analysis: Analysis) -> str:
-    """What to explain: "top", "class:N", "embedding", "region" (a saliency decoder's own), or "patch:X,Y", the patch
-    under pixel (X, Y) of the original image, returned as "patch:ROW,COL"."""
+    """What to explain: "top", "class:N", "embedding", "region" (a saliency decoder's own), "patch:X,Y", the patch
+    under pixel (X, Y) of the original image, returned as "patch:ROW,COL", or "text:PROMPT" (an image-text model's
+    similarity with the prompt, kept as typed)."""
+    if isinstance(value, str) and (match := re.fullmatch(r"\s*text:(.*)", value, re.IGNORECASE | re.DOTALL)):
+        prompt = match.group(1).strip()
+        if not prompt or "\n" in prompt:
+            raise UserError(f"target: text:PROMPT needs one prompt after 'text:', got {shown(value)}.")
+        return f"text:{check_prompt(prompt, 'target')}"
     target = text(value, "target", 60).lower().replace(" ", "")
     if target in ("top", "embedding", "region") or re.fullmatch(r"class:\d+", target):
         return target
     if match := re.fullmatch(r"patch:([0-9.]+),([0-9.]+)", target):
         row, col = analysis.geometry.patch_at(*point(match.group(1), match.group(2), analysis))
         return f"patch:{row},{col}"
-    raise UserError(f"target must be top, class:N, embedding, region or patch:X,Y (a pixel of the image); got "
-                    f"{shown(value)}.")
+    raise UserError(f"target must be top, class:N, embedding, region, patch:X,Y (a pixel of the image) or text:PROMPT; "
+                    f"got {shown(value)}.")
 
 
 def check_discard(value: Any) -> float:
@@ -215,5 +261,5 @@ COLORMAPS = tuple(visualizer.available_colormaps())
 DEFAULTS = {"layer": -1, "head": "mean", "direction": "row", "opacity": 0.6, "cmap": "inferno", "smooth": True,
             "normalize": "robust", "mass_on": False, "mass": 0.6, "fusion": "mean", "discard": 0.0,
             "statistic": "mean_distance_px", "atlas_shared": False, "stat_mode": "spread", "target": "top",
-            "method": "relevance", "removal": "drop"}
+            "method": "relevance", "removal": "drop", "template": DEFAULT_TEMPLATE, "labels": DEFAULT_LABELS}
 FIELDS = tuple(DEFAULTS)  # the controls' names: the page's components and the endpoints' parameters use them

@@ -12,6 +12,7 @@ from .preprocess import IMAGENET_MEAN, IMAGENET_STD
 
 if TYPE_CHECKING:
     from .heads import HeadWeights
+    from .text_formats import TextWeights
 
 WEIGHT_FILES = (  # a folder's weights file: the first one present wins; the hub fetches the .safetensors ones only
     "model.safetensors", "open_clip_model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin")
@@ -34,6 +35,7 @@ class Checkpoint:
     std: tuple[float, float, float] = IMAGENET_STD
     head: HeadWeights | None = None  # a task head's weights, loaded beside the tower with their own strict check
     hub_id: str | None = None  # the hub repository it was fetched from (None: a local file or folder)
+    text: TextWeights | None = None  # an image-text model's text tower (CLIP, SigLIP, open_clip), when present
 
 
 def check_state_dict(module: nn.Module, state: dict[str, torch.Tensor], name: str) -> None:

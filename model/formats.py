@@ -11,6 +11,7 @@ from . import conversions as c
 from .conversions import Tensors
 from .heads import CLASS, CLASS_AND_PATCH_MEAN, HeadFormat
 from .preprocess import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, STANDARD_MEAN, STANDARD_STD
+from .text_formats import text_keys
 
 
 @dataclass(frozen=True)
@@ -149,3 +150,8 @@ def vision_keys(keys: "set[str] | list[str]") -> list[str]:
     image classifier's, or all of them when no key has a vision prefix (a vision-only model)."""
     vision = [k for k in keys if k.startswith(VISION_PREFIXES)]
     return vision + [k for k in keys if re.fullmatch(CLASSIFIER_KEYS, k)] if vision else list(keys)
+
+
+def tower_keys(keys: "set[str] | list[str]") -> list[str]:
+    """The keys read from a checkpoint: the vision tower's (`vision_keys`) and an image-text model's text tower's."""
+    return list(dict.fromkeys(vision_keys(keys) + text_keys(keys)))

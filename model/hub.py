@@ -19,14 +19,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .checkpoint import CONFIG_FILES, INDEX_FILE, WEIGHT_FILES, CheckpointError
-from .formats import vision_keys
+from .formats import tower_keys
 from .hub_cache import Fetching, folder_bytes, forget, repo_folder, touch
+from .text_formats import text_keys
+from .tokenizer import TOKENIZER_FILES
 
 logger = logging.getLogger(__name__)
 TIMEOUT_S = 3.0  # for the first question to the hub; downloads themselves may take as long as they need
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 SAFETENSORS_FILES = tuple(f for f in WEIGHT_FILES if f.endswith(".safetensors"))  # the first one present is fetched
 TRUE = ("1", "ON", "YES", "TRUE")
+TEXT_MODEL_TYPES = ("clip", "siglip")  # config.json of CLIPModel and SiglipModel: tokenizer files are fetched
 
 
 @dataclass(frozen=True)
@@ -52,11 +55,13 @@ def download(repo_id: str, limits: HubLimits = HubLimits()) -> Path:
     configs = [f for f in CONFIG_FILES if f in sizes] + ([INDEX_FILE] if INDEX_FILE in sizes else [])
     _check_json(repo_id, limits, {name: sizes.get(name) for name in configs})
     try:
-        weights = _vision_weights(repo_id, sizes, endpoint, limits)  # {file: its vision keys, or None: see header}
+        weights = _vision_weights(repo_id, sizes, endpoint, limits)  # {file: its tower keys, or None: see header}
         if not weights:
             raise CheckpointError(f"{repo_id} has no safetensors weights ({', '.join(SAFETENSORS_FILES)} or "
                                   f"{INDEX_FILE}); only safetensors are fetched from the hub")
-        names = configs + sorted(weights)
+        tokenizer = _tokenizer_files(repo_id, sizes, weights, endpoint, limits)
+        _check_json(repo_id, limits, {name: sizes.get(name) for name in configs + tokenizer})
+        names = configs + tokenizer + sorted(weights)
         _check_limits(repo_id, limits, {name: sizes.get(name) for name in names}, weights, endpoint)
     except CheckpointError:
         release(repo_id, limits)  # its index, fetched for nothing
@@ -92,9 +97,38 @@ def describe_bytes(count: int) -> str:
     return f"{count} bytes"
 
 
+def _tokenizer_files(repo_id: str, sizes: dict[str, int | None], weights: dict[str, list | None],
+                     endpoint: str | None, limits: HubLimits) -> list[str]:
+    """The tokenizer files of an image-text model (its text tower's keys are in the index, or it is an open_clip
+    repo, or its config.json names CLIP or SigLIP); none for any other model, a VLM's language model included."""
+    listed = [name for name in TOKENIZER_FILES if name in sizes]
+    if not listed:
+        return []
+    if any(keys is not None for keys in weights.values()):  # from the index: the keys are known
+        has_text = bool(text_keys([k for keys in weights.values() for k in keys or ()]))
+    elif "open_clip_config.json" in sizes:
+        has_text = True
+    else:
+        has_text = _model_type(repo_id, sizes, endpoint, limits) in TEXT_MODEL_TYPES
+    return listed if has_text else []
+
+
+def _model_type(repo_id: str, sizes: dict[str, int | None], endpoint: str | None, limits: HubLimits) -> str | None:
+    """config.json's model_type (fetched now: it would be anyway)."""
+    if "config.json" not in sizes:
+        return None
+    with Fetching(repo_id, sizes["config.json"] or 0, limits.max_cache_bytes):
+        try:
+            config = json.loads(Path(_fetch(repo_id, "config.json", endpoint)).read_text())
+        except (json.JSONDecodeError, RecursionError) as err:
+            raise CheckpointError(f"{repo_id}: config.json is not valid JSON ({err})") from err
+    return config.get("model_type") if isinstance(config, dict) else None
+
+
 def _vision_weights(repo_id: str, sizes: dict[str, int | None], endpoint: str | None,
                     limits: HubLimits) -> dict[str, list | None]:
-    """The safetensors files to fetch: the shards holding vision keys (from the index), or the one weights file."""
+    """The safetensors files to fetch: the shards holding the towers' keys (from the index; an image-text model's
+    text tower is one), or the one weights file."""
     if INDEX_FILE not in sizes:
         return {name: None for name in [f for f in SAFETENSORS_FILES if f in sizes][:1]}
     try:
@@ -103,7 +137,7 @@ def _vision_weights(repo_id: str, sizes: dict[str, int | None], endpoint: str | 
     except (json.JSONDecodeError, RecursionError, KeyError, TypeError) as err:
         raise CheckpointError(f"{repo_id}: {INDEX_FILE} is not a valid safetensors index ({err})") from err
     shards: dict[str, list | None] = {}
-    for key in vision_keys(weight_map):
+    for key in tower_keys(weight_map):
         shards.setdefault(weight_map[key], []).append(key)
     return shards
 
@@ -140,14 +174,18 @@ def _check_limits(repo_id: str, limits: HubLimits, sizes: dict[str, int | None],
         raise CheckpointError(f"{repo_id}: its vision weights are larger than the "
                               f"{describe_bytes(limits.max_cache_bytes)} this server keeps of the hub.")
     if limits.max_params is not None:
-        params = sum(_header_params(repo_id, name, keys, endpoint) for name, keys in weights.items())
+        counts = [_header_params(repo_id, name, keys, endpoint) for name, keys in weights.items()]
+        params = sum(count for count, _ in counts)
         if params > limits.max_params:
-            raise CheckpointError(f"{repo_id}: its vision tower has {describe_count(params)} parameters, more than "
+            read = [key for _, keys in counts for key in keys]
+            towers = "vision and text towers have" if text_keys(read) else "vision tower has"
+            raise CheckpointError(f"{repo_id}: its {towers} {describe_count(params)} parameters, more than "
                                   f"the {describe_count(limits.max_params)} this server accepts.")
 
 
-def _header_params(repo_id: str, name: str, keys: list | None, endpoint: str | None) -> int:
-    """Parameters of the vision tensors of one safetensors file, read from its header alone (HTTP range reads)."""
+def _header_params(repo_id: str, name: str, keys: list | None, endpoint: str | None) -> tuple[int, list[str]]:
+    """Parameters of the towers' tensors of one safetensors file, read from its header alone (HTTP range reads),
+    and those tensors' names."""
     from huggingface_hub import HfApi
     try:
         tensors = HfApi(endpoint=endpoint).parse_safetensors_file_metadata(repo_id, name, timeout=TIMEOUT_S).tensors
@@ -155,7 +193,8 @@ def _header_params(repo_id: str, name: str, keys: list | None, endpoint: str | N
         logger.warning("reading the safetensors header of %s of %s failed: %r", name, repo_id, err)
         raise CheckpointError(f"{repo_id}: the header of {name} could not be read ({_reason(err)}), so its size "
                               "cannot be checked against this server's caps.") from err
-    return sum(math.prod(tensors[k].shape) for k in (keys if keys is not None else vision_keys(list(tensors))))
+    keys = keys if keys is not None else tower_keys(list(tensors))
+    return sum(math.prod(tensors[k].shape) for k in keys), keys
 
 
 class _Unreachable(Exception):
@@ -211,7 +250,8 @@ def _cached_or_fail(repo_id: str, why: str) -> Path:
     """The cached snapshot of a repo fetched before, or the error that says the hub is unreachable."""
     from huggingface_hub import snapshot_download
     try:
-        folder = Path(snapshot_download(repo_id, local_files_only=True, allow_patterns=["*.json", "*.safetensors"]))
+        patterns = ["*.json", "*.safetensors", "spiece.model"]
+        folder = Path(snapshot_download(repo_id, local_files_only=True, allow_patterns=patterns))
     except Exception as err:  # not in the local cache
         raise _unreachable(repo_id, why) from err
     touch(repo_id)

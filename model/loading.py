@@ -13,6 +13,8 @@ from .config import IdeficsVisionConfig
 from .heads import build_head
 from .hub import HubLimits, release
 from .preprocess import Preprocessing
+from .text import TextModel, TextTower
+from .text_formats import TextWeights
 from .vision import IdeficsVisionTransformer
 
 logger = logging.getLogger(__name__)
@@ -25,6 +27,7 @@ class LoadedModel:
     name: str
     head: nn.Module | None = None  # a task head (heads.ClassifierHead or heads.SaliencyDecoder), when loaded
     labels: tuple[str, ...] = ()  # a classifier's class names
+    text: TextModel | None = None  # an image-text model's text tower and tokenizer (CLIP, SigLIP, open_clip)
 
     @property
     def config(self) -> IdeficsVisionConfig:
@@ -36,10 +39,10 @@ class LoadedModel:
 
     @property
     def nbytes(self) -> int:
-        """Bytes of the weights (parameters and buffers), the head's included."""
+        """Bytes of the weights (parameters and buffers), the head's and the text tower's included."""
         modules = [self.model] + ([self.head] if self.head is not None else [])
         tensors = [t for m in modules for t in (*m.parameters(), *m.buffers())]
-        return sum(t.numel() * t.element_size() for t in tensors)
+        return sum(t.numel() * t.element_size() for t in tensors) + (self.text.nbytes if self.text else 0)
 
 
 def default_device() -> torch.device:
@@ -53,6 +56,14 @@ def build_model(checkpoint: Checkpoint) -> IdeficsVisionTransformer:
     check_state_dict(model, checkpoint.state_dict, checkpoint.name)
     model.load_state_dict(checkpoint.state_dict, strict=True)
     return model.eval()
+
+
+def build_text(weights: TextWeights) -> TextModel:
+    """The text tower loaded strictly (every key and shape checked), with its tokenizer."""
+    tower = TextTower(weights.config)
+    check_state_dict(tower, weights.state_dict, "the text tower")
+    tower.load_state_dict(weights.state_dict, strict=True)
+    return TextModel(tower.eval(), weights.tokenizer)
 
 
 def load_model(source: "str | os.PathLike | None" = None, device: "str | torch.device | None" = None,
@@ -76,18 +87,22 @@ def load_model(source: "str | os.PathLike | None" = None, device: "str | torch.d
     else:
         from .sources import load_checkpoint
         checkpoint = load_checkpoint(source, limits=limits, allow_local=allow_local, **overrides)
-    config, head, labels = checkpoint.config, None, ()
+    config, head, labels, text = checkpoint.config, None, (), None
     try:
         model = build_model(checkpoint)
         if checkpoint.head is not None:
             head = build_head(checkpoint.head, config.hidden_size, config.num_prefix_tokens)
             labels = checkpoint.head.labels
+        if checkpoint.text is not None:
+            text = build_text(checkpoint.text)
     except CheckpointError:
         if checkpoint.hub_id is not None:
             release(checkpoint.hub_id, limits)
         raise
     target = torch.device(device) if device else default_device()
     model, head = model.to(target), head.to(target) if head is not None else None
+    if text is not None:
+        text.tower.to(target)
     logger.info("loaded %s on %s", checkpoint.name, next(model.parameters()).device)
     preprocessing = Preprocessing(checkpoint.config.patch_size, tuple(checkpoint.mean), tuple(checkpoint.std))
-    return LoadedModel(model, preprocessing, checkpoint.name, head, labels)
+    return LoadedModel(model, preprocessing, checkpoint.name, head, labels, text)

@@ -17,9 +17,11 @@ from safetensors import SafetensorError, safe_open
 from .checkpoint import INDEX_FILE, WEIGHT_FILES, Checkpoint, CheckpointError
 from .config import IdeficsVisionConfig
 from .conversions import shape_fields, switches_from_keys
-from .formats import Format, Tensors, detect, rename, stripped, vision_keys
+from .formats import Format, Tensors, detect, rename, stripped, tower_keys
 from .heads import head_weights
 from .hub import HUB_ID, HubLimits, describe_count, download, release
+from .text_formats import TextWeights, convert_text, detect_text
+from .tokenizer import PromptTokenizer
 
 logger = logging.getLogger(__name__)
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
@@ -51,9 +53,11 @@ def load_checkpoint(source: "str | os.PathLike", num_heads: int | None = None, l
     try:
         checkpoint = _convert(path, overrides)
         checkpoint.name = f"{source if from_hub else Path(str(source)).name or source} ({checkpoint.name})"
-        params = sum(t.numel() for t in checkpoint.state_dict.values())
+        text = checkpoint.text.state_dict if checkpoint.text is not None else {}
+        params = sum(t.numel() for state in (checkpoint.state_dict, text) for t in state.values())
         if limits.max_params is not None and params > limits.max_params:
-            raise CheckpointError(f"the vision tower has {describe_count(params)} parameters, more than the "
+            towers = "vision and text towers have" if text else "vision tower has"
+            raise CheckpointError(f"the {towers} {describe_count(params)} parameters, more than the "
                                   f"{describe_count(limits.max_params)} this server accepts.")
     except CheckpointError as err:
         if from_hub:
@@ -83,7 +87,30 @@ def _convert(path: Path, overrides: dict) -> Checkpoint:
         raise CheckpointError(f"the {fmt.name} weights are incomplete or inconsistent ({detail})") from err
     mean, std = _normalization(folder, fmt)
     logger.info("%s: %s format, %d tensors, %s", path.name, fmt.name, len(state), config)
-    return Checkpoint(config, state, fmt.name, mean, std, head)
+    return Checkpoint(config, state, fmt.name, mean, std, head, text=_text(raw, folder))
+
+
+def _text(raw: Tensors, folder: Path | None) -> TextWeights | None:
+    """An image-text model's text tower with its tokenizer; None for other models. Without tokenizer files beside
+    the weights the tower is left out (with a warning): prompts could not be tokenized."""
+    fmt = detect_text(raw)
+    if fmt is None:
+        return None
+    try:
+        config, state = convert_text(raw, fmt, _read_json(folder, "config.json"),
+                                     _read_json(folder, "open_clip_config.json"))
+    except (KeyError, ValueError, RuntimeError) as err:
+        detail = f"no {err}" if isinstance(err, KeyError) else str(err)
+        raise CheckpointError(f"the {fmt.name} text tower is incomplete or inconsistent ({detail})") from err
+    if not PromptTokenizer.available(folder):
+        logger.warning("%s text tower without tokenizer.json or spiece.model beside it: left out", fmt.name)
+        return None
+    try:
+        tokenizer = PromptTokenizer(folder, config.context_length, siglip=fmt.name == "transformers SigLIP")
+    except Exception as err:  # the tokenizers and SentencePiece libraries raise plain exceptions for unreadable files
+        raise CheckpointError(f"its tokenizer files (tokenizer.json or spiece.model) are not readable "
+                              f"({_plain(err, folder / 'tokenizer.json')})") from err
+    return TextWeights(config, state, tokenizer)
 
 
 def _resolve(source: "str | os.PathLike", limits: HubLimits, allow_local: bool) -> tuple[Path, bool]:
@@ -118,10 +145,10 @@ def read_weights(path: Path) -> Tensors:
 
 
 def _read_safetensors(path: Path, keys: set[str] | None = None) -> Tensors:
-    """The given tensors of a file; by default its vision ones (a VLM's language model is never read)."""
+    """The given tensors of a file; by default its towers' (a VLM's language model is never read)."""
     try:
         with safe_open(str(path), framework="pt") as handle:
-            return {k: handle.get_tensor(k) for k in (keys if keys is not None else vision_keys(list(handle.keys())))}
+            return {k: handle.get_tensor(k) for k in (keys if keys is not None else tower_keys(list(handle.keys())))}
     except (SafetensorError, OSError, ValueError) as err:
         raise CheckpointError(f"{path.name} is not a readable safetensors file (corrupt or truncated: "
                               f"{_plain(err, path)})") from err
@@ -149,12 +176,12 @@ def _read_pickle(path: Path) -> Tensors:
 
 
 def _read_sharded(index: Path) -> Tensors:
-    """Reads only the shards that hold vision weights, and only those tensors (IDEFICS: never the LM)."""
+    """Reads only the shards that hold the towers' weights, and only those tensors (IDEFICS: never the LM)."""
     try:
         weight_map = json.loads(index.read_text())["weight_map"]
     except (json.JSONDecodeError, KeyError, TypeError) as err:
         raise CheckpointError(f"{index.name} is not a valid safetensors index ({err})") from err
-    vision = {k: weight_map[k] for k in vision_keys(weight_map)}
+    vision = {k: weight_map[k] for k in tower_keys(weight_map)}
     state: Tensors = {}
     for shard in sorted(set(vision.values())):
         logger.info("reading vision weights from %s", shard)

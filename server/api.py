@@ -10,7 +10,7 @@ from gradio.data_classes import FileData
 import visualizer
 from analysis import STAT_LABELS
 from explorer import drawing
-from explorer.inputs import ANIMATIONS, DEFAULT_RESOLUTION, Controls, choice, point
+from explorer.inputs import ANIMATIONS, DEFAULT_RESOLUTION, Controls, choice, point, prompt_list, uploaded_file
 
 from . import handlers
 from .handlers import guarded, open_upload, write_png
@@ -136,12 +136,26 @@ class Api:
             out["saliency"] = out["saliency"].round(5).tolist()
         return {"model": s.analysis.model_name, "geometry": s.analysis.geometry.to_dict(), **out}
 
+    def zero_shot(self, image: FileData, prompts: str, resolution: int = DEFAULT_RESOLUTION,
+                  model: str = "default") -> dict:
+        """An image-text model's (CLIP, SigLIP, open_clip) scores for `prompts` (one per line, at most 32 of 300
+        characters): "scores" in the prompts' order (softmax over them for CLIP, each prompt's sigmoid for SigLIP),
+        "logits" (logit_scale·cos, plus SigLIP's bias) and "kind" ("softmax" or "sigmoid")."""
+        uploaded_file(image, "image", self.workspace.upload_roots)  # an upload, checked first as everywhere
+        checked = prompt_list(prompts)
+        handlers.require_text(self.workspace, model)  # before any analysis
+        s = open_upload(self.workspace, image, resolution, model)
+        result = handlers.scores(self.workspace, s, checked)
+        return {"model": s.analysis.model_name, "prompts": result.prompts, "scores": result.scores,
+                "logits": result.logits, "kind": result.kind}
+
     def relevance(self, image: FileData, target: str = "top", method: str = "relevance",
                   resolution: int = DEFAULT_RESOLUTION, model: str = "default",
                   discard_ratio: float = 0.0) -> tuple[FileData, dict]:
         """Which patches made the output `target` ("top", "class:N", "embedding", "patch:X,Y" for the patch under
-        pixel X,Y, "region" for the saliency decoder's predicted region): the map of `method` ("relevance",
-        "grad_rollout", "rollout", "attention") over the image, and its numbers on the patch grid."""
+        pixel X,Y, "region" for the saliency decoder's predicted region, "text:PROMPT" for an image-text model's
+        similarity with the prompt): the map of `method` ("relevance", "grad_rollout", "rollout", "attention") over
+        the image, and its numbers on the patch grid."""
         s = open_upload(self.workspace, image, resolution, model)
         c = Controls.parse(s.analysis, {"target": target, "method": method, "discard": discard_ratio})
         overlay, e = handlers.explanation(self.workspace, s, c, False)
@@ -170,6 +184,6 @@ class Api:
         """Adds the endpoints to the Blocks being built, all in the one concurrency group that runs the model."""
         for endpoint in (self.cls_attention, self.patch_attention, self.rollout, self.attention_flow,
                          self.head_statistics, self.attention_distance, self.hidden_states, self.layer_animation,
-                         self.export, self.predict, self.relevance, self.faithfulness):
+                         self.export, self.predict, self.relevance, self.faithfulness, self.zero_shot):
             gr.api(guarded(endpoint), api_name=endpoint.__name__, concurrency_id="model")
 

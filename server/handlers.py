@@ -19,8 +19,9 @@ from PIL import Image
 
 import visualizer
 from analysis import (DTYPES, METHODS, STAT_LABELS, Analysis, Explanation, Faithfulness, HeadStatistics, TargetError,
-                      explain, faithfulness, predicted_saliency, predictions)
+                      TextError, ZeroShot, explain, faithfulness, predicted_saliency, predictions, zero_shot)
 from analysis.faithfulness import RANDOM, RANDOM_SEEDS
+from analysis.text import text_model
 from analysis.flow import MAX_FLOW_TOKENS
 from explorer import drawing, exports
 from explorer.drawing import Scene
@@ -32,7 +33,7 @@ from model.heads import ClassifierHead, SaliencyDecoder
 from .workspace import AnalysisKey, View, Workspace
 
 logger = logging.getLogger("vit-inspect")
-USER_ERRORS = (UserError, InvalidImageError, CheckpointError, TargetError)
+USER_ERRORS = (UserError, InvalidImageError, CheckpointError, TargetError, TextError)
 METHOD_LABELS = {"relevance": "relevance (Chefer et al. 2021b)", "grad_rollout": "gradient rollout (vit-explain)",
                  "rollout": "attention rollout", "attention": "last layer's attention"}
 FLOW_SECONDS_AT_LIMIT = 81.0  # bench_analysis.py --flow 336: 12 layers, 577 tokens, 2-core CPU; ∝ layers × N³
@@ -240,6 +241,28 @@ def verdict(result: Faithfulness) -> str:
                and curve.positive_auc < chance.positive_auc and curve.negative_auc > chance.negative_auc]
     return (f"Most faithful for this image and target: {best}. Better than a random order by both tests: "
             f"{', '.join(beating) or 'none'}.")
+
+
+def require_text(ws: Workspace, model: Any) -> None:
+    """Refuses, before any image is analysed, a model without a text tower (the message names those with one)."""
+    text_model(ws.models.get(model_name(model)))
+
+
+def scores(ws: Workspace, s: Subject, prompts: list[str]) -> ZeroShot:
+    """The model's zero-shot scores of the prompts for the image (softmax over them for CLIP, sigmoids for SigLIP)."""
+    return zero_shot(ws.models.get(s.key.model, s.key.dtype), s.analysis, prompts)
+
+
+def prompt_strip(ws: Workspace, s: Subject, c: Controls, progress: Progress | None = None) -> Image.Image:
+    """One map of `c.method` per prompt (target text:PROMPT), side by side, each on its own scale."""
+    loaded = ws.models.get(s.key.model, s.key.dtype)
+    maps = []
+    for i, prompt in enumerate(c.prompts):
+        step = None if progress is None else (lambda f, i=i: progress((i + f) / len(c.prompts)))
+        maps.append(explain(loaded, s.analysis, f"text:{prompt}", c.method, c.discard, step).values)
+    tiles = [drawing.paint(s.scene.thumb, values, c.style, "") for values in maps]
+    labels = [p if len(p) <= 30 else p[:28] + "..." for p in c.prompts]
+    return visualizer.head_grid(tiles, labels, columns=min(4, len(tiles)), tile_width=224)
 
 
 def animation(ws: Workspace, s: Subject, c: Controls, mode: str, progress: Progress | None = None) -> FileData:

@@ -12,6 +12,7 @@ from typing import Any
 import gradio as gr
 
 import visualizer
+from analysis import ZeroShot
 from explorer import drawing
 from explorer.inputs import (ANIMATIONS, FIELDS, Controls, choice, click_position,
                              head_choice, number, resolution_limits, text)
@@ -25,9 +26,10 @@ TAB_LABELS = {"cls": "Class token", "explain": "Explain", "rollout": "Rollout", 
 TABS = tuple(TAB_LABELS)
 VIEW_OUTPUTS = ("main", "patch", "grid", "patch_caption", "second", "rollout", "rollout_caption", "atlas", "chart",
                 "scatter", "table", "norms", "pca", "similarity", "hidden_caption", "prediction", "saliency",
-                "explanation", "explain_caption", "explain_strip", "faithfulness_plot", "faithfulness_caption")
+                "explanation", "explain_caption", "explain_strip", "faithfulness_plot", "faithfulness_caption",
+                "zero_shot", "prompt_strip")
 ANALYSIS_OUTPUTS = ("view", "status", "summary", "layer", "head", "resolution", "target", "flow", "flow_note",
-                    "flow_button", "gif", "gif_file", "export_files", *VIEW_OUTPUTS)
+                    "flow_button", "gif", "gif_file", "export_files", "prompts_box", *VIEW_OUTPUTS)
 CLICKED = "patch"  # the target choice that stands for the clicked patch's feature
 FAITHFULNESS_FORWARDS = 60  # the curves' cost in plain forwards, about (benchmarks/faithfulness.py, README)
 
@@ -49,14 +51,29 @@ def controls(subject: Subject, values: tuple, view: View) -> Controls:
     return Controls.parse(subject.analysis, named)
 
 
-def target_choices(prediction: dict) -> list[tuple[str, str]]:
-    """What the Explain tab offers to explain for this model and image."""
-    outputs = [(f"class {p['index']}: {p['label']} ({p['probability']:.1%})", f"class:{p['index']}")
-               for p in prediction.get("top5", [])]
+def target_choices(prediction: dict, scored: ZeroShot | None = None) -> list[tuple[str, str]]:
+    """What the Explain tab offers to explain for this model and image (an image-text model's prompts first)."""
+    outputs = [(f"prompt: {p} ({score:.1%})", f"text:{p}") for p, score in zip(scored.prompts, scored.scores)
+               ] if scored is not None else []
+    outputs += [(f"class {p['index']}: {p['label']} ({p['probability']:.1%})", f"class:{p['index']}")
+                for p in prediction.get("top5", [])]
     if prediction["kind"] == "saliency":
         outputs.append(("the model's predicted region (saliency)", "region"))
     return [*outputs, ("the class token's final feature (or its stand-in)", "embedding"),
             ("the clicked patch's final feature", CLICKED)]
+
+
+def zero_shot_text(scored: ZeroShot) -> str:
+    """The prompts' scores as a table, best first."""
+    what = ("sigmoid of each prompt's logit (SigLIP: prompts scored independently)" if scored.kind == "sigmoid"
+            else "softmax over the prompts of logit_scale·cos (CLIP)")
+    rows = "\n".join(f"| {html.escape(p).replace('|', '&#124;')} | {score:.1%} | {logit:.2f} |" for score, logit, p in
+                     sorted(zip(scored.scores, scored.logits, scored.prompts), key=lambda row: -row[0]))
+    return f"**Zero-shot scores**: {what}.\n\n| prompt | score | logit |\n|---|---|---|\n{rows}"
+
+
+def best_prompt(scored: ZeroShot) -> str:
+    return f"text:{scored.prompts[max(range(len(scored.scores)), key=scored.scores.__getitem__)]}"
 
 
 def prediction_text(prediction: dict) -> str:
@@ -84,6 +101,7 @@ class Page:
         cleared = {name: None for name in ANALYSIS_OUTPUTS if name not in ("layer", "head", "resolution")}
         cleared |= {name: gr.update(value=None, visible=False) for name in ("flow", "flow_button", "export_files",
                                                                              "second")}
+        cleared["prompts_box"] = gr.update(visible=False)  # a layout block: shown again for an image-text model
         if image is None:
             return as_outputs({**cleared, "status": "Upload an image, or pick an example."}, ANALYSIS_OUTPUTS)
         try:
@@ -91,6 +109,7 @@ class Page:
             reset = {"layer": -1, "head": "mean", "target": "top"}  # what belonged to the last image or model
             first = Controls.parse(s.analysis, {**dict(zip(FIELDS, values)), **reset})
             predicted = handlers.prediction(self.workspace, s, saliency=False)
+            scored = self._scored(s, first)
             main = handlers.class_token(s, first, True, self.marker(View(s.key, s.source), s))["main"]
         except Exception as err:  # a message, no red badges: the controls stay usable
             message = user_message(err)
@@ -105,11 +124,36 @@ class Page:
             "second": gr.update(value=None, visible=s.analysis.summary.pooling or s.analysis.summary.distillation),
             "layer": gr.update(maximum=first.layer, value=first.layer),
             "head": gr.update(choices=drawing.head_choices(s.analysis.num_heads), value="mean"),
-            "target": gr.update(choices=[("the model's top output", "top"), *target_choices(predicted)], value="top"),
+            "target": gr.update(choices=[("the model's top output", "top"), *target_choices(predicted, scored)],
+                                value=best_prompt(scored) if scored else "top"),
+            "prompts_box": gr.update(visible=self._has_text(s)),
             "resolution": gr.update(minimum=low, maximum=high, step=s.analysis.geometry.patch_size,
                                     value=s.key.resolution),
             "flow_note": note, "flow_button": gr.update(visible=offered),
         }, ANALYSIS_OUTPUTS)
+
+    def _has_text(self, s: Subject) -> bool:
+        return self.workspace.models.get(s.key.model, s.key.dtype).text is not None
+
+    def _scored(self, s: Subject, c: Controls) -> ZeroShot | None:
+        """The page's prompts scored, for an image-text model with prompts (else None)."""
+        return handlers.scores(self.workspace, s, list(c.prompts)) if c.prompts and self._has_text(s) else None
+
+    @guarded
+    def set_prompts(self, view: View | None, *values: Any) -> Any:
+        """New prompts: offer them as targets; the target stays where it is still offered, else the best-scoring
+        prompt is chosen."""
+        if view is None:
+            return gr.skip()
+        s = open_view(self.workspace, view)
+        c = controls(s, values, view)
+        scored = self._scored(s, c)
+        if scored is None:
+            raise gr.Error("This model has no text tower, or no label was given.", print_exception=False)
+        predicted = handlers.prediction(self.workspace, s, saliency=False)
+        choices = [("the model's top output", "top"), *target_choices(predicted, scored)]
+        current = dict(zip(FIELDS, values))["target"]
+        return gr.update(choices=choices, value=current if current in {v for _, v in choices} else best_prompt(scored))
 
     def warm(self, path: str, res: int) -> None:
         """Analyses an example at start-up and keeps it, so that the page opens with its maps at once."""
@@ -159,26 +203,37 @@ class Page:
         saliency = predicted.get("saliency")
         shown = drawing.paint(s.scene.page, saliency, replace(c.style, normalize="none", mass=None),
                               "predicted saliency") if saliency is not None else None
-        caption = (f"**{handlers.METHOD_LABELS[e.method]}** of {e.description} (target `{e.target}`). Beside it, "
-                   "every method for the same target, each on its own scale: the two gradient methods follow the "
-                   "target; rollout and attention are the class token's whatever the target.")
-        return {"prediction": prediction_text(predicted), "saliency": gr.update(value=shown, visible=shown is not None),
-                "explanation": image, "explain_caption": caption,
-                "explain_strip": handlers.explanation_strip(self.workspace, s, c), **self._scored(s, c)}
+        caption = (f"**{handlers.METHOD_LABELS[e.method]}** of {html.escape(e.description)} (target "
+                   f"`{html.escape(str(e.target))}`). Beside it, every method for the same target, each on its own "
+                   "scale: the two gradient methods follow the target; rollout and attention are the class token's "
+                   "whatever the target.")
+        drawn = {"prediction": prediction_text(predicted), "explanation": image, "explain_caption": caption,
+                 "saliency": gr.update(value=shown, visible=shown is not None),
+                 "explain_strip": handlers.explanation_strip(self.workspace, s, c), **self._faithfulness_view(s, c)}
+        if not self._has_text(s):
+            return drawn
+        drawn["prediction"] = ("This model matches images with text: score prompts below and explain any of them "
+                               "(or its class token's final feature, or a patch's).")
+        scored = self._scored(s, c)
+        if scored is None:
+            return {**drawn, "zero_shot": "Type one label per line to score prompts.", "prompt_strip": None}
+        return {**drawn, "zero_shot": zero_shot_text(scored),
+                "prompt_strip": handlers.prompt_strip(self.workspace, s, c)}
 
-    def _scored(self, s: Subject, c: Controls, progress: Any = None) -> dict:
+    def _faithfulness_view(self, s: Subject, c: Controls, progress: Any = None) -> dict:
         """The faithfulness curves of the target and removal: computed (with `progress`), or drawn from the cache
         only, with a line saying how to compute them when they are not there yet."""
         plot, result = handlers.perturbation(self.workspace, s, c, progress, cached_only=progress is None)
         if plot is None:
             return {"faithfulness_plot": gr.update(value=None, visible=False),
-                    "faithfulness_caption": f"Score every map for target `{result.target}` by perturbation: about "
+                    "faithfulness_caption": f"Score every map for target `{html.escape(str(result.target))}` by "
+                                            "perturbation: about "
                                             f"{FAITHFULNESS_FORWARDS} forward passes of the model."}
         selected = c.layer != s.analysis.num_layers - 1 and f"attention_layer_{c.layer}" not in result.curves
         missing = f" Press the button again to add layer {c.layer}'s attention." if selected else ""
         return {"faithfulness_plot": gr.update(value=plot, visible=True),
-                "faithfulness_caption": f"{handlers.verdict(result)} Target `{result.target}`; score: "
-                                        f"{result.score}.{missing}"}
+                "faithfulness_caption": f"{handlers.verdict(result)} Target `{html.escape(str(result.target))}`; "
+                                        f"score: {html.escape(result.score)}.{missing}"}
 
     @guarded
     def score_maps(self, view: View | None, *values: Any, progress: gr.Progress = gr.Progress()) -> tuple:
@@ -186,8 +241,9 @@ class Page:
         if view is None:
             raise gr.Error("Analyse an image first.", print_exception=False)
         s = open_view(self.workspace, view)
-        scored = self._scored(s, controls(s, values, view), lambda f: progress(f, desc="maps, then perturbed passes"))
-        return scored["faithfulness_plot"], scored["faithfulness_caption"]
+        shown = self._faithfulness_view(s, controls(s, values, view),
+                                        lambda f: progress(f, desc="maps, then perturbed passes"))
+        return shown["faithfulness_plot"], shown["faithfulness_caption"]
 
     @staticmethod
     def marker(view: View, s: Subject) -> tuple[int, int]:
@@ -246,6 +302,8 @@ class Page:
             handlers.statistics(s, c.stat_mode, lambda f: progress(f, desc="head statistics"))
         else:
             handlers.explanation_strip(self.workspace, s, c, lambda f: progress(f, desc="backward, layer by layer"))
+            if c.prompts and self._has_text(s):
+                handlers.prompt_strip(self.workspace, s, c, lambda f: progress(f, desc="one backward per prompt"))
 
     @guarded
     def flow(self, view: View | None, *values: Any, progress: gr.Progress = gr.Progress()) -> Any:
@@ -277,8 +335,8 @@ class Page:
         settings = {"tab": tab, "direction": c.direction, "opacity": c.style.opacity, "colormap": c.style.cmap,
                     "smooth": c.style.smooth, "scaling": c.style.normalize, "mass_fraction": c.style.mass,
                     "statistic": c.statistic, "statistics_queries": c.stat_mode, "atlas_one_scale": c.atlas_shared,
-                    "removal": c.removal,
-                    "clicked_patch": [row, col]}
+                    "removal": c.removal, "clicked_patch": [row, col],
+                    **({"prompts": list(c.prompts)} if self._has_text(s) else {})}
         npz, sidecar = handlers.export(self.workspace, s, c, s.analysis.token_at(row, col), settings)
         shown = {"rollout": "rollout", "heads": "atlas", "hidden": "similarity",
                  "explain": "explanation"}.get(tab, "main")

@@ -263,3 +263,29 @@ def test_a_local_checkpoint_replaces_the_model_and_the_maps_change(site, tmp_pat
     wait_for_change(page, "#cls-view", before)
     assert page.locator("#head input").evaluate("e => e.value") == "mean"
     page.close()
+
+
+def test_an_image_text_model_scores_prompts_and_draws_a_map_per_prompt(site, tmp_path):
+    from tests.text_models import save_clip
+    save_clip(tmp_path / "tiny-clip-text")
+    url, browser = site
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.goto(url)
+    page.wait_for_selector("#cls-view img", timeout=60_000)
+    assert not page.locator("#prompts").is_visible()  # the default model has no text tower
+    page.get_by_text("Model", exact=True).click()
+    page.get_by_label("Or any hub id / local folder").fill(str(tmp_path / "tiny-clip-text"))
+    page.get_by_role("button", name="Load model and analyse").click()
+    wait_for_status(page, "tiny-clip-text (transformers CLIP)")
+    page.get_by_role("tab", name="Explain").click()
+    page.wait_for_selector("#prompt-strip img", timeout=120_000)
+    assert "a photo of a dog" in page.locator("#zero-shot").inner_text()
+    page.wait_for_function("document.querySelector('#explain-caption').innerText.includes('similarity with')")
+    before = src(page, "#prompt-strip")
+    page.locator("#prompt-labels textarea").fill("red car\nblue sky")
+    page.get_by_role("button", name="Score these prompts").click()
+    page.wait_for_function("document.querySelector('#zero-shot').innerText.includes('a photo of a blue sky')",
+                           timeout=120_000)
+    wait_for_change(page, "#prompt-strip", before, timeout=120)
+    page.screenshot(path=str(SCREENSHOTS / "prompts.png"), full_page=True)
+    page.close()

@@ -172,25 +172,71 @@ def test_hub_byte_cap_refuses_files_of_unknown_size(idefics_folder, hub):
     assert server.fetched() == []  # not even the index
 
 
-def test_hub_single_file_counts_only_the_vision_tower(hub, tmp_path):
-    """open_clip's file also holds a text tower: the cap counts `visual.*` only; the byte cap, the whole file."""
+def test_hub_single_file_counts_both_towers(hub, tmp_path):
+    """open_clip's file holds a text tower too: the parameter cap counts both towers (and the logit scale and bias),
+    the byte cap the whole file; its tokenizer is fetched with it."""
     repo = tmp_path / "repo"
     shutil.copytree(REFERENCES / "open_clip_vit_b16", repo)
-    vision = sum(t.numel() for k, t in load_file(str(OPEN_CLIP_SAFETENSORS)).items() if k.startswith("visual."))
-    total = sum(t.numel() for t in load_file(str(OPEN_CLIP_SAFETENSORS)).values())
+    tensors = load_file(str(OPEN_CLIP_SAFETENSORS))
+    vision = sum(t.numel() for k, t in tensors.items() if k.startswith("visual."))
+    total = sum(t.numel() for t in tensors.values())
     assert vision < total
     server = hub({"someone/tiny-open-clip": repo})
-    with pytest.raises(CheckpointError, match="vision tower has"):
-        load_model("someone/tiny-open-clip", device="cpu", max_params=vision - 1)
+    with pytest.raises(CheckpointError, match="its vision and text towers have 37.5 thousand parameters"):
+        load_model("someone/tiny-open-clip", device="cpu", max_params=total - 1)
     assert server.fetched(".safetensors") == []
-    loaded = load_model("someone/tiny-open-clip", device="cpu", max_params=vision)
-    assert "someone/tiny-open-clip (open_clip" in loaded.name
+    loaded = load_model("someone/tiny-open-clip", device="cpu", max_params=total)
+    assert "someone/tiny-open-clip (open_clip" in loaded.name and loaded.text is not None
     assert server.fetched(".safetensors") == ["open_clip_model.safetensors"]
+    assert "tokenizer.json" in server.fetched()
+
+
+def test_hub_counts_the_text_shards_of_an_image_text_model_and_fetches_its_tokenizer(hub, tmp_path):
+    from tests.text_models import save_clip
+    folder = tmp_path / "clip"
+    save_clip(folder, max_shard_size="20KB")
+    weight_map = json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"]
+    shards = set(weight_map.values())
+    text_shards = {s for k, s in weight_map.items() if k.startswith("text_model.")}
+    assert len(shards) > 2 and text_shards - {s for k, s in weight_map.items() if k.startswith("vision_model.")}
+    total = sum(t.numel() for shard in shards for t in load_file(str(folder / shard)).values())
+    server = hub({"someone/tiny-clip": folder})
+    with pytest.raises(CheckpointError, match=r"its vision and text towers have .* parameters"):
+        load_model("someone/tiny-clip", device="cpu", max_params=total - 1)
+    assert server.fetched(".safetensors") == [] and {r.file for r in server.requests if r.byte_range} == shards
+    loaded = load_model("someone/tiny-clip", device="cpu", max_params=total, max_download_bytes=10_000_000)
+    assert loaded.text is not None and loaded.text.tokenizer.source == "tokenizer.json"
+    assert set(server.fetched(".safetensors")) == shards and "tokenizer.json" in server.fetched()
+
+
+def test_hub_fetches_a_siglip_sentencepiece_model_for_its_text_tower(hub, tmp_path):
+    """One weights file, no index: config.json's model_type says it is an image-text model."""
+    from tests.text_models import save_siglip
+    folder = tmp_path / "siglip"
+    save_siglip(folder)
+    server = hub({"someone/tiny-siglip": folder})
+    loaded = load_model("someone/tiny-siglip", device="cpu", max_params=10**6, max_download_bytes=10_000_000)
+    assert loaded.text is not None and loaded.text.tokenizer.source == "spiece.model" and loaded.text.sigmoid
+    assert {"spiece.model", "tokenizer_config.json", "model.safetensors"} <= set(server.fetched())
+
+
+def test_hub_never_fetches_a_vlm_tokenizer_or_its_language_model(idefics_folder, hub, tmp_path):
+    folder, reference, vision_shards = idefics_folder
+    repo = tmp_path / "vlm"
+    shutil.copytree(folder, repo)
+    (repo / "tokenizer.json").write_text("{}")  # the language model's: never fetched
+    (repo / "tokenizer_config.json").write_text("{}")
+    server = hub({"someone/tiny-vlm": repo})
+    loaded = load_model("someone/tiny-vlm", device="cpu", max_params=30_000, max_download_bytes=10_000_000)
+    check_idefics(loaded, reference)
+    assert loaded.text is None
+    assert sorted(server.fetched()) == sorted({"config.json", "preprocessor_config.json",
+                                               "model.safetensors.index.json", *vision_shards})
 
 
 def test_parameter_cap_applies_to_what_was_read_whatever_the_source():
-    with pytest.raises(CheckpointError, match=r"open_clip_vit_b16: the vision tower has 32\.\d thousand parameters, "
-                                              r"more than the 30 thousand this server accepts\."):
+    with pytest.raises(CheckpointError, match=r"open_clip_vit_b16: the vision and text towers have 37\.5 thousand "
+                                              r"parameters, more than the 30 thousand this server accepts\."):
         load_model(REFERENCES / "open_clip_vit_b16", device="cpu", max_params=30_000)
     assert load_model(REFERENCES / "open_clip_vit_b16", device="cpu", max_params=40_000).config.hidden_size == 32
 

@@ -82,7 +82,7 @@ def test_a_patch_target_is_the_pixel_of_the_original_image(workspace, upload):
 @pytest.mark.parametrize("target, message", [
     ("class:7", "target: class 7 is out of range (this head has 3 classes, 0–2)"),
     ("region", "target: region needs a saliency decoder"),
-    ("class", "target must be top, class:N, embedding, region or patch:X,Y"),
+    ("class", "target must be top, class:N, embedding, region, patch:X,Y"),
     ("patch:900,3", "x must be a number from 0 to"),
 ])
 def test_bad_targets_get_plain_messages(workspace, upload, classifier, target, message):

@@ -28,13 +28,14 @@ SERVER_IMAGE = ROOT / "docs" / "screenshot.png"  # an image on the server that n
 CAT = ROOT / "assets" / "chelsea.png"
 RES = 224
 IMAGE_ENDPOINTS = ("cls_attention", "patch_attention", "rollout", "attention_flow", "head_statistics",
-                   "hidden_states", "layer_animation", "export", "predict", "relevance")
+                   "hidden_states", "layer_animation", "export", "predict", "relevance", "zero_shot")
 
 
 def args(endpoint: str, **values) -> list:
     """Every argument after the image, as a raw client must send them: the defaults, resolution RES, x = y = 10."""
     params = list(inspect.signature(getattr(Api, endpoint)).parameters.values())[2:]
-    defaults = {p.name: p.default for p in params} | {"resolution": RES, "x": 10.0, "y": 10.0} | values
+    defaults = {p.name: p.default for p in params} | {"resolution": RES, "x": 10.0, "y": 10.0,
+                                                       "prompts": "a photo of a cat"} | values
     return [defaults[p.name] for p in params]
 LEAKS = ("Traceback", "TypeError", "ValueError", "KeyError", "Exception", str(ROOT), "/tmp/")
 

@@ -25,7 +25,8 @@ def client():
 def test_endpoints_are_named(client):
     names = set(client.view_api(return_format="dict")["named_endpoints"])
     assert {"/cls_attention", "/patch_attention", "/rollout", "/attention_flow", "/head_statistics",
-            "/attention_distance", "/hidden_states", "/layer_animation", "/export"} <= names
+            "/attention_distance", "/hidden_states", "/layer_animation", "/export", "/predict", "/relevance",
+            "/zero_shot"} <= names
 
 
 def test_cls_attention_returns_every_head_on_the_grid(client):
