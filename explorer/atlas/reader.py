@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 from PIL import Image
 
 from analysis import STAT_LABELS
@@ -26,7 +27,7 @@ class Atlas:
     folder: Path
     settings: dict
     statistics: pd.DataFrame  # image, layer, head, one column per statistic; sorted by image, layer, head
-    images: pd.DataFrame  # image, width, height, grid_h, grid_w, num_queries; sorted by image
+    images: pd.DataFrame  # image, width, height, grid_h, grid_w, num_queries, the prediction; sorted by image
     aggregate: pd.DataFrame  # layer, head, statistic, n, mean, low, high
     summary: dict
 
@@ -79,7 +80,9 @@ def load_atlas(folder: "str | Path") -> Atlas:
         check_settings(part_settings(path), settings, path)
     statistics = read_table(folder / STATISTICS).to_pandas().sort_values(["image", "layer", "head"],
                                                                          ignore_index=True)
-    images = read_table(folder / IMAGES, [c for c in IMAGE_COLUMNS if c not in BLOB_COLUMNS]).to_pandas()
+    written = set(pq.read_schema(part_paths(folder / IMAGES)[0]).names) if part_paths(folder / IMAGES) else set()
+    columns = [c for c in IMAGE_COLUMNS if c not in BLOB_COLUMNS and c in written]  # version 1: no prediction
+    images = read_table(folder / IMAGES, columns).to_pandas()
     images = images.sort_values("image", ignore_index=True)
     check_tables(statistics, images, settings, folder)
     return Atlas(folder, settings, statistics, images, pd.read_parquet(folder / AGGREGATE),
