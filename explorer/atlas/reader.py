@@ -14,6 +14,7 @@ from PIL import Image
 
 from analysis import STAT_LABELS
 
+from .sources import ImageRef, Source
 from .store import AGGREGATE, IMAGE_COLUMNS, IMAGES, STATISTICS, SUMMARY, AtlasError, check_settings, part_paths
 from .store import part_settings, read_table
 
@@ -44,6 +45,36 @@ class Atlas:
         rows = rows[["image", statistic]].dropna().sort_values([statistic, "image"], ascending=[lowest, True],
                                                                 kind="stable")
         return rows.head(count).reset_index(drop=True)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the tables held in memory (the thumbnails and maps stay on disk)."""
+        return int(sum(frame.memory_usage(deep=True).sum() for frame in (self.statistics, self.images, self.aggregate)))
+
+    def aggregated(self, statistic: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(mean, low, high) of `statistic` over the images, each (layers, heads): the aggregate's t-interval."""
+        if statistic not in STAT_LABELS:
+            raise ValueError(f"statistic must be one of {', '.join(STAT_LABELS)}, got {statistic!r}")
+        rows = self.aggregate[self.aggregate["statistic"] == statistic].sort_values(["layer", "head"])
+        shape = (self.settings["num_layers"], self.settings["num_heads"])
+        return tuple(rows[column].to_numpy(np.float64).reshape(shape) for column in ("mean", "low", "high"))
+
+    def original(self, image: str) -> "str | bytes":
+        """The image as its source holds it: a path inside a folder source, or a `save_to_disk` dataset row (bytes
+        or a path); KeyError for an image this atlas does not list, AtlasError for a source not readable here."""
+        if not (self.images["image"] == image).any():
+            raise KeyError(f"{image!r} is not in this atlas")
+        source = self.settings["source"]
+        root = Path(source["location"])
+        if not root.is_dir():
+            raise AtlasError("The atlas's images are not on this server (a hub dataset, or a folder since moved).")
+        if source["kind"] == "folder":
+            path = (root / image).resolve()
+            if not path.is_relative_to(root.resolve()) or not path.is_file():
+                raise AtlasError(f"{image} is no longer in the atlas's source folder.")
+            return str(path)
+        split, _, index = image.rpartition("/")
+        return Source(str(root), "dataset", split).read(ImageRef(image, index=int(index)))
 
     def _blob(self, image: str, column: str) -> bytes:
         table = read_table(self.folder / IMAGES, [column], images=[image])
