@@ -74,7 +74,8 @@ def open_zip(ws: Workspace, value: Any, model: Any = "default", resolution: Any 
     path = uploaded_file(value, "zip", ws.upload_roots)
     resolution, key = check_resolution(resolution), ws.models.check(model_name(model))
     members = image_members(path, ws.settings.zip_caps)  # refused here before a byte is hashed or unpacked
-    digest = hashlib.blake2b(f"{key}\0{resolution}\0".encode(), digest_size=16)
+    loaded = ws.models.get(key)
+    digest = hashlib.blake2b(f"{key}\0{loaded.name}\0{resolution}\0".encode(), digest_size=16)
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
@@ -91,7 +92,6 @@ def open_zip(ws: Workspace, value: Any, model: Any = "default", resolution: Any 
         report = (lambda done, total: progress(done / total, f"{done} of {total} images")) if progress else None
         try:
             unpack_images(path, root / "images", ws.settings.zip_caps)
-            loaded = ws.models.get(key)
             with ws.device_slot():
                 summary = build_atlas(open_source(root / "images"), root / "atlas", loaded, resolution, ZIP_QUERIES,
                                       progress=False, limits=ws.limits, decoders=1, report=report)
@@ -171,7 +171,7 @@ def figure(atlas: Atlas) -> Image.Image:
 def chart(atlas: Atlas, c: HeadChoice) -> Image.Image:
     """The mean of a statistic over the images, per layer × head, the chosen head outlined."""
     mean, _, _ = atlas.aggregated(c.statistic)
-    return visualizer.stats_heatmap(mean, f"{STAT_LABELS[c.statistic]} (mean over {len(atlas.images)} images)",
+    return visualizer.stats_heatmap(mean, f"{STAT_COLUMNS[c.statistic]}: mean over {len(atlas.images)} images",
                                     "viridis", selected=(c.layer, c.head))
 
 
@@ -223,18 +223,20 @@ def caption(atlas: Atlas, c: HeadChoice) -> str:
 
 
 def image_file(ws: Workspace, view: DatasetView, name: str) -> str:
-    """A file in the managed folder holding the atlas's image `name`, for the single-image views: the zip's own
-    image where it was unpacked, or a copy of the one the atlas's source holds (only images the atlas lists)."""
+    """A copy, in the managed folder, of the atlas's image `name` for the single-image views (only images the atlas
+    lists): the zip's own image where it was unpacked, or the one the atlas's source holds. A copy, named by its
+    content: Gradio deletes the files it served a session when the session ends, and the atlas keeps its own."""
     atlas = atlas_of(ws, view)
     if not (atlas.images["image"] == name).any():
         raise UserError("This image is not in the atlas.")
     try:
         if view.uploaded:
-            path = (Path(view.folder).parent / "images" / name).resolve()
-            if not path.is_relative_to(Path(view.folder).parent.resolve()) or not path.is_file():
+            images = Path(view.folder).parent / "images"
+            original = str((images / name).resolve())
+            if not Path(original).is_relative_to(images.resolve()) or not Path(original).is_file():
                 raise UserError(EXPIRED)
-            return str(path)
-        original = atlas.original(name)
+        else:
+            original = atlas.original(name)
     except AtlasError as err:
         raise UserError(str(err)) from None
     data = original if isinstance(original, bytes) else Path(original).read_bytes()

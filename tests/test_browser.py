@@ -6,9 +6,11 @@ import os
 import shutil
 import tempfile
 import time
+import zipfile
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from tests.served import served_app
 
@@ -249,4 +251,36 @@ def test_a_local_checkpoint_replaces_the_model_and_the_maps_change(site, tmp_pat
     assert "2 layers × 4 heads" in status(page)
     wait_for_change(page, "#cls-view", before)
     assert page.locator("#head input").evaluate("e => e.value") == "mean"
+    page.close()
+
+
+def test_the_dataset_tab_analyses_a_zip_and_an_image_opens_in_the_single_views(site, tmp_path):
+    from model import Preprocessing
+    url, browser = site
+    photos = tmp_path / "photos.zip"
+    with zipfile.ZipFile(photos, "w") as archive:
+        for name in ("chelsea.png", "astronaut.png", "coffee.png", "rocket.jpg"):
+            archive.write(ROOT / "assets" / name, name)
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.goto(url)
+    page.wait_for_selector("#cls-view img", timeout=60_000)
+    page.get_by_role("tab", name="Dataset").click()
+    page.locator("#dataset-zip input[type=file]").set_input_files(str(photos))
+    page.wait_for_function("document.querySelector('#dataset-status').innerText.includes('4 images')",
+                           timeout=180_000)
+    for shown in ("#dataset-chart img", "#dataset-figure img", "#dataset-table table"):
+        page.wait_for_selector(shown, timeout=60_000)
+    page.wait_for_function("document.querySelectorAll('#dataset-lowest .thumbnail-item').length === 4")
+    page.screenshot(path=str(SCREENSHOTS / "dataset.png"), full_page=True)
+    first = page.locator("#dataset-lowest .thumbnail-item").first
+    name = first.locator(".caption-label").inner_text().split(" · ")[0]
+    with Image.open(ROOT / "assets" / name) as original:
+        g = Preprocessing(14).geometry(original.height, original.width, 518)
+    before = src(page, "#image-input")
+    first.click()
+    page.wait_for_function("document.querySelector('#image-tab-button, [role=tab][aria-selected=true]')"
+                           ".innerText.includes('One image')", timeout=30_000)
+    wait_for_change(page, "#image-input", before)  # the clicked image, in the single-image input
+    wait_for_status(page, f"grid {g.grid_h}×{g.grid_w}")
+    page.wait_for_selector("#cls-view img")
     page.close()

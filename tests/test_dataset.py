@@ -132,10 +132,11 @@ def test_the_lowest_and_highest_images_of_a_head_are_those_of_the_parquet(worksp
         assert (np.abs(np.asarray(tile, float) - np.asarray(thumb, float)).mean() > 5) == painted
 
 
-def test_a_clicked_image_opens_from_the_managed_folder(workspace, opened, pictures):
+def test_a_clicked_image_opens_as_a_copy_in_the_managed_folder(workspace, opened, pictures):
     view, _, _ = opened
     path = Path(image_file(workspace, view, "photos/c.png"))
     assert path.is_relative_to(workspace.files.root) and path.read_bytes() == pictures["photos/c.png"]
+    assert not path.is_relative_to(Path(view.folder).parent)  # Gradio may delete what it served
     with pytest.raises(UserError, match="not in the atlas"):
         image_file(workspace, view, "../../etc/passwd")
 
