@@ -83,18 +83,22 @@ def open_zip(ws: Workspace, value: Any, model: Any = "default", resolution: Any 
     view = DatasetView(str(root / "atlas"), uploaded=True)
     with _lock_for(str(root)):
         try:
-            atlas_of(ws, view)  # this zip, already analysed at these settings
-            return view
+            if not atlas_of(ws, view).summary["skipped"]:
+                return view  # this zip, already analysed at these settings
+            resuming = True  # images skipped for time: tried again, the others kept
         except UserError:
             shutil.rmtree(root, ignore_errors=True)  # nothing, or what the sweep left of it
-        if not ws.files.admit(sum(info.file_size for info in members)):
+            resuming = False
+        if not resuming and not ws.files.admit(sum(info.file_size for info in members)):
             raise UserError(FOLDER_FULL)
         report = (lambda done, total: progress(done / total, f"{done} of {total} images")) if progress else None
         try:
-            unpack_images(path, root / "images", ws.settings.zip_caps)
+            if not resuming:
+                unpack_images(path, root / "images", ws.settings.zip_caps)
             with ws.device_slot():
                 summary = build_atlas(open_source(root / "images"), root / "atlas", loaded, resolution, ZIP_QUERIES,
-                                      progress=False, limits=ws.limits, decoders=1, report=report)
+                                      progress=False, limits=ws.limits, deadline=ws.limits.deadline(), decoders=1,
+                                      report=report)
         except BaseException:
             shutil.rmtree(root, ignore_errors=True)  # nothing half made is left
             raise
@@ -144,11 +148,13 @@ class HeadChoice:
 def summary_text(atlas: Atlas) -> str:
     """What the atlas is, in a sentence or two, with the model's predictions over the images where it has a head."""
     s = atlas.settings
-    skipped = len(atlas.summary.get("skipped", []))
+    skipped = atlas.summary.get("skipped", [])
     text = (f"**{len(atlas.images)} images** · {html.escape(str(s['model']))} at {s['resolution']} px · "
             f"{s['num_layers']} layers × {s['num_heads']} heads · statistics over "
-            f"{'512 spread queries' if s['queries'] == 'spread' else 'every query'}"
-            f"{f' · {skipped} skipped (unreadable)' if skipped else ''}.")
+            f"{'512 spread queries' if s['queries'] == 'spread' else 'every query'}.")
+    if skipped:
+        text += (f" {len(skipped)} skipped, e.g. {html.escape(skipped[0]['image'])}: "
+                 f"{html.escape(skipped[0]['reason'])}")
     images = atlas.images
     if s.get("prediction") == "classes":
         top = Counter(labels[0] for labels in images["top_labels"] if labels is not None and len(labels))

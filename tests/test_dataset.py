@@ -255,3 +255,11 @@ def test_the_served_page_events(pictures, tmp_path):
         client = RawClient(url)
         folder = client.call("open_folder", [str(tmp_path), "cls_patch_entropy", "ascending"])
         assert folder.success and NO_FOLDERS in folder.data[1]
+
+
+def test_a_zip_gets_the_time_of_one_analysis_in_all(pictures, tmp_path, upload):
+    ws = app.workspace_for(tiny_loaded(), "cpu", Settings(max_seconds=1e-9))
+    with pytest.raises(UserError, match="None of the zip's images could be analysed .*stopped after 1e-09 s"):
+        open_zip(ws, upload(zip_of(tmp_path / "slow.zip", pictures)), "default", PX)
+    assert ws.device_slot().acquire(blocking=False)  # the slot is free again
+    ws.device_slot().release()

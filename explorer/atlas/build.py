@@ -11,7 +11,7 @@ from pathlib import Path
 import pyarrow as pa
 from tqdm import tqdm
 
-from analysis import ComputeLimits
+from analysis import ComputeLimits, Deadline
 from model import LoadedModel, load_model
 
 from .aggregate import write_aggregate
@@ -27,7 +27,7 @@ DEFAULT_BATCH = 16  # images per part file and per Ray batch
 def build_atlas(source: Source, out: Path, model: "LoadedModel | str | None" = None, resolution: int = 518,
                 queries: str = "spread", engine: str = "local", batch_size: int = DEFAULT_BATCH,
                 device: str | None = None, ray_options: RayOptions = RayOptions(), progress: bool = True,
-                limits: ComputeLimits | None = None, decoders: int = 2,
+                limits: ComputeLimits | None = None, deadline: Deadline | None = None, decoders: int = 2,
                 report: Callable[[int, int], None] | None = None) -> dict:
     """Analyses every image of `source` that `out` does not hold yet, writes them batch by batch, then the
     aggregate; returns the summary (also written to out/summary.json).
@@ -37,7 +37,8 @@ def build_atlas(source: Source, out: Path, model: "LoadedModel | str | None" = N
             With the Ray engine each actor loads its own copy from the same name.
         queries: "spread" (512 patch queries per layer, as the page) or "all" (every query, exact).
         progress: a progress bar on the terminal.
-        limits, decoders: the caps on each analysis and the decoding threads (the served app's; in-process engine).
+        limits, deadline, decoders: the caps on each analysis, one deadline for the whole run (images reached after
+            it are skipped) and the decoding threads (the served app's; in-process engine).
         report: told (images done, images in all) after each batch.
     """
     started = time.perf_counter()
@@ -70,7 +71,8 @@ def build_atlas(source: Source, out: Path, model: "LoadedModel | str | None" = N
             run_ray({"model": model, "source": source, "resolution": resolution, "queries": queries,
                      "device": device}, todo, batch_size, commit, ray_options)
         else:
-            measurer = Measurer(loaded, source, resolution, queries, decoders=decoders, limits=limits)
+            measurer = Measurer(loaded, source, resolution, queries, decoders=decoders, limits=limits,
+                                deadline=deadline)
             try:
                 run_local(measurer, todo, batch_size, commit)
             finally:

@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from analysis import STAT_LABELS, ComputeLimits, analyze, predicted_saliency, predictions, summary_of
+from analysis import STAT_LABELS, ComputeLimits, Deadline, analyze, predicted_saliency, predictions, summary_of
 from analysis.relevance import predicted_region
 from model import InvalidImageError, LoadedModel, load_image, load_model
 from model.heads import ClassifierHead, SaliencyDecoder
@@ -97,16 +97,17 @@ class Measurer:
         model: a loaded model, or what `model.load_model` loads (None: the embedded default) on `device`.
         threads: torch's CPU threads in this process (a Ray actor sets its share).
         limits: the caps on each analysis (the served app's); None: none.
+        deadline: one for every image of the run (the served app's zip); an image reached after it is skipped.
     """
 
     def __init__(self, model: "LoadedModel | str | None", source: Source, resolution: int, queries: str,
                  device: str | None = None, decoders: int = 2, threads: int | None = None,
-                 limits: ComputeLimits | None = None):
+                 limits: ComputeLimits | None = None, deadline: Deadline | None = None):
         if threads:
             torch.set_num_threads(threads)
         self.loaded = model if isinstance(model, LoadedModel) else load_model(model, device)
         self.source, self.resolution, self.max_queries = source, resolution, STAT_MODES[queries]
-        self.limits = limits
+        self.limits, self.deadline = limits, deadline
         self.pool = ThreadPoolExecutor(decoders, thread_name_prefix="atlas-decode")
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -145,8 +146,10 @@ class Measurer:
         if isinstance(scene, InvalidImageError):
             return {"image": name, "error": str(scene)}
         try:
+            if self.deadline is not None:
+                self.deadline.check()
             analysis = analyze(self.loaded, scene.image, self.resolution, max_stat_queries=self.max_queries,
-                               original_size=scene.original_size, limits=self.limits)
+                               original_size=scene.original_size, limits=self.limits, deadline=self.deadline)
             predicted = prediction_row(self.loaded, analysis)
         except InvalidImageError as err:
             return {"image": name, "error": str(err)}
