@@ -252,7 +252,7 @@ def _dataset_tab(c: Components, workspace: Workspace, patch_size: int) -> None:
         c["dataset_figure"] = _view("Mean attention distance against depth, with 95 % intervals (fig. 7)",
                                     "dataset-figure")
     c["dataset_caption"] = gr.Markdown(elem_id="dataset-caption")
-    gallery = dict(columns=4, height=320, object_fit="contain", allow_preview=False, format="jpeg")
+    gallery = dict(columns=4, height=240, object_fit="contain", allow_preview=False, format="jpeg")
     with gr.Row():
         c["dataset_lowest"] = gr.Gallery(label="Lowest (click to open)", elem_id="dataset-lowest", **gallery)
         c["dataset_highest"] = gr.Gallery(label="Highest (click to open)", elem_id="dataset-highest", **gallery)
