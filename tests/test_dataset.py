@@ -1,6 +1,7 @@
 """The Dataset view: its handlers called directly (a zip analysed here, an atlas folder on the server), the zip's caps
 each refused plainly, public mode refusing any path, the table sorted by a statistic and the ranked images against
 the Parquet itself; then the served app as a raw client calls it."""
+import dataclasses
 import io
 import os
 import stat
@@ -45,9 +46,21 @@ def zip_of(path: Path, members: dict, compression: int = zipfile.ZIP_DEFLATED) -
     return path
 
 
+@pytest.fixture(scope="module", autouse=True)
+def private_folder(tmp_path_factory):
+    """A managed folder of this module's own: another process's sweep of the shared one cannot take its atlases."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("GRADIO_TEMP_DIR", str(tmp_path_factory.mktemp("managed")))
+        yield
+
+
+def settings(**changes) -> Settings:
+    return dataclasses.replace(Settings.from_env(), **changes)
+
+
 @pytest.fixture(scope="module")
 def workspace():
-    return app.workspace_for(tiny_loaded(), "cpu")
+    return app.workspace_for(tiny_loaded(), "cpu", settings())
 
 
 @pytest.fixture
@@ -158,7 +171,7 @@ def test_an_atlas_folder_on_the_server_opens_and_its_images_are_copied_for_the_s
 
 
 def test_public_mode_refuses_every_path(tmp_path):
-    public = app.workspace_for(tiny_loaded(), "cpu", Settings(public=True))
+    public = app.workspace_for(tiny_loaded(), "cpu", settings(public=True))
     (tmp_path / "atlas").mkdir()
     for path in (str(tmp_path / "atlas"), str(tmp_path / "missing"), "/etc", "../..", "~"):
         with pytest.raises(UserError) as refused:
@@ -204,7 +217,7 @@ REFUSED = {  # what is sent, the caps, and the message
 @pytest.mark.parametrize("case", REFUSED)
 def test_the_zip_caps_refuse_plainly_and_unpack_nothing(case, tmp_path, upload):
     make, caps, message = REFUSED[case]
-    ws = app.workspace_for(tiny_loaded(), "cpu", Settings(zip_caps=caps))
+    ws = app.workspace_for(tiny_loaded(), "cpu", settings(zip_caps=caps))
     before = set(ws.files.root.glob("vit-inspect/dataset-*"))
     sent = upload(make(tmp_path / "sent.zip"))
     with pytest.raises(UserError) as refused:
@@ -223,7 +236,7 @@ def test_only_an_upload_is_taken_as_a_zip(workspace, tmp_path):
 
 @pytest.mark.slow  # starts the app
 def test_the_served_page_events(pictures, tmp_path):
-    workspace = app.workspace_for(tiny_loaded(), "cpu")
+    workspace = app.workspace_for(tiny_loaded(), "cpu", settings())
     sent = zip_of(tmp_path / "photos.zip", pictures)
     with served_app(workspace=workspace) as url:
         client = RawClient(url)
@@ -250,7 +263,7 @@ def test_the_served_page_events(pictures, tmp_path):
         assert not any(leak in answer.data[1] for leak in LEAKS)
         folder = client.call("open_folder", [str(tmp_path), "cls_patch_entropy", "ascending"])
         assert folder.success and "holds no atlas" in folder.data[1]
-    public = app.workspace_for(tiny_loaded(), "cpu", Settings(public=True))
+    public = app.workspace_for(tiny_loaded(), "cpu", settings(public=True))
     with served_app(workspace=public) as url:
         client = RawClient(url)
         folder = client.call("open_folder", [str(tmp_path), "cls_patch_entropy", "ascending"])
@@ -258,7 +271,7 @@ def test_the_served_page_events(pictures, tmp_path):
 
 
 def test_a_zip_gets_the_time_of_one_analysis_in_all(pictures, tmp_path, upload):
-    ws = app.workspace_for(tiny_loaded(), "cpu", Settings(max_seconds=1e-9))
+    ws = app.workspace_for(tiny_loaded(), "cpu", settings(max_seconds=1e-9))
     with pytest.raises(UserError, match="None of the zip's images could be analysed .*stopped after 1e-09 s"):
         open_zip(ws, upload(zip_of(tmp_path / "slow.zip", pictures)), "default", PX)
     assert ws.device_slot().acquire(blocking=False)  # the slot is free again
