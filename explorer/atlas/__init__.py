@@ -1,5 +1,5 @@
 """A dataset atlas: head statistics and class-token maps for every image of a folder or dataset, in Parquet, with
-their aggregate over the dataset; made in this process or on Ray Data (`python -m explorer atlas`)."""
+their aggregate over the dataset; made in this process or on Ray (`python -m explorer atlas`)."""
 from .aggregate import INTERVAL
 from .build import build_atlas
 from .engines import RayOptions

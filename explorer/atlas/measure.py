@@ -89,7 +89,7 @@ def refs_table(refs: list[ImageRef]) -> pa.Table:
 class Measurer:
     """Holds one model and turns a batch of image references (REF_SCHEMA) into one row per image (batch_schema).
 
-    The same callable is the in-process engine's step and Ray Data's `map_batches` stage (one per actor). Images
+    The same object is the in-process engine's step and each Ray actor (`measure_batch`). Images
     are decoded by a small thread pool; the batch's images are then analysed one at a time, those of one input
     size back to back (analyze takes one image: "batching" here is this grouping, not a batched forward).
 
@@ -110,7 +110,8 @@ class Measurer:
         self.limits, self.deadline = limits, deadline
         self.pool = ThreadPoolExecutor(decoders, thread_name_prefix="atlas-decode")
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
+    def measure_batch(self, batch: pa.Table) -> pa.Table:
+        """One batch of references, decoded and analysed (a Ray actor's call)."""
         return self.measure(self.decode(batch))
 
     def close(self) -> None:
