@@ -62,7 +62,7 @@ def open_folder(ws: Workspace, path: Any) -> DatasetView:
     """An atlas folder on this server, read and checked; refused in public mode whatever the path."""
     if ws.settings.public:
         raise UserError(NO_FOLDERS)
-    view = DatasetView(str(server_folder(path, "atlas folder").resolve()), uploaded=False)
+    view = DatasetView(str(server_folder(path, "atlas folder")), uploaded=False)  # messages name it as typed
     atlas_of(ws, view)
     return view
 
