@@ -179,6 +179,14 @@ def test_public_mode_refuses_every_path(tmp_path):
         assert str(refused.value) == NO_FOLDERS
 
 
+def test_public_mode_hides_the_folder_box_and_keeps_the_zip():
+    for public in (True, False):
+        demo = app.build_demo(workspace=app.workspace_for(tiny_loaded(), "cpu", settings(public=public)))
+        by_id = {block.elem_id: block for block in demo.blocks.values() if getattr(block, "elem_id", None)}
+        assert by_id["dataset-path"].visible is not public and by_id["dataset-open"].visible is not public
+        assert by_id["dataset-zip"].visible is True
+
+
 def big_png(width: int, height: int) -> bytes:
     return png(Image.new("RGB", (width, height), (40, 90, 200)))
 
