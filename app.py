@@ -16,7 +16,6 @@ from starlette.middleware import Middleware
 import visualizer
 from analysis import FUSIONS, METHODS, STAT_LABELS
 from explorer import drawing
-from explorer.atlas.archive import MB
 from explorer.inputs import (ANIMATIONS, DEFAULT_RESOLUTION, DIRECTIONS, FIELDS, NORMALIZATIONS, ORDERS, PRECISIONS,
                              STAT_MODES, resolution_limits)
 from model import LoadedModel
@@ -28,7 +27,7 @@ from server.guard import EventShape, RequestGuard
 from server.handlers import METHOD_LABELS, STAT_COLUMNS, stat_definitions
 from server.model_store import DEFAULT, WELL_KNOWN
 from server.page import ANALYSIS_OUTPUTS, TAB_LABELS, VIEW_OUTPUTS, Page
-from server.settings import Settings
+from server.settings import MB, Settings
 from server.workspace import Workspace
 
 logger = logging.getLogger("vit-inspect")

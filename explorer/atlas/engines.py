@@ -61,8 +61,9 @@ def run_ray(measurer_args: dict, refs: list[ImageRef], batch_size: int, commit: 
     instance already started, else `ray.init()` (a cluster's when RAY_ADDRESS is set; every node needs this
     project's requirements and must reach SOURCE).
 
-    Plain actors rather than a Ray Data `map_batches` stage: Ray Data's actor pool took 11–22 s on this project's
-    2-core machine to start one trivial actor (its worker imports Ray Data's stack), a plain actor 1–2 s."""
+    Plain actors rather than a Ray Data `map_batches` stage: Ray Data's actor pool took 3–22 s on this project's
+    loaded 2-core machine to start one trivial actor (its worker imports Ray Data's stack first), a plain actor
+    1–2 s (`benchmarks/ray_actor_start.py`)."""
     ray = import_ray()
     if not refs:
         return
