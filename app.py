@@ -17,16 +17,17 @@ import visualizer
 from analysis import FUSIONS, METHODS, STAT_LABELS
 from explorer import drawing
 from explorer.inputs import (ANIMATIONS, DEFAULT_LABELS, DEFAULT_RESOLUTION, DEFAULT_TEMPLATE, DIRECTIONS, FIELDS,
-                             NORMALIZATIONS, PRECISIONS, STAT_MODES, resolution_limits)
+                             NORMALIZATIONS, ORDERS, PRECISIONS, STAT_MODES, resolution_limits)
 from model import LoadedModel
 from server.api import Api
+from server.dataset import DATASET_OUTPUTS, DRAWN as DATASET_DRAWN, DatasetEvents
 from server.files import FileStore
 from server.gpu import on_zero_gpu
 from server.guard import EventShape, RequestGuard
 from server.handlers import METHOD_LABELS, STAT_COLUMNS, faithfulness_definition, stat_definitions
 from server.model_store import DEFAULT, WELL_KNOWN
 from server.page import ANALYSIS_OUTPUTS, TAB_LABELS, VIEW_OUTPUTS, Page
-from server.settings import Settings
+from server.settings import MB, Settings
 from server.workspace import Workspace
 
 logger = logging.getLogger("vit-inspect")
@@ -67,7 +68,7 @@ def workspace_for(loaded: LoadedModel | None, device: str | None = None, setting
 
 def launch_options(demo: gr.Blocks, workspace: Workspace) -> dict:
     """What `launch()` needs besides host and port: upload cap, request guard, page script and style."""
-    file_inputs = {index: [i for i, block in enumerate(fn.inputs) if isinstance(block, gr.Image)]
+    file_inputs = {index: [i for i, block in enumerate(fn.inputs) if isinstance(block, (gr.Image, gr.File))]
                    for index, fn in demo.fns.items()}
     shapes = {index: EventShape(len(fn.inputs), _examples(fn.inputs), any(event == "select" for _, event in fn.targets))
               for index, fn in demo.fns.items()}
@@ -93,21 +94,26 @@ def build_demo(loaded: LoadedModel | None = None, device: str | None = None, wor
     page.warm(EXAMPLES[0], DEFAULT_RESOLUTION)  # the arrival image, analysed once and kept
     with gr.Blocks(title="vit-inspect", delete_cache=(600, workspace.settings.file_age_s)) as demo:
         gr.Markdown(INTRO)
-        c: Components = {"view": gr.State(None), "tab": gr.State("cls"), "model_key": gr.State(DEFAULT)}
-        with gr.Row(equal_height=False):
-            with gr.Column(scale=1, min_width=300):
-                _input_column(c)
-            with gr.Column(scale=3, min_width=320):
-                _controls(c, config.patch_size, config.num_hidden_layers, config.num_attention_heads)
-                _tabs(c)
+        c: Components = {"view": gr.State(None), "tab": gr.State("cls"), "model_key": gr.State(DEFAULT),
+                         "dataset": gr.State(None)}
+        with gr.Tabs(elem_id="page-tabs") as c["page_tabs"]:
+            with gr.Tab("One image", id="image", elem_id="image-tab"):
+                with gr.Row(equal_height=False):
+                    with gr.Column(scale=1, min_width=300):
+                        _input_column(c)
+                    with gr.Column(scale=3, min_width=320):
+                        _controls(c, config.patch_size, config.num_hidden_layers, config.num_attention_heads)
+                        _tabs(c)
+                        with gr.Row():
+                            c["export_button"] = gr.Button("Download this view (.png) and its numbers (.npz + .json)",
+                                                           elem_id="export", scale=2)
+                            c["export_files"] = gr.File(label="Downloads", file_count="multiple",
+                                                        elem_id="export-files", scale=3, visible=False)
                 with gr.Row():
-                    c["export_button"] = gr.Button("Download this view (.png) and its numbers (.npz + .json)",
-                                                   elem_id="export", scale=2)
-                    c["export_files"] = gr.File(label="Downloads", file_count="multiple", elem_id="export-files",
-                                                scale=3, visible=False)
-        with gr.Row():
-            _settings(c, workspace)
-        _wire(demo, c, page)
+                    _settings(c, workspace)
+            with gr.Tab("Dataset", id="dataset", elem_id="dataset-tab"):
+                _dataset_tab(c, workspace, config.patch_size)
+        _wire(demo, c, page, DatasetEvents(workspace))
         api.register()
     demo.queue(max_size=queue_size or workspace.settings.queue_size,
                default_concurrency_limit=workspace.device_slots)
@@ -245,6 +251,45 @@ def _heads_tab(c: Components) -> None:
         gr.Markdown(stat_definitions())
 
 
+def _dataset_tab(c: Components, workspace: Workspace, patch_size: int) -> None:
+    """An atlas over many images: a folder the atlas command wrote (outside public mode), or a zip analysed here."""
+    public, caps = workspace.settings.public, workspace.settings.zip_caps
+    gr.Markdown("The head statistics of many images, with their mean and 95 % interval over the images. "
+                + ("" if public else "Open an atlas written by `python -m explorer atlas SOURCE --out DIR`, or ")
+                + f"{'U' if public else 'u'}pload a zip of at most {caps.max_images} images (at most "
+                f"{caps.max_bytes / MB:g} MB) to analyse them here with the model of the *One image* tab.")
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=2, min_width=300, visible=not public):
+            c["dataset_path"] = gr.Textbox(label="Atlas folder on this server", placeholder="atlas/",
+                                           elem_id="dataset-path", visible=not public)
+            c["dataset_open"] = gr.Button("Open atlas", elem_id="dataset-open", visible=not public)
+        with gr.Column(scale=2, min_width=300):
+            c["dataset_zip"] = gr.File(label=f"Zip of at most {caps.max_images} images", file_types=[".zip"],
+                                       elem_id="dataset-zip", height=120)
+            low, high = resolution_limits(patch_size)
+            c["dataset_resolution"] = gr.Slider(low, high, low, step=patch_size, elem_id="dataset-resolution",
+                                                label="Resolution for the zip's images, long side (px)")
+    c["dataset_status"] = gr.Markdown(elem_id="dataset-status")
+    with gr.Row():
+        c["dataset_statistic"] = gr.Dropdown([(STAT_COLUMNS[name], name) for name in STAT_LABELS],
+                                             value="cls_patch_entropy", label="Statistic", elem_id="dataset-statistic")
+        c["dataset_layer"] = gr.Slider(0, 1, 1, step=1, label="Layer", elem_id="dataset-layer")
+        c["dataset_head"] = gr.Dropdown(["0"], value="0", label="Head", elem_id="dataset-head")
+        c["dataset_order"] = gr.Radio(list(ORDERS), value="ascending", label="Table order", elem_id="dataset-order")
+    with gr.Row():
+        c["dataset_chart"] = _view("The statistic's mean per layer × head", "dataset-chart")
+        c["dataset_figure"] = _view("Mean attention distance against depth, with 95 % intervals (fig. 7)",
+                                    "dataset-figure")
+    c["dataset_caption"] = gr.Markdown(elem_id="dataset-caption")
+    gallery = dict(columns=4, height=240, object_fit="contain", allow_preview=False, format="jpeg")
+    with gr.Row():
+        c["dataset_lowest"] = gr.Gallery(label="Lowest (click to open)", elem_id="dataset-lowest", **gallery)
+        c["dataset_highest"] = gr.Gallery(label="Highest (click to open)", elem_id="dataset-highest", **gallery)
+    c["dataset_table"] = gr.Dataframe(label="Every head: each statistic's mean and the half-width of its 95 % "
+                                            "interval (click a row; sortable)", interactive=False,
+                                      elem_id="dataset-table", max_height=360, wrap=True)
+
+
 def _settings(c: Components, workspace: Workspace) -> None:
     with gr.Accordion("Model", open=False):
         c["model_choice"] = gr.Dropdown([DEFAULT, *WELL_KNOWN], value=DEFAULT, label="Model",
@@ -263,7 +308,7 @@ def _settings(c: Components, workspace: Workspace) -> None:
                                   info="robust: min to 99th percentile, so sink tokens don't hide the rest")
 
 
-def _wire(demo: gr.Blocks, c: Components, page: Page) -> None:
+def _wire(demo: gr.Blocks, c: Components, page: Page, dataset: DatasetEvents) -> None:
     """Every event of the page: analyses and slow work in the "model" concurrency group, redraws in "render"."""
     view, tab = c["view"], c["tab"]
     controls = [c[name] for name in FIELDS]
@@ -297,6 +342,33 @@ def _wire(demo: gr.Blocks, c: Components, page: Page) -> None:
                             **model)
     c["anim_button"].click(page.animate, [view, c["anim_mode"], *controls], [c["gif"], c["gif_file"]], **model)
     c["export_button"].click(page.download, [view, tab, *controls], c["export_files"], **model)
+    _wire_dataset(c, dataset, (analyze, prepare, render))
+
+
+def _wire_dataset(c: Components, dataset: DatasetEvents, analysis: tuple[dict, dict, dict]) -> None:
+    """The Dataset view's events: opening in the "model" group (a zip is analysed there), redraws in "render"; a
+    clicked image goes to the single-image input and through the analysis as an upload would."""
+    private = {"api_visibility": "private", "preprocess": False}
+    state, outputs = c["dataset"], [c[name] for name in DATASET_OUTPUTS]
+    shown = [c[name] for name in ("dataset_statistic", "dataset_order")]
+    redraw = dict(fn=dataset.redraw, inputs=[state, c["dataset_statistic"], c["dataset_layer"], c["dataset_head"],
+                                             c["dataset_order"]],
+                  outputs=[c[name] for name in DATASET_DRAWN], concurrency_id="render", trigger_mode="always_last",
+                  show_progress="hidden", **private)
+    c["dataset_open"].click(dataset.open_folder, [c["dataset_path"], *shown], outputs, concurrency_id="model",
+                            **private)
+    c["dataset_path"].submit(dataset.open_folder, [c["dataset_path"], *shown], outputs, concurrency_id="model",
+                             **private)
+    c["dataset_zip"].upload(dataset.open_zip, [c["dataset_zip"], c["model_key"], c["dataset_resolution"], *shown],
+                            outputs, concurrency_id="model", **private)
+    gr.on([c[name].change for name in ("dataset_statistic", "dataset_layer", "dataset_head", "dataset_order")],
+          **redraw)
+    c["dataset_table"].select(dataset.select_row, state, [c["dataset_layer"], c["dataset_head"]],
+                              concurrency_id="render", **private)
+    analyze, prepare, render = analysis
+    for end, handler in (("dataset_lowest", dataset.open_lowest), ("dataset_highest", dataset.open_highest)):
+        c[end].select(handler, state, [c["image_in"], c["page_tabs"]], concurrency_id="render",
+                      **private).success(**analyze).then(**prepare).then(**render)
 
 
 def _view(label: str, elem_id: str, min_width: int = 240, visible: bool = True) -> gr.Image:

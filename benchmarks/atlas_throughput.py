@@ -1,5 +1,5 @@
 """The dataset atlas's throughput: images per second for the default model (DINOv2 ViT-S/14) at 224 and 518 px,
-in this process and through Ray Data on this machine, side by side from one run.
+in this process and through Ray actors on this machine, side by side from one run.
 
 A folder of distinct images is made from the four assets (flipped, rotated and cropped copies; four aspect ratios).
 For each resolution the two engines run in turn on it, for a few rounds (medians reported), each into a new atlas

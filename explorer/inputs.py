@@ -29,6 +29,7 @@ PRECISIONS = ("float32", "float16", "bfloat16")
 MAX_PROMPTS, MAX_PROMPT_CHARS = 32, 300  # prompts per request, characters per prompt
 DEFAULT_TEMPLATE = "a photo of a {}"  # the page's labels become prompts through it ("{}": the label)
 DEFAULT_LABELS = "cat\ndog\ncar"
+ORDERS = ("ascending", "descending")  # how a table is sorted
 
 
 class UserError(ValueError):
@@ -70,6 +71,16 @@ def uploaded_file(value: Any, name: str, roots: Iterable[Path]) -> Path:
     if not any(real.is_relative_to(root) for root in roots) or not real.is_file():
         raise UserError(f"{name}: this file was not uploaded to this server (or has expired): upload it again.")
     return real
+
+
+def server_folder(value: Any, name: str) -> Path:
+    """A folder on the server named by the person running it (never in public mode: the caller refuses first)."""
+    if not plain_path(value) or not value.strip():
+        raise UserError(f"{name} must be a folder's path: text of at most {MAX_PATH_CHARS} characters.")
+    folder = Path(value.strip()).expanduser()
+    if not folder.is_dir():
+        raise UserError(f"{name}: {shown(value.strip())} is not a folder on this server.")
+    return folder
 
 
 def number(value: Any, name: str, low: float, high: float, *, whole: bool = False) -> float:

@@ -44,6 +44,11 @@ class FileStore:
         self.sweep(keep=path)
         return path
 
+    def folder(self, name: str) -> Path:
+        """A folder of ours for files written by other code (an atlas and its images), named by the caller from the
+        content it holds; its files fall under the same limits once written (see `admit`)."""
+        return self.root / OUR_FOLDER / name
+
     def admit(self, nbytes: int) -> bool:
         """Whether an upload of `nbytes` fits, the least recently used files deleted to make room; counted at once,
         so that uploads arriving together see each other."""

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from analysis.budget import CPU_LIMITS, GPU_LIMITS, ComputeLimits
+from explorer.atlas.archive import ZipCaps
 
 MB = 2**20
 TRUE = ("1", "true", "yes", "on")
@@ -32,6 +33,7 @@ class Settings:
     max_work: float | None = None  # layers × tokens² × width per analysis; None: the device's default
     max_seconds: float | None = None  # wall-clock time per analysis; None: the device's default
     temp_dir: Path = Path(tempfile.gettempdir()) / "vit-inspect"  # the managed folder (Gradio's uploads too)
+    zip_caps: ZipCaps = ZipCaps()  # what a zip of images sent to the Dataset view may hold
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> "Settings":
@@ -39,7 +41,8 @@ class Settings:
         VIT_INSPECT_MAX_DOWNLOAD_MB, VIT_INSPECT_HUB_CACHE_MB, VIT_INSPECT_CACHE_MB, VIT_INSPECT_REBUILD_CACHE_MB,
         VIT_INSPECT_DISK_MB, VIT_INSPECT_FILE_AGE_S, VIT_INSPECT_MAX_FILE_SIZE, VIT_INSPECT_CONCURRENCY,
         VIT_INSPECT_QUEUE_SIZE, VIT_INSPECT_MAX_TOKENS, VIT_INSPECT_MAX_WORK, VIT_INSPECT_MAX_SECONDS,
-        GRADIO_TEMP_DIR."""
+        GRADIO_TEMP_DIR; a zip's caps: VIT_INSPECT_ZIP_MAX_IMAGES, VIT_INSPECT_ZIP_MAX_MB, VIT_INSPECT_ZIP_MEMBER_MB,
+        VIT_INSPECT_ZIP_UNPACKED_MB, VIT_INSPECT_ZIP_MEMBER_MP (megapixels of one image)."""
         flag = env.get("VIT_INSPECT_PUBLIC")
         public = flag.strip().lower() in TRUE if flag is not None else bool(env.get("SPACE_ID"))
         d = cls()
@@ -62,10 +65,22 @@ class Settings:
                    queue_size=whole("VIT_INSPECT_QUEUE_SIZE", d.queue_size),
                    max_tokens=int(optional("VIT_INSPECT_MAX_TOKENS") or 0) or None,
                    max_work=optional("VIT_INSPECT_MAX_WORK"), max_seconds=optional("VIT_INSPECT_MAX_SECONDS"),
-                   temp_dir=Path(env.get("GRADIO_TEMP_DIR") or d.temp_dir))
+                   temp_dir=Path(env.get("GRADIO_TEMP_DIR") or d.temp_dir), zip_caps=zip_caps(env))
 
     def compute_limits(self, device_type: str) -> ComputeLimits:
         """The caps on one analysis: the device's defaults, where no setting overrides them."""
         base = GPU_LIMITS if device_type == "cuda" else CPU_LIMITS
         return ComputeLimits(self.max_tokens or base.max_tokens, self.max_work or base.max_work,
                              self.max_seconds or base.max_seconds)
+
+
+def zip_caps(env: Mapping[str, str]) -> ZipCaps:
+    """The caps on one zip sent to the Dataset view, from the environment (Settings.from_env names them)."""
+    d = ZipCaps()
+    return ZipCaps(max_images=int(env.get("VIT_INSPECT_ZIP_MAX_IMAGES", d.max_images)),
+                   max_bytes=int(float(env.get("VIT_INSPECT_ZIP_MAX_MB", d.max_bytes / MB)) * MB),
+                   max_member_bytes=int(float(env.get("VIT_INSPECT_ZIP_MEMBER_MB", d.max_member_bytes / MB)) * MB),
+                   max_unpacked_bytes=int(float(env.get("VIT_INSPECT_ZIP_UNPACKED_MB",
+                                                        d.max_unpacked_bytes / MB)) * MB),
+                   max_member_pixels=int(float(env.get("VIT_INSPECT_ZIP_MEMBER_MP", d.max_member_pixels / 1e6)) * 1e6),
+                   max_ratio=d.max_ratio, max_entries=d.max_entries)

@@ -110,6 +110,11 @@ class Workspace:
         return analyze(loaded, scene.image, key.resolution, key.dtype, progress=progress,
                        original_size=scene.original_size, store=self.cache, statistics=False, limits=self.limits)
 
+    def device_slot(self) -> threading.BoundedSemaphore:
+        """The device semaphore that every analysis holds (`with ws.device_slot(): ...`): the atlas of an uploaded
+        zip takes it too."""
+        return self._device
+
     def pin(self, key: AnalysisKey) -> None:
         """Keeps an analysis and its image whatever the budget (the arrival example)."""
         self.cache.pin(("scene", key.digest))

@@ -10,16 +10,18 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
+import torch
 from PIL import Image
 from scipy import stats as scipy_stats
 
 import explorer.atlas.measure as measure_module
 import explorer.atlas.store as store_module
-from analysis import STAT_LABELS, analyze
+from analysis import STAT_LABELS, analyze, predicted_saliency, predictions
 from explorer.atlas import AtlasError, RayOptions, build_atlas, load_atlas, open_source
 from explorer.cli import main as cli_main
 from model import load_image
-from tests.helpers import random_image, tiny_loaded
+from model.heads import ClassifierHead, SaliencyDecoder
+from tests.helpers import random_image, randomize, tiny_loaded
 
 ROOT = Path(__file__).resolve().parents[1]
 MEMORY_PX, MEMORY_IMAGES = 384, (4, 16)  # a wider tiny model at 2,305 tokens keeps about 9 MB per analysis
@@ -119,6 +121,50 @@ def test_maps_thumbnails_and_ranking_read_back(atlas_folder, direct):
     assert list(atlas.ranked(2, 1, "cls_patch_entropy", count=2, lowest=False)["image"]) == by_entropy[::-1][:2]
     with pytest.raises(KeyError):
         atlas.cls_maps("missing.png")
+
+
+def test_without_a_head_the_prediction_columns_are_null(atlas_folder):
+    atlas = load_atlas(atlas_folder)
+    assert atlas.settings["prediction"] is None
+    assert atlas.images[["top_classes", "saliency_mean", "region_share"]].isna().all().all()
+
+
+def with_head(kind: str):
+    """The tiny tower with a random classifier (7 classes, read from the class token) or saliency decoder."""
+    loaded = tiny_loaded(seed=3)
+    with torch.no_grad():
+        if kind == "classes":
+            loaded.head = ClassifierHead("class", 32, 7, 1).eval()
+            loaded.labels = tuple(f"label {i}" for i in range(7))
+        else:
+            loaded.head = SaliencyDecoder((32, 8, 8, 4)).eval()
+        randomize(loaded.head, seed=4)
+    return loaded
+
+
+@pytest.mark.parametrize("kind", ["classes", "saliency"])
+def test_the_prediction_per_image_is_the_single_image_one(kind, images, tmp_path):
+    loaded = with_head(kind)
+    build_atlas(open_source(images), tmp_path / "out", loaded, PX, batch_size=2, progress=False)
+    atlas = load_atlas(tmp_path / "out")
+    assert atlas.settings["prediction"] == kind
+    for name in SIZES:
+        row = atlas.images[atlas.images["image"] == name].iloc[0]
+        analysis = analyze(loaded, load_image(images / name), PX)
+        if kind == "classes":
+            top = predictions(loaded, analysis, 5)
+            assert list(row["top_classes"]) == [p.index for p in top]
+            assert list(row["top_labels"]) == [f"label {p.index}" for p in top]
+            np.testing.assert_allclose(row["top_probabilities"], [p.probability for p in top], rtol=1e-6)
+            assert np.isnan(row["saliency_mean"])
+        else:
+            saliency = predicted_saliency(loaded, analysis)  # (input_h, input_w)
+            region = saliency >= 0.5  # the decoder's own region, else its top 20 %
+            if not region.any():
+                region = saliency >= np.sort(saliency.ravel())[::-1][int(0.2 * saliency.size) - 1]
+            np.testing.assert_allclose(row["saliency_mean"], saliency.mean(), rtol=1e-6)
+            np.testing.assert_allclose(row["region_share"], region.mean(), rtol=1e-6)
+            assert row["top_classes"] is None
 
 
 def test_corrupt_image_is_reported_and_skipped(atlas_folder):

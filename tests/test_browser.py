@@ -6,9 +6,11 @@ import os
 import shutil
 import tempfile
 import time
+import zipfile
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from tests.served import served_app
 
@@ -231,8 +233,7 @@ def test_every_tab_opens_on_a_phone(site):
     phone = browser.new_page(viewport={"width": 390, "height": 844})
     phone.goto(url)
     phone.wait_for_selector("#cls-view img", timeout=60_000)
-    assert phone.locator("[aria-label='More tabs']").count() == 0 or not phone.locator(
-        "[aria-label='More tabs']").is_visible()
+    assert not any(more.is_visible() for more in phone.locator("[aria-label='More tabs']").all())  # both tab bars
     for name, shown in (("Explain", "#explain-view img"), ("Rollout", "#rollout-view img"), ("Heads", "#atlas img"),
                         ("Hidden states", "#norm-view img"), ("GIF", "text=Make GIF"), ("Class token", "#cls-view img")):
         phone.get_by_role("tab", name=name).click()
@@ -288,4 +289,35 @@ def test_an_image_text_model_scores_prompts_and_draws_a_map_per_prompt(site, tmp
                            timeout=120_000)
     wait_for_change(page, "#prompt-strip", before, timeout=120)
     page.screenshot(path=str(SCREENSHOTS / "prompts.png"), full_page=True)
+
+
+def test_the_dataset_tab_analyses_a_zip_and_an_image_opens_in_the_single_views(site, tmp_path):
+    from model import Preprocessing
+    url, browser = site
+    photos = tmp_path / "photos.zip"
+    with zipfile.ZipFile(photos, "w") as archive:
+        for name in ("chelsea.png", "astronaut.png", "coffee.png", "rocket.jpg"):
+            archive.write(ROOT / "assets" / name, name)
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.goto(url)
+    page.wait_for_selector("#cls-view img", timeout=60_000)
+    page.get_by_role("tab", name="Dataset").click()
+    page.locator("#dataset-zip input[type=file]").set_input_files(str(photos))
+    page.wait_for_function("document.querySelector('#dataset-status').innerText.includes('4 images')",
+                           timeout=180_000)
+    for shown in ("#dataset-chart img", "#dataset-figure img", "#dataset-table table"):
+        page.wait_for_selector(shown, timeout=60_000)
+    page.wait_for_function("document.querySelectorAll('#dataset-lowest .thumbnail-item').length === 4")
+    page.screenshot(path=str(SCREENSHOTS / "dataset.png"), full_page=True)
+    first = page.locator("#dataset-lowest .thumbnail-item").first
+    name = first.locator(".caption-label").inner_text().split(" · ")[0]
+    with Image.open(ROOT / "assets" / name) as original:
+        g = Preprocessing(14).geometry(original.height, original.width, 518)
+    before = src(page, "#image-input")
+    first.click()
+    page.wait_for_function("document.querySelector('#image-tab-button, [role=tab][aria-selected=true]')"
+                           ".innerText.includes('One image')", timeout=30_000)
+    wait_for_change(page, "#image-input", before)  # the clicked image, in the single-image input
+    wait_for_status(page, f"grid {g.grid_h}×{g.grid_w}")
+    page.wait_for_selector("#cls-view img")
     page.close()

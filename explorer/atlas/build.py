@@ -5,11 +5,13 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pyarrow as pa
 from tqdm import tqdm
 
+from analysis import ComputeLimits, Deadline
 from model import LoadedModel, load_model
 
 from .aggregate import write_aggregate
@@ -24,7 +26,9 @@ DEFAULT_BATCH = 16  # images per part file and per Ray batch
 
 def build_atlas(source: Source, out: Path, model: "LoadedModel | str | None" = None, resolution: int = 518,
                 queries: str = "spread", engine: str = "local", batch_size: int = DEFAULT_BATCH,
-                device: str | None = None, ray_options: RayOptions = RayOptions(), progress: bool = True) -> dict:
+                device: str | None = None, ray_options: RayOptions = RayOptions(), progress: bool = True,
+                limits: ComputeLimits | None = None, deadline: Deadline | None = None, decoders: int = 2,
+                report: Callable[[int, int], None] | None = None) -> dict:
     """Analyses every image of `source` that `out` does not hold yet, writes them batch by batch, then the
     aggregate; returns the summary (also written to out/summary.json).
 
@@ -32,6 +36,10 @@ def build_atlas(source: Source, out: Path, model: "LoadedModel | str | None" = N
         model: a loaded model (the tests' tiny one), or what `model.load_model` loads (None: the embedded default).
             With the Ray engine each actor loads its own copy from the same name.
         queries: "spread" (512 patch queries per layer, as the page) or "all" (every query, exact).
+        progress: a progress bar on the terminal.
+        limits, deadline, decoders: the caps on each analysis, one deadline for the whole run (images reached after
+            it are skipped) and the decoding threads (the served app's; in-process engine).
+        report: told (images done, images in all) after each batch.
     """
     started = time.perf_counter()
     if source.kind == "folder" and out.resolve().is_relative_to(Path(source.location).resolve()):
@@ -45,6 +53,7 @@ def build_atlas(source: Source, out: Path, model: "LoadedModel | str | None" = N
     todo = [ref for ref in refs if ref.name not in writer.done]
     logger.info("%d images in %s, %d already in %s", len(refs), source.location, len(refs) - len(todo), out)
     failures: list[tuple[str, str]] = []
+    done = [len(refs) - len(todo)]
     bar = tqdm(total=len(refs), initial=len(refs) - len(todo), desc="atlas", unit="image", disable=not progress)
 
     def commit(batch: pa.Table) -> None:
@@ -52,6 +61,9 @@ def build_atlas(source: Source, out: Path, model: "LoadedModel | str | None" = N
             failures.append((name, reason))
             tqdm.write(f"skipped {name}: {reason}", file=sys.stderr)
         bar.update(batch.num_rows)
+        done[0] += batch.num_rows
+        if report is not None:
+            report(done[0], len(refs))
 
     try:
         if engine == "ray":
@@ -59,7 +71,8 @@ def build_atlas(source: Source, out: Path, model: "LoadedModel | str | None" = N
             run_ray({"model": model, "source": source, "resolution": resolution, "queries": queries,
                      "device": device}, todo, batch_size, commit, ray_options)
         else:
-            measurer = Measurer(loaded, source, resolution, queries)
+            measurer = Measurer(loaded, source, resolution, queries, decoders=decoders, limits=limits,
+                                deadline=deadline)
             try:
                 run_local(measurer, todo, batch_size, commit)
             finally:

@@ -29,7 +29,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--queries", choices=tuple(STAT_MODES), default="spread",
                         help="patch queries per layer: 512 spread over the grid, as the page, or all (exact)")
     parser.add_argument("--split", default="train", help="the dataset's split (datasets only)")
-    parser.add_argument("--engine", choices=ENGINES, default="local", help="this process, or Ray Data")
+    parser.add_argument("--engine", choices=ENGINES, default="local", help="this process, or Ray actors")
     parser.add_argument("--batch", type=int, default=DEFAULT_BATCH, help="images per part file and per Ray batch")
     parser.add_argument("--device", default=None, help="the local engine's device (default: CUDA when available)")
     parser.add_argument("--actors", type=int, default=1, help="Ray: model copies running at once")

@@ -1,4 +1,4 @@
-"""Where the per-image step runs: in this process (the default), or on Ray Data across machines and GPUs.
+"""Where the per-image step runs: in this process (the default), or on Ray actors across machines and GPUs.
 
 Both feed the same `Measurer` batches of image references and hand each batch's rows to the same writer, in this
 process, so the atlas on disk is the same whichever engine made it.
@@ -16,6 +16,7 @@ from .sources import ImageRef
 
 Commit = Callable[[pa.Table], None]  # writes one batch's rows (and counts them for the progress bar)
 ENGINES = ("local", "ray")
+IN_FLIGHT = 2  # batches queued per Ray actor: the next one is there when the current one is done
 
 
 class EngineError(RuntimeError):
@@ -24,7 +25,7 @@ class EngineError(RuntimeError):
 
 @dataclass(frozen=True)
 class RayOptions:
-    """How Ray Data runs the step: `actors` copies of the model, each with these CPUs and GPUs."""
+    """How Ray runs the step: `actors` copies of the model, each with these CPUs and GPUs."""
 
     actors: int = 1
     cpus_per_actor: float = 1.0
@@ -51,29 +52,46 @@ def import_ray():
     try:
         return importlib.import_module("ray")
     except ImportError:
-        raise EngineError("--engine ray needs Ray Data: pip install -r requirements-ray.txt") from None
+        raise EngineError("--engine ray needs Ray: pip install -r requirements-ray.txt") from None
 
 
 def run_ray(measurer_args: dict, refs: list[ImageRef], batch_size: int, commit: Commit, options: RayOptions) -> None:
-    """The same step as a Ray Data `map_batches` stage on an actor pool (one model per actor, a GPU each when
-    asked); the batches come back to this process to be written. Joins the Ray instance already started, else
-    `ray.init()` (a cluster's when RAY_ADDRESS is set; every node needs this project's requirements and must reach
-    SOURCE)."""
+    """The same step on a pool of Ray actors (one model per actor, a GPU each when asked), each kept busy with
+    IN_FLIGHT batches queued; the batches come back to this process to be written as they finish. Joins the Ray
+    instance already started, else `ray.init()` (a cluster's when RAY_ADDRESS is set; every node needs this
+    project's requirements and must reach SOURCE).
+
+    Plain actors rather than a Ray Data `map_batches` stage: Ray Data's actor pool took 3–22 s on this project's
+    loaded 2-core machine to start one trivial actor (its worker imports Ray Data's stack first), a plain actor
+    1–2 s (`benchmarks/ray_actor_start.py`)."""
     ray = import_ray()
     if not refs:
         return
     if not ray.is_initialized():
         ray.init(runtime_env={"py_modules": _own_packages()})
-    context = ray.data.DataContext.get_current()
-    context.enable_progress_bars = context.print_on_execution_start = False  # this process shows its own bar
-    dataset = ray.data.from_arrow([refs_table(batch) for batch in batches(refs, batch_size)])
+    worker = ray.remote(num_cpus=options.cpus_per_actor, num_gpus=options.gpus_per_actor)(Measurer)
     threads = max(1, int(options.cpus_per_actor))
-    stage = dataset.map_batches(Measurer, fn_constructor_kwargs={**measurer_args, "threads": threads},
-                                batch_size=batch_size, batch_format="pyarrow",
-                                compute=ray.data.ActorPoolStrategy(size=options.actors),
-                                num_cpus=options.cpus_per_actor, num_gpus=options.gpus_per_actor)
-    for batch in stage.iter_batches(batch_size=None, batch_format="pyarrow"):
-        commit(batch)
+    actors = [worker.remote(**measurer_args, threads=threads) for _ in range(options.actors)]
+    todo = iter(batches(refs, batch_size))
+    running: dict = {}  # the result of each batch sent → the actor working on it
+
+    def send(actor) -> None:
+        batch = next(todo, None)
+        if batch is not None:
+            running[actor.measure_batch.remote(refs_table(batch))] = actor
+
+    try:
+        for _ in range(IN_FLIGHT):
+            for actor in actors:
+                send(actor)
+        while running:
+            [done], _ = ray.wait(list(running), num_returns=1)
+            actor = running.pop(done)
+            commit(ray.get(done))
+            send(actor)
+    finally:
+        for actor in actors:
+            ray.kill(actor)
 
 
 def _own_packages() -> list:

@@ -9,10 +9,12 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 from PIL import Image
 
 from analysis import STAT_LABELS
 
+from .sources import ImageRef, Source
 from .store import AGGREGATE, IMAGE_COLUMNS, IMAGES, STATISTICS, SUMMARY, AtlasError, check_settings, part_paths
 from .store import part_settings, read_table
 
@@ -26,7 +28,7 @@ class Atlas:
     folder: Path
     settings: dict
     statistics: pd.DataFrame  # image, layer, head, one column per statistic; sorted by image, layer, head
-    images: pd.DataFrame  # image, width, height, grid_h, grid_w, num_queries; sorted by image
+    images: pd.DataFrame  # image, width, height, grid_h, grid_w, num_queries, the prediction; sorted by image
     aggregate: pd.DataFrame  # layer, head, statistic, n, mean, low, high
     summary: dict
 
@@ -43,6 +45,36 @@ class Atlas:
         rows = rows[["image", statistic]].dropna().sort_values([statistic, "image"], ascending=[lowest, True],
                                                                 kind="stable")
         return rows.head(count).reset_index(drop=True)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the tables held in memory (the thumbnails and maps stay on disk)."""
+        return int(sum(frame.memory_usage(deep=True).sum() for frame in (self.statistics, self.images, self.aggregate)))
+
+    def aggregated(self, statistic: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(mean, low, high) of `statistic` over the images, each (layers, heads): the aggregate's t-interval."""
+        if statistic not in STAT_LABELS:
+            raise ValueError(f"statistic must be one of {', '.join(STAT_LABELS)}, got {statistic!r}")
+        rows = self.aggregate[self.aggregate["statistic"] == statistic].sort_values(["layer", "head"])
+        shape = (self.settings["num_layers"], self.settings["num_heads"])
+        return tuple(rows[column].to_numpy(np.float64).reshape(shape) for column in ("mean", "low", "high"))
+
+    def original(self, image: str) -> "str | bytes":
+        """The image as its source holds it: a path inside a folder source, or a `save_to_disk` dataset row (bytes
+        or a path); KeyError for an image this atlas does not list, AtlasError for a source not readable here."""
+        if not (self.images["image"] == image).any():
+            raise KeyError(f"{image!r} is not in this atlas")
+        source = self.settings["source"]
+        root = Path(source["location"])
+        if not root.is_dir():
+            raise AtlasError("The atlas's images are not on this server (a hub dataset, or a folder since moved).")
+        if source["kind"] == "folder":
+            path = (root / image).resolve()
+            if not path.is_relative_to(root.resolve()) or not path.is_file():
+                raise AtlasError(f"{image} is no longer in the atlas's source folder.")
+            return str(path)
+        split, _, index = image.rpartition("/")
+        return Source(str(root), "dataset", split).read(ImageRef(image, index=int(index)))
 
     def _blob(self, image: str, column: str) -> bytes:
         table = read_table(self.folder / IMAGES, [column], images=[image])
@@ -79,7 +111,9 @@ def load_atlas(folder: "str | Path") -> Atlas:
         check_settings(part_settings(path), settings, path)
     statistics = read_table(folder / STATISTICS).to_pandas().sort_values(["image", "layer", "head"],
                                                                          ignore_index=True)
-    images = read_table(folder / IMAGES, [c for c in IMAGE_COLUMNS if c not in BLOB_COLUMNS]).to_pandas()
+    written = set(pq.read_schema(part_paths(folder / IMAGES)[0]).names) if part_paths(folder / IMAGES) else set()
+    columns = [c for c in IMAGE_COLUMNS if c not in BLOB_COLUMNS and c in written]  # version 1: no prediction
+    images = read_table(folder / IMAGES, columns).to_pandas()
     images = images.sort_values("image", ignore_index=True)
     check_tables(statistics, images, settings, folder)
     return Atlas(folder, settings, statistics, images, pd.read_parquet(folder / AGGREGATE),

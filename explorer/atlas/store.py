@@ -3,7 +3,8 @@ so that a run stopped anywhere resumes with the images it had not finished.
 
     DIR/statistics/part-000000.parquet  image, layer, head, one column per statistic (STAT_LABELS' names)
     DIR/images/part-000000.parquet      image, width, height, grid_h, grid_w, num_queries, thumbnail (JPEG),
-                                        cls_maps (the last layer's class-token maps, float16 heads × grid_h × grid_w)
+                                        cls_maps (the last layer's class-token maps, float16 heads × grid_h × grid_w),
+                                        the model's prediction (measure.PREDICTIONS; null where the model has no head)
     DIR/aggregate.parquet, DIR/summary.json, DIR/mean_attention_distance.png   (written at the end, aggregate.py)
 
 A part is written to a hidden temporary file, synced and renamed into place; a batch's images part is renamed
@@ -27,7 +28,8 @@ STATISTICS, IMAGES = "statistics", "images"
 AGGREGATE, SUMMARY, FIGURE = "aggregate.parquet", "summary.json", "mean_attention_distance.png"
 METADATA_KEY = b"vit_inspect_atlas"  # the settings, as JSON, in every part's schema metadata
 RESUME_KEYS = ("format", "version", "model", "resolution", "queries", "dtype", "num_layers", "num_heads")
-IMAGE_COLUMNS = ("image", "width", "height", "grid_h", "grid_w", "num_queries", "thumbnail", "cls_maps")
+IMAGE_COLUMNS = ("image", "width", "height", "grid_h", "grid_w", "num_queries", "thumbnail", "cls_maps", "top_classes",
+                 "top_probabilities", "top_labels", "saliency_mean", "region_share")
 
 
 class AtlasError(ValueError):
