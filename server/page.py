@@ -91,7 +91,7 @@ class Page:
             reset = {"layer": -1, "head": "mean", "target": "top"}  # what belonged to the last image or model
             first = Controls.parse(s.analysis, {**dict(zip(FIELDS, values)), **reset})
             predicted = handlers.prediction(self.workspace, s, saliency=False)
-            main = handlers.class_token(s, first, True, self.marker(View(s.key, s.source), s))["main"]
+            main = handlers.class_token_map(s, first, True, self.marker(View(s.key, s.source), s))
         except Exception as err:  # a message, no red badges: the controls stay usable
             message = user_message(err)
             warn(message)
