@@ -20,7 +20,6 @@ from explorer.inputs import (ANIMATIONS, DEFAULT_RESOLUTION, DIRECTIONS, FIELDS,
                              resolution_limits)
 from model import LoadedModel
 from server.api import Api
-from server.compute import confine_torch
 from server.files import FileStore
 from server.gpu import on_zero_gpu
 from server.guard import EventShape, RequestGuard
@@ -90,9 +89,8 @@ def build_demo(loaded: LoadedModel | None = None, device: str | None = None, wor
     gr.set_static_paths([ASSETS])  # the examples are served from where they are, never copied
     workspace = workspace or workspace_for(loaded, device)
     page, api = Page(workspace), Api(workspace)
-    run = workspace.model_threads.run  # the model's own threads (server.compute)
-    config = run(workspace.models.get, DEFAULT).config  # load (and convert, the first time) at start-up
-    run(page.warm, EXAMPLES[0], DEFAULT_RESOLUTION)  # the arrival image, analysed once and kept
+    config = workspace.models.get(DEFAULT).config  # load (and convert, the first time) at start-up
+    page.warm(EXAMPLES[0], DEFAULT_RESOLUTION)  # the arrival image, analysed once and kept
     with gr.Blocks(title="vit-inspect", delete_cache=(600, workspace.settings.file_age_s)) as demo:
         gr.Markdown(INTRO)
         c: Components = {"view": gr.State(None), "tab": gr.State("cls"), "model_key": gr.State(DEFAULT)}
@@ -251,22 +249,19 @@ def _settings(c: Components, workspace: Workspace) -> None:
 
 
 def _wire(demo: gr.Blocks, c: Components, page: Page) -> None:
-    """Every event of the page: analyses and slow work in the "model" concurrency group, on the model's threads;
-    redraws in "render", on Gradio's workers."""
+    """Every event of the page: analyses and slow work in the "model" concurrency group, redraws in "render"."""
     view, tab = c["view"], c["tab"]
     controls = [c[name] for name in FIELDS]
     private = {"api_visibility": "private", "preprocess": False}
     model = dict(concurrency_id="model", **private)
-    on_model = page.workspace.model_threads.event
     render = dict(fn=page.render, inputs=[view, tab, *controls], outputs=[c[n] for n in VIEW_OUTPUTS],
                   show_progress="hidden", concurrency_id="render", concurrency_limit=2, **private)
-    prepare = dict(fn=on_model(page.prepare_tab), inputs=[view, tab, *controls], outputs=None, **model)
-    analyze = dict(fn=on_model(page.analyze),
-                   inputs=[c["image_in"], c["resolution"], c["model_key"], c["dtype"], *controls],
+    prepare = dict(fn=page.prepare_tab, inputs=[view, tab, *controls], outputs=None, **model)
+    analyze = dict(fn=page.analyze, inputs=[c["image_in"], c["resolution"], c["model_key"], c["dtype"], *controls],
                    outputs=[c[n] for n in ANALYSIS_OUTPUTS], **model)
     gr.on([demo.load, c["image_in"].change, c["resolution"].release, c["apply_resolution"].click], **analyze,
           trigger_mode="always_last").then(**prepare).then(**render)  # a new image while one runs is not lost
-    loaded = c["load_button"].click(on_model(page.switch_model), [c["model_choice"], c["model_custom"]],
+    loaded = c["load_button"].click(page.switch_model, [c["model_choice"], c["model_custom"]],
                                     [c["model_key"], c["model_status"]], **model)
     loaded.success(**analyze).then(**prepare).then(**render)
     c["tab_bar"].select(page.select_tab, None, tab, queue=False, **private).then(**prepare).then(**render)
@@ -279,12 +274,11 @@ def _wire(demo: gr.Blocks, c: Components, page: Page) -> None:
         c[clickable].select(page.click, view, view, concurrency_id="render", **private).then(**prepare).then(**render)
     for selectable, handler in (("atlas", page.select_in_atlas), ("table", page.select_in_table)):
         c[selectable].select(handler, view, [c["layer"], c["head"]], concurrency_id="render", **private)
-    c["flow_button"].click(on_model(page.flow), [view, *controls], c["flow"], **model)
-    c["score_button"].click(on_model(page.score_maps), [view, *controls],
-                            [c["faithfulness_plot"], c["faithfulness_caption"]], **model)
-    c["anim_button"].click(on_model(page.animate), [view, c["anim_mode"], *controls], [c["gif"], c["gif_file"]],
-                           **model)
-    c["export_button"].click(on_model(page.download), [view, tab, *controls], c["export_files"], **model)
+    c["flow_button"].click(page.flow, [view, *controls], c["flow"], **model)
+    c["score_button"].click(page.score_maps, [view, *controls], [c["faithfulness_plot"], c["faithfulness_caption"]],
+                            **model)
+    c["anim_button"].click(page.animate, [view, c["anim_mode"], *controls], [c["gif"], c["gif_file"]], **model)
+    c["export_button"].click(page.download, [view, tab, *controls], c["export_files"], **model)
 
 
 def _view(label: str, elem_id: str, min_width: int = 240, visible: bool = True) -> gr.Image:
@@ -296,6 +290,5 @@ def _view(label: str, elem_id: str, min_width: int = 240, visible: bool = True) 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO)
     workspace = workspace_for(None)
-    confine_torch()  # from here on, only the model's threads compute on more than one CPU (server.compute)
     demo = build_demo(workspace=workspace)
     demo.launch(server_name=os.environ.get("GRADIO_SERVER_NAME"), **launch_options(demo, workspace))

@@ -167,11 +167,9 @@ class Api:
                                                                  "verdict": handlers.verdict(result)}
 
     def register(self) -> None:
-        """Adds the endpoints to the Blocks being built, all in the one concurrency group that runs the model, on the
-        model's threads."""
+        """Adds the endpoints to the Blocks being built, all in the one concurrency group that runs the model."""
         for endpoint in (self.cls_attention, self.patch_attention, self.rollout, self.attention_flow,
                          self.head_statistics, self.attention_distance, self.hidden_states, self.layer_animation,
                          self.export, self.predict, self.relevance, self.faithfulness):
-            gr.api(self.workspace.model_threads.event(guarded(endpoint)), api_name=endpoint.__name__,
-                   concurrency_id="model")
+            gr.api(guarded(endpoint), api_name=endpoint.__name__, concurrency_id="model")
 

@@ -14,7 +14,6 @@ from explorer.drawing import Scene
 from explorer.inputs import UserError, uploaded_file
 from model import LoadedModel, load_image
 
-from .compute import ModelThreads
 from .files import FileStore
 from .gpu import GPU_ANALYZE, on_zero_gpu
 from .model_store import DEFAULT, ModelStore
@@ -59,7 +58,6 @@ class Workspace:
         self.upload_roots = tuple(Path(root).resolve() for root in upload_roots)
         self.device_slots = settings.concurrency or (2 if self.models.device_type == "cuda" else 1)
         self._device = threading.BoundedSemaphore(self.device_slots)
-        self.model_threads = ModelThreads(self.device_slots)  # where the served app runs the model (server.compute)
         self._decoding = threading.BoundedSemaphore(1)  # one image decoded at a time: its working memory, once
         self.limits = settings.compute_limits(self.models.device_type)  # tokens, work and seconds per analysis
 
