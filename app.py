@@ -318,7 +318,7 @@ def _wire(demo: gr.Blocks, c: Components, page: Page, dataset: DatasetEvents) ->
                   show_progress="hidden", concurrency_id="render", concurrency_limit=2, **private)
     prepare = dict(fn=page.prepare_tab, inputs=[view, tab, *controls], outputs=None, **model)
     analyze = dict(fn=page.analyze, inputs=[c["image_in"], c["resolution"], c["model_key"], c["dtype"], *controls],
-                   outputs=[c[n] for n in ANALYSIS_OUTPUTS], **model)
+                   outputs=[c[n] for n in ANALYSIS_OUTPUTS], show_progress_on=[c["status"]], **model)
     gr.on([demo.load, c["image_in"].change, c["resolution"].release, c["apply_resolution"].click], **analyze,
           trigger_mode="always_last").then(**prepare).then(**render)  # a new image while one runs is not lost
     loaded = c["load_button"].click(page.switch_model, [c["model_choice"], c["model_custom"]],

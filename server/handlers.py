@@ -120,9 +120,14 @@ def class_token(s: Subject, c: Controls, page: bool, marker: tuple[int, int] | N
     model's other summary where it has one (the pooling probe's or the distillation token's map)."""
     a = s.analysis
     second = drawing.second_view(a, base(s, page), c.layer, c.head, c.style)
-    return {"main": drawing.cls_view(a, base(s, page), c.layer, c.head, c.style, legend=page, marker=marker),
+    return {"main": class_token_map(s, c, page, marker),
             "grid": drawing.head_grid(a, s.scene.thumb, c.layer, c.style, legend=page),
             **({"second": second} if second is not None else {})}
+
+
+def class_token_map(s: Subject, c: Controls, page: bool, marker: tuple[int, int] | None = None) -> Image.Image:
+    """The class token's map of the layer and head alone (a new image's first map)."""
+    return drawing.cls_view(s.analysis, base(s, page), c.layer, c.head, c.style, legend=page, marker=marker)
 
 
 def patch(s: Subject, c: Controls, page: bool, row: int, col: int) -> tuple[Image.Image, np.ndarray, str]:

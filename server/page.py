@@ -110,7 +110,7 @@ class Page:
             first = Controls.parse(s.analysis, {**dict(zip(FIELDS, values)), **reset})
             predicted = handlers.prediction(self.workspace, s, saliency=False)
             scored = self._scored(s, first)
-            main = handlers.class_token(s, first, True, self.marker(View(s.key, s.source), s))["main"]
+            main = handlers.class_token_map(s, first, True, self.marker(View(s.key, s.source), s))
         except Exception as err:  # a message, no red badges: the controls stay usable
             message = user_message(err)
             warn(message)
