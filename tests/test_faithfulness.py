@@ -223,3 +223,31 @@ def test_bad_fields_are_refused_plainly(vit):
         faithfulness(loaded, analysis, "class:9", "drop")
     with pytest.raises(TargetError, match="region needs a saliency decoder"):
         faithfulness(loaded, analysis, "region", "drop")
+
+
+@torch.no_grad()
+def test_a_prompt_is_scored_by_the_models_image_text_logit(tmp_path):
+    """A tiny CLIPModel: transformers' vision embeddings with the removed patches' rows taken out, its pre-norm,
+    layers, post-norm and projection, then logit_scale · cos with the prompt's text features."""
+    from tests.text_models import save_clip
+    reference, tokenizer = save_clip(tmp_path / "clip")
+    loaded = load_model(tmp_path / "clip", device="cpu")
+    analysis, pixels = setup(loaded, seed=7)
+    prompt = "a photo of a cat"
+    text = reference.get_text_features(**tokenizer([prompt], return_tensors="pt", padding=True))
+    text = getattr(text, "pooler_output", text)
+    vision = reference.vision_model
+    embedded = vision.embeddings(pixels, interpolate_pos_encoding=True)
+
+    def score_of(removed):
+        kept = [0] + [1 + p for p in range(embedded.shape[1] - 1) if p not in set(removed.tolist())]
+        hidden = vision.pre_layrnorm(embedded[:, kept])
+        for layer in vision.encoder.layers:
+            hidden = layer(hidden, None)
+        image = reference.visual_projection(vision.post_layernorm(hidden[:, 0]))
+        return float(reference.logit_scale.exp() * torch.nn.functional.cosine_similarity(image, text))
+
+    maps = some_maps(analysis, seed=4)
+    result = perturbation_curves(loaded, analysis, f"text:{prompt}", "drop", maps)
+    assert "image-text similarity" in result.score
+    assert_curves(result, maps, np.arange(analysis.geometry.grid_h * analysis.geometry.grid_w), score_of)
