@@ -76,7 +76,7 @@ def test_the_endpoint_returns_every_curve_from_the_unperturbed_score(workspace, 
 @pytest.mark.parametrize("field, value, message", [
     ("removal", "erase", "removal must be one of drop, pixels"),
     ("target", "class:7", "target: class 7 is out of range"),
-    ("target", "dog", "target must be top, class:N, embedding, region or patch:X,Y"),
+    ("target", "dog", "target must be top, class:N, embedding, region, patch:X,Y"),
     ("removal", ["drop"], "removal must be one of drop, pixels"),
 ])
 def test_bad_fields_get_plain_messages(workspace, upload, classifier, field, value, message):
