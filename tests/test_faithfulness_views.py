@@ -5,49 +5,23 @@ curves in a fresh process."""
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import gradio as gr
 import pytest
-import transformers as tf
 from PIL import Image
 
-import app
 from analysis import METHODS
 from analysis.faithfulness import BATCH_TOKENS, FRACTIONS
 from explorer.inputs import DEFAULTS, FIELDS
 from server.api import Api
 from server.handlers import guarded
 from server.page import ANALYSIS_OUTPUTS, VIEW_OUTPUTS, Page
-from tests.helpers import random_image, save, tiny_loaded
+from tests.helpers import random_image
+from tests.test_explain_views import classifier, upload, workspace  # noqa: F401  (the same fixtures)
 from tests.test_relevance_memory import clear_refs_works
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def classifier(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("classifier")
-    config = tf.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8,
-                          intermediate_size=64, num_labels=3, id2label={0: "cat", 1: "dog", 2: "fox"})
-    save(tf.ViTForImageClassification(config), folder, seed=3)
-    return str(folder)
-
-
-@pytest.fixture(scope="module")
-def workspace():
-    return app.workspace_for(tiny_loaded(), "cpu")
-
-
-@pytest.fixture
-def upload(workspace):
-    def make(image: Image.Image) -> dict:
-        folder = Path(workspace.upload_roots[0]) / f"faithfulness-{time.time_ns()}"
-        folder.mkdir(parents=True)
-        image.save(folder / "photo.png")
-        return {"path": str(folder / "photo.png"), "meta": {"_type": "gradio.FileData"}}
-    return make
 
 
 def controls(**changes) -> list:

@@ -28,7 +28,7 @@ SERVER_IMAGE = ROOT / "docs" / "screenshot.png"  # an image on the server that n
 CAT = ROOT / "assets" / "chelsea.png"
 RES = 224
 IMAGE_ENDPOINTS = ("cls_attention", "patch_attention", "rollout", "attention_flow", "head_statistics",
-                   "hidden_states", "layer_animation", "export", "predict", "relevance", "zero_shot")
+                   "hidden_states", "layer_animation", "export", "predict", "relevance", "zero_shot", "faithfulness")
 
 
 def args(endpoint: str, **values) -> list:
