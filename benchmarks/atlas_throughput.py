@@ -14,7 +14,7 @@ OpenMP's threads wait passively (OMP_WAIT_POLICY=PASSIVE, set here unless alread
 workers): on a machine shared with other work, spinning threads lose most of their time (on this project's 2-core
 machine under a load average of 5, one 224 px analysis took 3 s spinning and 0.2 s passive).
 
-    python benchmarks/atlas_throughput.py                       # 48 images at 224 px, 16 at 518 px
+    python benchmarks/atlas_throughput.py                       # 128 images at 224 px, 32 at 518 px
     python benchmarks/atlas_throughput.py --sizes 224 --images 16 --repeats 1
 """
 from __future__ import annotations
@@ -32,7 +32,7 @@ from PIL import Image, ImageOps
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch is imported (see the docstring)
-IMAGES_PER_SIZE = {224: 48, 518: 16}
+IMAGES_PER_SIZE = {224: 128, 518: 32}  # 128: the images Dosovitskiy et al.'s fig. 7 averages over
 BATCH = 4
 VARIANTS = (lambda im: im, ImageOps.mirror, ImageOps.flip, lambda im: im.rotate(180),
             lambda im: im.crop((0, 0, im.width * 3 // 4, im.height)),
@@ -63,7 +63,7 @@ def timed_run(images: Path, out: Path, resolution: int, engine: str) -> tuple[fl
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=list(IMAGES_PER_SIZE))
-    parser.add_argument("--images", type=int, default=None, help="images per size (default: 48 at 224, 16 at 518)")
+    parser.add_argument("--images", type=int, default=None, help="images per size (default: 128 at 224, 32 at 518)")
     parser.add_argument("--repeats", type=int, default=3, help="rounds of (local, Ray) per size; medians reported")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="atlas-bench-"))

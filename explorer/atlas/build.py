@@ -15,7 +15,7 @@ from analysis import ComputeLimits, Deadline
 from model import LoadedModel, load_model
 
 from .aggregate import write_aggregate
-from .engines import RayOptions, run_local, run_ray
+from .engines import RayOptions, run_local, run_ray, start_ray, stop_ray
 from .measure import Measurer, settings_of
 from .sources import Source, SourceError
 from .store import AtlasWriter
@@ -47,11 +47,29 @@ def build_atlas(source: Source, out: Path, model: "LoadedModel | str | None" = N
     refs = source.refs()
     if not refs:
         raise SourceError(f"{source.location} holds no images.")
-    loaded = model if isinstance(model, LoadedModel) else load_model(model, device)
-    settings = settings_of(loaded, resolution, queries, source)
-    writer = AtlasWriter(out, settings)
-    todo = [ref for ref in refs if ref.name not in writer.done]
-    logger.info("%d images in %s, %d already in %s", len(refs), source.location, len(refs) - len(todo), out)
+    actors = []
+    if engine == "ray":  # the actors start and load their models while this process loads its own
+        actors = start_ray({"model": model, "source": source, "resolution": resolution, "queries": queries,
+                            "device": "cuda" if ray_options.gpus_per_actor > 0 else "cpu"}, ray_options)
+    try:
+        loaded = model if isinstance(model, LoadedModel) else load_model(model, device)
+        settings = settings_of(loaded, resolution, queries, source)
+        writer = AtlasWriter(out, settings)
+        todo = [ref for ref in refs if ref.name not in writer.done]
+        logger.info("%d images in %s, %d already in %s", len(refs), source.location, len(refs) - len(todo), out)
+        failures = _run(engine, actors, loaded, source, writer, refs, todo, batch_size, progress,
+                        dict(resolution=resolution, queries=queries, decoders=decoders, limits=limits,
+                             deadline=deadline), report)
+    finally:
+        if actors:
+            stop_ray(actors)
+    return write_aggregate(out, settings, failures, time.perf_counter() - started)
+
+
+def _run(engine: str, actors: list, loaded: LoadedModel, source: Source, writer: AtlasWriter, refs: list, todo: list,
+         batch_size: int, progress: bool, step: dict, report: Callable[[int, int], None] | None
+         ) -> list[tuple[str, str]]:
+    """Runs `todo` through the engine into `writer`, with a progress bar; the images skipped, with why."""
     failures: list[tuple[str, str]] = []
     done = [len(refs) - len(todo)]
     bar = tqdm(total=len(refs), initial=len(refs) - len(todo), desc="atlas", unit="image", disable=not progress)
@@ -67,16 +85,13 @@ def build_atlas(source: Source, out: Path, model: "LoadedModel | str | None" = N
 
     try:
         if engine == "ray":
-            device = "cuda" if ray_options.gpus_per_actor > 0 else "cpu"
-            run_ray({"model": model, "source": source, "resolution": resolution, "queries": queries,
-                     "device": device}, todo, batch_size, commit, ray_options)
+            run_ray(actors, todo, batch_size, commit)
         else:
-            measurer = Measurer(loaded, source, resolution, queries, decoders=decoders, limits=limits,
-                                deadline=deadline)
+            measurer = Measurer(loaded, source, **step)
             try:
                 run_local(measurer, todo, batch_size, commit)
             finally:
                 measurer.close()
     finally:
         bar.close()
-    return write_aggregate(out, settings, failures, time.perf_counter() - started)
+    return failures

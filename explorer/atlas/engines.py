@@ -55,23 +55,32 @@ def import_ray():
         raise EngineError("--engine ray needs Ray: pip install -r requirements-ray.txt") from None
 
 
-def run_ray(measurer_args: dict, refs: list[ImageRef], batch_size: int, commit: Commit, options: RayOptions) -> None:
-    """The same step on a pool of Ray actors (one model per actor, a GPU each when asked), each kept busy with
-    IN_FLIGHT batches queued; the batches come back to this process to be written as they finish. Joins the Ray
-    instance already started, else `ray.init()` (a cluster's when RAY_ADDRESS is set; every node needs this
-    project's requirements and must reach SOURCE).
+def start_ray(measurer_args: dict, options: RayOptions) -> list:
+    """Asks Ray for the pool of actors (one model per actor, a GPU each when asked); they start and load their
+    models while the caller goes on. Joins the Ray instance already started, else `ray.init()` (a cluster's when
+    RAY_ADDRESS is set; every node needs this project's requirements and must reach SOURCE).
 
     Plain actors rather than a Ray Data `map_batches` stage: Ray Data's actor pool took 3–22 s on this project's
     loaded 2-core machine to start one trivial actor (its worker imports Ray Data's stack first), a plain actor
     1–2 s (`benchmarks/ray_actor_start.py`)."""
     ray = import_ray()
-    if not refs:
-        return
     if not ray.is_initialized():
         ray.init(runtime_env={"py_modules": _own_packages()})
     worker = ray.remote(num_cpus=options.cpus_per_actor, num_gpus=options.gpus_per_actor)(Measurer)
     threads = max(1, int(options.cpus_per_actor))
-    actors = [worker.remote(**measurer_args, threads=threads) for _ in range(options.actors)]
+    return [worker.remote(**measurer_args, threads=threads) for _ in range(options.actors)]
+
+
+def stop_ray(actors: list) -> None:
+    ray = import_ray()
+    for actor in actors:
+        ray.kill(actor)
+
+
+def run_ray(actors: list, refs: list[ImageRef], batch_size: int, commit: Commit) -> None:
+    """The same step on the actors of `start_ray`, each kept busy with IN_FLIGHT batches queued; the batches come
+    back to this process to be written as they finish."""
+    ray = import_ray()
     todo = iter(batches(refs, batch_size))
     running: dict = {}  # the result of each batch sent → the actor working on it
 
@@ -80,18 +89,14 @@ def run_ray(measurer_args: dict, refs: list[ImageRef], batch_size: int, commit: 
         if batch is not None:
             running[actor.measure_batch.remote(refs_table(batch))] = actor
 
-    try:
-        for _ in range(IN_FLIGHT):
-            for actor in actors:
-                send(actor)
-        while running:
-            [done], _ = ray.wait(list(running), num_returns=1)
-            actor = running.pop(done)
-            commit(ray.get(done))
-            send(actor)
-    finally:
+    for _ in range(IN_FLIGHT):
         for actor in actors:
-            ray.kill(actor)
+            send(actor)
+    while running:
+        [done], _ = ray.wait(list(running), num_returns=1)
+        actor = running.pop(done)
+        commit(ray.get(done))
+        send(actor)
 
 
 def _own_packages() -> list:
