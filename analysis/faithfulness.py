@@ -336,15 +336,18 @@ def _index_of(orders: list[np.ndarray], order: np.ndarray) -> int:
 def _scores(loaded: LoadedModel, analysis: Analysis, score: Score, removal: str, orders: list[np.ndarray],
             removable: int, pixels: torch.Tensor | None, progress: Callable[[float], None] | None) -> np.ndarray:
     """(orders, 9): the score with the first floor(f × removable) patches of each order removed, f = 0.1 … 0.9.
-    The orders' sequences at one fraction have the same length and run together, BATCH_TOKENS at a time."""
+    The orders' sequences at one fraction have the same length and run together, BATCH_TOKENS at a time (under drop
+    the sequences shorten with f, so more of them run at once)."""
     out = np.zeros((len(orders), len(FRACTIONS) - 1))
     stacked = torch.from_numpy(np.stack(orders)).to(loaded.device)  # (orders, removable)
-    tokens = analysis.record.num_tokens
-    work = [(i, start) for i in range(1, len(FRACTIONS))
-            for start in range(0, len(orders), max(1, BATCH_TOKENS // tokens))]
-    for done, (i, start) in enumerate(work):
+    work = []
+    for i in range(1, len(FRACTIONS)):
         k = i * removable // 10  # floor(i/10 × removable), exactly
-        chunk = stacked[start:start + max(1, BATCH_TOKENS // tokens), :k]
+        length = analysis.record.num_tokens - (k if removal == "drop" else 0)
+        per_batch = max(1, BATCH_TOKENS // length)
+        work += [(i, k, start, per_batch) for start in range(0, len(orders), per_batch)]
+    for done, (i, k, start, per_batch) in enumerate(work):
+        chunk = stacked[start:start + per_batch, :k]
         if removal == "drop":
             x, kept = dropped(loaded, analysis, chunk, score.prefix_rows)
         else:
