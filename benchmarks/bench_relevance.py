@@ -31,6 +31,8 @@ IMAGE = ROOT / "assets" / "astronaut.png"
 VARIANTS = {
     "a": "plain forward, fused attention",
     "r": "ours from the image: analyze, then relevance of the default target ('top'); grad_rollout shares its sweep",
+    "t": "ours on an image analysed already (the page's Explain tab after the upload): relevance of 'top', grad_rollout"
+         " sharing its sweep",
     "s": "ours, another target on the same analysis ('embedding'): one more sweep, the forward record reused",
     "d": "dense: eager attentions with retained gradients, backward, R = Π (I + Ā) on full N×N matrices",
 }
@@ -63,8 +65,8 @@ def run_variant(variant: str, size: int) -> dict:
     pixels, geometry = loaded.preprocessing(image, size)
     warm = analyze(loaded, image, 112)  # thread pools and kernels' one-time buffers, outside the measurement
     explain(loaded, warm, "top")
-    analysis = analyze(loaded, image, size) if variant == "s" else None
-    if analysis is not None:
+    analysis = analyze(loaded, image, size) if variant in "st" else None
+    if variant == "s":
         explain(loaded, analysis, "top")
     meter = PeakMeter("cpu")
     meter.start()
@@ -74,6 +76,9 @@ def run_variant(variant: str, size: int) -> dict:
             loaded.model(pixels, interpolate_pos_encoding=True)
     elif variant == "r":
         analysis = analyze(loaded, image, size)
+        explain(loaded, analysis, "top", "relevance")
+        explain(loaded, analysis, "top", "grad_rollout")
+    elif variant == "t":
         explain(loaded, analysis, "top", "relevance")
         explain(loaded, analysis, "top", "grad_rollout")
     elif variant == "s":
@@ -111,7 +116,7 @@ def main() -> None:
     print("| px | tokens | variant | seconds | peak extra MB | time / (a) | dense peak / (r) |")
     print("|---|---|---|---|---|---|---|")
     for size in args.sizes + ([args.large] if args.large else []):
-        variants = "ar" if size == args.large else "ars" + ("d" if size in args.dense_sizes else "")
+        variants = "ar" if size == args.large else "arts" + ("d" if size in args.dense_sizes else "")
         rows = {v: spawn(v, size) for v in variants}
         dense = rows["d"]["peak_extra_mb"] if "d" in rows else None
         bound = dense_bound_mb(rows["a"]["tokens"])
