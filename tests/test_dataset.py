@@ -179,6 +179,7 @@ def test_public_mode_refuses_every_path(tmp_path):
         assert str(refused.value) == NO_FOLDERS
 
 
+@pytest.mark.slow  # builds the app twice
 def test_public_mode_hides_the_folder_box_and_keeps_the_zip():
     for public in (True, False):
         demo = app.build_demo(workspace=app.workspace_for(tiny_loaded(), "cpu", settings(public=public)))

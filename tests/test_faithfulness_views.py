@@ -60,6 +60,7 @@ def test_bad_fields_get_plain_messages(workspace, upload, classifier, field, val
         endpoint(upload(random_image(45, 70)), arguments["target"], arguments["removal"], 224, classifier)
 
 
+@pytest.mark.slow  # every curve through the page's events: 6 s of the quick subset's minute
 def test_the_explain_tab_scores_on_request_then_redraws_from_the_cache(workspace, upload, classifier):
     page = Page(workspace)
     out = dict(zip(ANALYSIS_OUTPUTS, page.analyze(upload(random_image(45, 70, seed=4)), 224, classifier, "float32",
