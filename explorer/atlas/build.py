@@ -15,7 +15,7 @@ from analysis import ComputeLimits, Deadline
 from model import LoadedModel, load_model
 
 from .aggregate import write_aggregate
-from .engines import RayOptions, run_local, run_ray, start_ray, stop_ray
+from .engines import Commit, RayOptions, run_local, run_ray, start_ray, stop_ray
 from .measure import Measurer, settings_of
 from .sources import Source, SourceError
 from .store import AtlasWriter
@@ -57,41 +57,44 @@ def build_atlas(source: Source, out: Path, model: "LoadedModel | str | None" = N
         writer = AtlasWriter(out, settings)
         todo = [ref for ref in refs if ref.name not in writer.done]
         logger.info("%d images in %s, %d already in %s", len(refs), source.location, len(refs) - len(todo), out)
-        failures = _run(engine, actors, loaded, source, writer, refs, todo, batch_size, progress,
-                        dict(resolution=resolution, queries=queries, decoders=decoders, limits=limits,
-                             deadline=deadline), report)
+
+        def run(commit: Commit) -> None:
+            if engine == "ray":
+                run_ray(actors, todo, batch_size, commit)
+                return
+            measurer = Measurer(loaded, source, resolution, queries, decoders=decoders, limits=limits,
+                                deadline=deadline)
+            try:
+                run_local(measurer, todo, batch_size, commit)
+            finally:
+                measurer.close()
+
+        failures = _written(writer, len(refs), len(refs) - len(todo), run, progress, report)
     finally:
         if actors:
             stop_ray(actors)
     return write_aggregate(out, settings, failures, time.perf_counter() - started)
 
 
-def _run(engine: str, actors: list, loaded: LoadedModel, source: Source, writer: AtlasWriter, refs: list, todo: list,
-         batch_size: int, progress: bool, step: dict, report: Callable[[int, int], None] | None
-         ) -> list[tuple[str, str]]:
-    """Runs `todo` through the engine into `writer`, with a progress bar; the images skipped, with why."""
+def _written(writer: AtlasWriter, total: int, done: int, run: Callable[[Commit], None], progress: bool,
+             report: Callable[[int, int], None] | None) -> list[tuple[str, str]]:
+    """Runs the engine (`run`, handed the function that writes each batch) with a progress bar over `total` images,
+    `done` of them already written; the images skipped, with why."""
     failures: list[tuple[str, str]] = []
-    done = [len(refs) - len(todo)]
-    bar = tqdm(total=len(refs), initial=len(refs) - len(todo), desc="atlas", unit="image", disable=not progress)
+    bar = tqdm(total=total, initial=done, desc="atlas", unit="image", disable=not progress)
 
     def commit(batch: pa.Table) -> None:
+        nonlocal done
         for name, reason in writer.write(batch):
             failures.append((name, reason))
             tqdm.write(f"skipped {name}: {reason}", file=sys.stderr)
         bar.update(batch.num_rows)
-        done[0] += batch.num_rows
+        done += batch.num_rows
         if report is not None:
-            report(done[0], len(refs))
+            report(done, total)
 
     try:
-        if engine == "ray":
-            run_ray(actors, todo, batch_size, commit)
-        else:
-            measurer = Measurer(loaded, source, **step)
-            try:
-                run_local(measurer, todo, batch_size, commit)
-            finally:
-                measurer.close()
+        run(commit)
     finally:
         bar.close()
     return failures
