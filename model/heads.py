@@ -127,11 +127,15 @@ class SaliencyDecoder(nn.Module):
     def _stage(self, i: int, x: torch.Tensor) -> torch.Tensor:
         """relu(bn(upconv(x))), the eval-mode batch norm folded into the convolution: one activation kept for a
         backward pass instead of three (the explanations backpropagate through this decoder at any size)."""
+        weight, bias = self.folded(i)
+        return F.relu(F.conv_transpose2d(x, weight, bias, stride=2, padding=1), inplace=True)
+
+    def folded(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stage i's transposed convolution, its eval-mode batch norm folded in: weight (C_in, C_out, 4, 4), bias."""
         conv, norm = getattr(self, f"upconv{i}"), getattr(self, f"bn{i}")
         scale = norm.weight / torch.sqrt(norm.running_var + norm.eps)  # (C_out,)
         bias = (conv.bias - norm.running_mean) * scale + norm.bias
-        weight = conv.weight * scale[None, :, None, None]  # ConvTranspose2d weights are (C_in, C_out, k, k)
-        return F.relu(F.conv_transpose2d(x, weight, bias, stride=2, padding=1), inplace=True)
+        return conv.weight * scale[None, :, None, None], bias  # ConvTranspose2d weights are (C_in, C_out, k, k)
 
 
 class _InStrips(torch.autograd.Function):
@@ -154,6 +158,104 @@ class _InStrips(torch.autograd.Function):
                 torch.autograd.backward(ctx.decoder.logits(grid, start, stop), grad[..., start:stop, :],
                                         inputs=[grid])  # accumulates into grid.grad
         return grid.grad, None
+
+
+
+class PartialDecoder:
+    """A SaliencyDecoder's logits exact at the `wanted` pixels (2^n·grid_h, 2^n·grid_w) only, for grids of one size
+    some of whose cells are zero (a perturbation test's dropped tokens): each stage computes only the outputs that
+    the wanted pixels read and that differ from the decoder's run on an all-zero grid; the others keep that run's
+    values (an output reads a 2 × 2 window of its input, so one whose window equals the zero run's equals it too).
+
+    A transposed convolution (kernel 4, stride 2, padding 1) is four 2 × 2 convolutions, one per output phase: anchor
+    a (input rows a − 1 and a, columns likewise; zero outside) gives output rows 2a − 1 and 2a, row 2a − 1 + p from
+    kernel rows 2 + p − 2d for window row d. So a stage is one matrix product of the anchors' windows (M, 4·C_in)
+    with a (4·C_in, 4·C_out) weight, over the anchors wanted alone. Where most anchors are wanted the stage runs the
+    dense transposed convolution instead (oneDNN's, faster than the product at full size)."""
+
+    DENSE_SHARE = 0.75  # at or above this share of a stage's anchors computed, the dense convolution runs
+
+    @torch.no_grad()
+    def __init__(self, decoder: SaliencyDecoder, grid_h: int, grid_w: int, wanted: torch.Tensor):
+        """wanted: (2^n·grid_h, 2^n·grid_w), the logits to compute exactly."""
+        self.decoder, self.wanted = decoder, wanted.bool()
+        self.stages = [decoder.folded(i) for i in range(1, decoder.num_stages + 1)]
+        self.products = [(_phase_weight(w), b.repeat(4)) for w, b in self.stages]
+        weight = self.stages[0][0]
+        x = weight.new_zeros(1, weight.shape[0], grid_h, grid_w)
+        self.zero_run = []  # stage i's output on an all-zero grid, channels last, with a zero border: (2H+2, 2W+2, C)
+        for i in range(1, decoder.num_stages + 1):
+            x = decoder._stage(i, x)
+            self.zero_run.append(_bordered(x[0]))
+
+    def __call__(self, grid: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+        """Logits (B, 1, 2^n·grid_h, 2^n·grid_w) for the grid (B, D, grid_h, grid_w) whose `zero` cells (B, grid_h,
+        grid_w) are zero, exact at the wanted pixels."""
+        return torch.stack([self._one(g, z) for g, z in zip(grid, zero)]).unsqueeze(1)
+
+    def _one(self, grid: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+        computed = self._computed(zero)
+        x = F.pad(grid.permute(1, 2, 0), (0, 0, 1, 1, 1, 1))  # (H + 2, W + 2, D): the input with its zero border
+        for i, anchors in enumerate(computed):
+            if anchors.float().mean() >= self.DENSE_SHARE:
+                inner = x[1:-1, 1:-1].permute(2, 0, 1).unsqueeze(0).contiguous(memory_format=torch.channels_last)
+                x = _bordered(F.relu(F.conv_transpose2d(inner, *self.stages[i], stride=2, padding=1))[0])
+            elif anchors.any():
+                x = self._anchors(x, anchors, self.zero_run[i].clone(), *self.products[i])
+            else:
+                x = self.zero_run[i]
+        head = self.decoder.final_conv
+        return F.linear(x[1:-1, 1:-1], head.weight.flatten(1), head.bias)[..., 0]
+
+    def _computed(self, zero: torch.Tensor) -> list[torch.Tensor]:
+        """Per stage, the anchors (H_in + 1, W_in + 1) to compute: those giving a wanted output that may differ from
+        the zero run's. Unchanged outputs bottom-up, then what the wanted pixels read top-down."""
+        unchanged, same = [], zero.bool()
+        for _ in self.stages:
+            padded = F.pad(same, (1, 1, 1, 1), value=True)  # the border is zero in both runs
+            anchor = padded[:-1, :-1] & padded[:-1, 1:] & padded[1:, :-1] & padded[1:, 1:]
+            unchanged.append(anchor)
+            same = anchor.repeat_interleave(2, 0).repeat_interleave(2, 1)[1:-1, 1:-1]
+        computed, need = [], self.wanted
+        for anchor_unchanged in reversed(unchanged):
+            rows, cols = anchor_unchanged.shape
+            read = F.pad(need, (1, 1, 1, 1)).view(rows, 2, cols, 2).any(3).any(1)  # anchors giving a needed output
+            anchors = read & ~anchor_unchanged
+            computed.append(anchors)
+            window = F.pad(anchors, (1, 1, 1, 1))  # an input pixel is read by the anchors at it and before it
+            need = (window[:-1, :-1] | window[:-1, 1:] | window[1:, :-1] | window[1:, 1:])[1:-1, 1:-1]
+        return computed[::-1]
+
+    @staticmethod
+    def _anchors(x: torch.Tensor, anchors: torch.Tensor, out: torch.Tensor, weight: torch.Tensor,
+                 bias: torch.Tensor) -> torch.Tensor:
+        """out (2H + 2, 2W + 2, C_out) with the `anchors`' outputs computed from x (H + 2, W + 2, C_in) and its
+        border zeroed again."""
+        width, channels = x.shape[1], x.shape[2]
+        rows, cols = anchors.nonzero().unbind(1)
+        base = rows * width + cols
+        flat = x.reshape(-1, channels)
+        windows = torch.cat([flat[base], flat[base + 1], flat[base + width], flat[base + width + 1]], dim=1)
+        y = F.relu(torch.addmm(bias, windows, weight))  # (M, 4·C_out): phases (row, column) × channels
+        out_width, out_channels = out.shape[1], out.shape[2]
+        phase = torch.tensor([0, 1, out_width, out_width + 1], device=x.device)
+        places = ((2 * rows * out_width + 2 * cols).unsqueeze(1) + phase).reshape(-1)
+        out.view(-1, out_channels).index_copy_(0, places, y.view(-1, out_channels))
+        out[0], out[-1], out[:, 0], out[:, -1] = 0, 0, 0, 0
+        return out
+
+
+def _bordered(x: torch.Tensor) -> torch.Tensor:
+    """(C, H, W) → (H + 2, W + 2, C): channels last with a zero border."""
+    return F.pad(x.permute(1, 2, 0), (0, 0, 1, 1, 1, 1))
+
+
+def _phase_weight(weight: torch.Tensor) -> torch.Tensor:
+    """A (C_in, C_out, 4, 4) stride-2 transposed convolution's weight as (window row, window column, C_in) ×
+    (phase row, phase column, C_out): the tap for window offset d and phase p is 2 + p − 2d."""
+    taps = torch.tensor([[2, 3], [0, 1]])  # taps[d][p]
+    w = weight[:, :, taps][..., taps]  # (C_in, C_out, d_row, p_row, d_col, p_col)
+    return w.permute(2, 4, 0, 3, 5, 1).reshape(4 * weight.shape[0], 4 * weight.shape[1])
 
 
 def head_weights(fmt: HeadFormat, state: Tensors, config_file: dict | None, class_token: bool,

