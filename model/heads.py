@@ -233,10 +233,10 @@ class PartialDecoder:
         border zeroed again."""
         width, channels = x.shape[1], x.shape[2]
         rows, cols = anchors.nonzero().unbind(1)
-        base = rows * width + cols
-        flat = x.reshape(-1, channels)
-        windows = torch.cat([flat[base], flat[base + 1], flat[base + width], flat[base + width + 1]], dim=1)
-        y = F.relu(torch.addmm(bias, windows, weight))  # (M, 4·C_out): phases (row, column) × channels
+        window = torch.tensor([0, 1, width, width + 1], device=x.device)  # (row, column) offsets in the window
+        places = ((rows * width + cols).unsqueeze(1) + window).reshape(-1)
+        windows = x.reshape(-1, channels)[places].view(len(rows), 4 * channels)
+        y = torch.addmm(bias, windows, weight).relu_()  # (M, 4·C_out): phases (row, column) × channels
         out_width, out_channels = out.shape[1], out.shape[2]
         phase = torch.tensor([0, 1, out_width, out_width + 1], device=x.device)
         places = ((2 * rows * out_width + 2 * cols).unsqueeze(1) + phase).reshape(-1)
