@@ -5,8 +5,10 @@ Nothing N×N is kept, nor its gradient. The sweep starts at the top with the tar
 layer's output and goes down one layer at a time: the layer is recomputed from its kept input (activation
 checkpointing, fused attention, the MLP a part of the tokens at a time), backpropagated to give the gradient of its
 heads' outputs ∂y/∂O and of its input, and then, since O = A·V per head, ∂y/∂A = ∂y/∂O · Vᵀ is formed a block of
-rows at a time beside the matching rows of A (rebuilt from q, k and the forward's log-sum-exps). Only the target's
-row of each product is carried:
+rows at a time beside the matching rows of A (rebuilt from q, k and the forward's log-sum-exps). Where the record
+kept the heads' outputs O (see `record.KEEP_OUTPUTS_BYTES`), the recomputed attention skips its forward: O is the
+kept one and the fused CPU kernel's backward runs from it and the kept log-sum-exps. Only the target's row of each
+product is carried:
 
     relevance:     R = (I + Ā_L) ··· (I + Ā_1),  Ā = mean_h (∇A ⊙ A)⁺,  map = w·R   (R ← R + Ā·R, layer 1 first)
     grad_rollout:  P = Â_L ··· Â_1,  Â = rownorm(drop(G) + I),  G = (mean_h ∇A ⊙ A)⁺,  map = w·P
@@ -259,16 +261,48 @@ def predicted_region(saliency: torch.Tensor) -> torch.Tensor:
     return mask.to(saliency.dtype)
 
 
-def attention_forward(layer: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
-                                                                  torch.Tensor, torch.Tensor]:
+class KeptAttention(torch.autograd.Function):
+    """softmax(scale·QKᵀ)·V whose forward is the analysis forward's kept output O (nothing is computed) and whose
+    backward is the fused CPU flash kernel's from O and the kept fp32 row log-sum-exps: the backward that
+    F.scaled_dot_product_attention runs on the CPU from its own O and lse. A wrong O fails `mlp_gradient`'s check."""
+
+    @staticmethod
+    def forward(ctx, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, out: torch.Tensor,
+                lse: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.save_for_backward(query, key, value)
+        ctx.out, ctx.lse, ctx.scale = out, lse, scale  # the record's inference tensors: autograd cannot save them
+        return out.clone()  # a tensor of its own, for the same reason (one layer's O: 8 MB at 1022 px)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        query, key, value = ctx.saved_tensors
+        grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            grad, query, key, value, ctx.out, ctx.lse, 0.0, False, scale=ctx.scale)
+        return (*grads, None, None, None)
+
+
+def kept_output(record: AttentionRecord, index: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Layer `index`'s kept heads' outputs (1, heads, N, head_dim) and fp32 row log-sum-exps (1, heads, N), where
+    `KeptAttention` can use them (kept, on the CPU); None otherwise."""
+    if len(record.outputs) != record.num_layers or record.outputs[index].device.type != "cpu":
+        return None
+    return record.outputs[index].unsqueeze(0), record.lse[index].unsqueeze(0)
+
+
+def attention_forward(layer: nn.Module, x: torch.Tensor, kept: tuple[torch.Tensor, torch.Tensor] | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """An encoder layer's first half, x + attention(layer_norm1(x)) (1, N, D), with its heads' outputs O
-    (1, heads, N, head_dim) and q, k, v."""
+    (1, heads, N, head_dim) and q, k, v; O is `kept` = (O, lse) from the forward where given (see `kept_output`)
+    and of the model's dtype, else recomputed."""
     attn = layer.self_attn
     batch, tokens, dim = x.shape
     normed = layer.layer_norm1(x)
     query, key = attn.query_key(normed)  # (1, heads, N, head_dim)
     value = attn.v_proj(normed).view(batch, tokens, attn.num_heads, attn.head_dim).transpose(1, 2)
-    heads = F.scaled_dot_product_attention(query, key, value, scale=attn.scale)
+    if kept is not None and kept[0].dtype == query.dtype:
+        heads = KeptAttention.apply(query, key, value, *kept, attn.scale)
+    else:
+        heads = F.scaled_dot_product_attention(query, key, value, scale=attn.scale)
     return x + attn.out_proj(heads.transpose(1, 2).reshape(batch, tokens, dim)), heads, query, key, value
 
 
@@ -297,7 +331,8 @@ def sweep(record: AttentionRecord, objective: Callable, discard_ratio: float = 0
         release_free_memory()
         for step, index in enumerate(range(record.num_layers - 1, -1, -1)):
             layer, layer_input = record.layers[index], record.hidden_states[index].unsqueeze(0).clone()
-            mid, heads, query, key, value = attention_forward(layer, layer_input.requires_grad_(index > 0))
+            mid, heads, query, key, value = attention_forward(layer, layer_input.requires_grad_(index > 0),
+                                                              kept_output(record, index))
             mlp_gradient(layer, mid[0], record.hidden_states[index + 1], grad[0], index)  # grad: now ∂y/∂mid
             release_free_memory()  # the MLP's parts leave heap holes that the attention's larger gradients do not fit
             wanted = (heads, layer_input) if index > 0 else (heads,)

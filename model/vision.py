@@ -21,6 +21,9 @@ class AttentionObserver(Protocol):
                       scale: float) -> None:
         """query, key: (B, heads, N, head_dim) projections; lse: (B, heads, N) fp32 log-sum-exp of each score row."""
 
+    def observe_output(self, layer: int, out: torch.Tensor) -> None:
+        """The heads' outputs softmax(scale·QKᵀ)·V as the kernel returned them: (B, heads, N, head_dim); optional."""
+
     def observe_pooling(self, probs: torch.Tensor) -> None:
         """An attention-pooling head's probe attention over every token: (B, heads, N) (SigLIP); optional."""
 
@@ -164,6 +167,9 @@ class IdeficsVisionAttention(nn.Module):
         if observer is not None:
             out, lse = attention_with_lse(q, k, v, self.scale)
             observer.observe_layer(self.layer_idx, q, k, lse, self.scale)
+            observe_output = getattr(observer, "observe_output", None)
+            if observe_output is not None:
+                observe_output(self.layer_idx, out)
         elif output_attentions:
             scores = torch.matmul(q, k.transpose(-1, -2)) * self.scale  # (B, heads, N, N)
             weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)  # as transformers' eager path

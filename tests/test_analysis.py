@@ -228,11 +228,36 @@ def test_an_analysis_keeps_layer_inputs_and_lse_and_counts_what_it_derives(case)
     assert analysis.record.layers is loaded.model.encoder.layers  # the module that ran, never a cast copy
     assert len(analysis.hidden_states) == layers + 1 and analysis.hidden_states[0].shape == (n, d)
     inputs_and_lse = (layers + 1) * n * d * 4 + layers * heads * n * 4
+    outputs = layers * n * d * 4  # the heads' outputs: 15 KB, within KEEP_OUTPUTS_BYTES
     small = analysis.cls_attention.nbytes + analysis.token_norms.nbytes + analysis.statistics.nbytes + layers * d * 4
-    assert analysis.nbytes == inputs_and_lse + small
+    assert analysis.nbytes == inputs_and_lse + outputs + small
     before = analysis.nbytes
     analysis.rollout_map("min", 0.25)
     assert analysis.nbytes == before + n * 4
+
+
+@pytest.mark.parametrize("budget", [3 * 41 * 32 * 4 - 1, 3 * 41 * 32 * 4])
+def test_heads_outputs_are_kept_only_within_their_budget(case, monkeypatch, budget):
+    """Kept: every layer's O exactly (the kernel's, counted in nbytes, moved with the record); else none."""
+    from analysis import record
+    loaded, kept = case[0], budget == 3 * 41 * 32 * 4
+    image = random_image(45, 70)
+    monkeypatch.setattr(record, "KEEP_OUTPUTS_BYTES", 0)
+    without = analyze(loaded, image, long_side=64)
+    monkeypatch.setattr(record, "KEEP_OUTPUTS_BYTES", budget)
+    analysis = analyze(loaded, image, long_side=64)
+    outputs = analysis.record.outputs
+    assert without.record.outputs == [] and len(outputs) == (3 if kept else 0)
+    assert analysis.nbytes == without.nbytes + (3 * 41 * 32 * 4 if kept else 0)
+    layer, x = loaded.model.encoder.layers[1], analysis.hidden_states[1].unsqueeze(0)
+    with torch.inference_mode():
+        query, key = layer.query_key(x)
+        value = layer.self_attn._split_heads(layer.self_attn.v_proj(layer.layer_norm1(x)))
+        expected = torch.nn.functional.scaled_dot_product_attention(query, key, value, scale=layer.self_attn.scale)
+    for moved in (analysis.record, analysis.record.moved("cpu", loaded.model.encoder.layers)):
+        assert len(moved.outputs) == len(outputs)
+        if kept:
+            torch.testing.assert_close(moved.outputs[1], expected[0], rtol=1e-5, atol=1e-6)
 
 
 def test_exact_statistics_come_from_the_kept_inputs_without_a_new_forward():

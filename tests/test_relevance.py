@@ -1,13 +1,14 @@
 """Relevance (Chefer et al. 2021b) and gradient rollout (vit-explain) against dense references written here from
 the papers' equations: transformers' eager attentions with their gradients retained, every N×N matrix kept, within
 1e-5 of the map's peak. Tiny classifiers saved by transformers (ViT, DeiT distilled, DINOv2 with registers), patch
-and embedding targets, SigLIP (no class token: its pooling probe, or the mean of the patches), bad targets."""
+and embedding targets, SigLIP (no class token: its pooling probe, or the mean of the patches), bad targets. Every
+dense comparison runs twice: the sweep from the heads' outputs the forward kept, and recomputing them."""
 import numpy as np
 import pytest
 import torch
 import transformers as tf
 
-from analysis import analyze, relevance
+from analysis import analyze, record, relevance
 from analysis.relevance import TargetError, explain, parse_target, predictions
 from model import load_model
 from model.heads import SaliencyDecoder
@@ -68,6 +69,13 @@ def setup(loaded, size, long_side):
     return analyze(loaded, image, long_side), pixels
 
 
+@pytest.fixture(params=["kept", "recomputed"])
+def outputs(request, monkeypatch) -> str:
+    """The analyses keep every layer's heads' outputs (the sweep skips its attention forward), or none."""
+    monkeypatch.setattr(record, "KEEP_OUTPUTS_BYTES", 1 << 40 if request.param == "kept" else 0)
+    return request.param
+
+
 @pytest.fixture(scope="module")
 def vit(tmp_path_factory):
     folder = tmp_path_factory.mktemp("vit")
@@ -77,6 +85,7 @@ def vit(tmp_path_factory):
 
 @pytest.mark.parametrize("size, long_side", IMAGES)
 @pytest.mark.parametrize("target", ["top", "class:3"])
+@pytest.mark.usefixtures("outputs")
 def test_vit_classifier(vit, size, long_side, target):
     loaded, reference = vit
     analysis, pixels = setup(loaded, size, long_side)
@@ -88,6 +97,7 @@ def test_vit_classifier(vit, size, long_side, target):
     assert_maps(loaded, analysis, target, dense_maps(attentions, one_hot(analysis.record.num_tokens, 0)))
 
 
+@pytest.mark.usefixtures("outputs")
 def test_grad_rollout_discard_ratio(vit):
     loaded, reference = vit
     analysis, pixels = setup(loaded, *IMAGES[1])
@@ -96,6 +106,7 @@ def test_grad_rollout_discard_ratio(vit):
 
 
 @pytest.mark.parametrize("target", ["embedding", "patch:2,5"])
+@pytest.mark.usefixtures("outputs")
 def test_embedding_and_patch_targets(vit, target):
     """y = f·sg(f) for the final-norm feature f of the class token, or of patch (2, 5)."""
     loaded, reference = vit
@@ -110,6 +121,7 @@ def test_embedding_and_patch_targets(vit, target):
     assert_maps(loaded, analysis, target, dense_maps(attentions, one_hot(analysis.record.num_tokens, token)))
 
 
+@pytest.mark.usefixtures("outputs")
 def test_deit_distilled_averages_its_two_heads(tmp_path):
     reference = save(tf.DeiTForImageClassificationWithTeacher(tf.DeiTConfig(**TINY, num_labels=4)), tmp_path, seed=3)
     loaded = load_model(tmp_path, device="cpu")
@@ -118,6 +130,7 @@ def test_deit_distilled_averages_its_two_heads(tmp_path):
     assert_maps(loaded, analysis, "class:2", dense_maps(attentions, one_hot(analysis.record.num_tokens, 0, 1)))
 
 
+@pytest.mark.usefixtures("outputs")
 def test_dinov2_with_registers_classifier(tmp_path):
     sizes = {k: v for k, v in TINY.items() if k != "intermediate_size"}
     config = tf.Dinov2WithRegistersConfig(**sizes, mlp_ratio=2, num_register_tokens=2, num_labels=4)
@@ -146,6 +159,7 @@ def siglip_pooled_with_probe(head, tokens):
     return pooled + head.mlp(head.layernorm(pooled)), probs
 
 
+@pytest.mark.usefixtures("outputs")
 def test_siglip_embedding_through_the_pooling_probe(tmp_path):
     reference = save(tf.SiglipVisionModel(tf.SiglipVisionConfig(**TINY)), tmp_path, seed=5)
     loaded = load_model(tmp_path, device="cpu")
@@ -167,6 +181,7 @@ def test_siglip_embedding_through_the_pooling_probe(tmp_path):
     assert relevance.resolve(loaded, analysis, "top").kind == "embedding"  # no head: top is the embedding
 
 
+@pytest.mark.usefixtures("outputs")
 def test_mean_pooled_embedding_without_class_token(tmp_path):
     reference = save(tf.SiglipVisionModel(tf.SiglipVisionConfig(**TINY, vision_use_head=False)), tmp_path, seed=6)
     loaded = load_model(tmp_path, device="cpu")
@@ -181,6 +196,7 @@ def test_mean_pooled_embedding_without_class_token(tmp_path):
     assert_maps(loaded, analysis, "embedding", dense_maps(attentions, one_hot(n, *range(n))))
 
 
+@pytest.mark.usefixtures("outputs")
 def test_saliency_region_through_the_decoder():
     """A dense head: y = Σ saliency over the decoder's own region (≥ 0.5, else its top 20 %), the patches read evenly."""
     loaded = tiny_loaded(seed=7)
@@ -251,3 +267,35 @@ def test_bad_method_and_head_less_class(vit, tmp_path):
     with pytest.raises(TargetError, match="target: class:N needs a classifier"):
         explain(bare, analyze(bare, random_image(32, 32), 32), "class:0")
     assert issubclass(TargetError, ValueError) and parse_target(" Patch:3,4 ") == relevance.Target("patch", row=3, col=4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("overrides", [{}, dict(distillation_token=True, num_register_tokens=2)])
+def test_kept_outputs_give_the_recomputed_maps_without_an_attention_forward(monkeypatch, overrides, dtype):
+    """Kept heads' outputs (the sweep's attention backward from them) against the same analysis recomputing them."""
+    loaded = tiny_loaded(seed=9, **overrides)
+    loaded.model.to(dtype)
+    image, name = random_image(40, 64, seed=9), str(dtype).removeprefix("torch.")
+    maps = {}
+    for budget in (0, 1 << 40):
+        monkeypatch.setattr(record, "KEEP_OUTPUTS_BYTES", budget)
+        analysis = analyze(loaded, image, 64, dtype=name)
+        n, layers = analysis.record.num_tokens, analysis.num_layers
+        assert [o.shape for o in analysis.record.outputs] == ([(4, n, 8)] * layers if budget else [])
+        assert all(o.dtype == dtype for o in analysis.record.outputs)
+        with monkeypatch.context() as patched:
+            if budget:  # nothing recomputes the attention forward
+                patched.setattr(torch.nn.functional, "scaled_dot_product_attention", lambda *a, **k: pytest.fail())
+            maps[budget] = [explain(loaded, analysis, "patch:2,5", method, ratio).values
+                            for method, ratio in (("relevance", 0.0), ("grad_rollout", 0.3))]
+    for recomputed, kept in zip(maps[0], maps[1 << 40]):
+        assert np.abs(kept - recomputed).max() <= TOL * np.abs(recomputed).max()
+
+
+def test_a_wrong_kept_output_fails_loudly(monkeypatch):
+    monkeypatch.setattr(record, "KEEP_OUTPUTS_BYTES", 1 << 40)
+    loaded = tiny_loaded(seed=10)
+    analysis = analyze(loaded, random_image(32, 32), 32)
+    analysis.record.outputs[1] = analysis.record.outputs[1] * 1.5
+    with pytest.raises(RuntimeError, match="layer 1 recomputed from its kept input differs"):
+        explain(loaded, analysis, "embedding")
