@@ -183,7 +183,7 @@ def analyze(loaded: LoadedModel, image: Image.Image, long_side: int, dtype: str 
             max_stat_queries: int | None = DEFAULT_STAT_QUERIES, progress: Progress | None = None,
             original_size: tuple[int, int] | None = None, store: LayerStore | None = None,
             statistics: bool = True, limits: ComputeLimits | None = None,
-            deadline: Deadline | None = None) -> Analysis:
+            deadline: Deadline | None = None, keep_outputs: bool = False) -> Analysis:
     """Runs the model once on `image` resized to about `long_side` px and derives every drawn quantity.
 
     With `limits`, a geometry above them is refused before any pixel is resized (see `budget.check_cost`), and the
@@ -199,6 +199,9 @@ def analyze(loaded: LoadedModel, image: Image.Image, long_side: int, dtype: str 
         store: where layers rebuilt for clicks are kept (see `AttentionRecord`).
         statistics: False: the head statistics are left for their first use (from the kept inputs), so that the
             class-token maps are ready sooner.
+        keep_outputs: keep each layer's attention output too, where they fit `record.KEEP_OUTPUTS_BYTES` (98 MB at
+            1022 px on the default model), for an explanation that follows: its sweep then skips the attention
+            forward (~10 % of a relevance map).
     """
     started = time.perf_counter()
     report = progress or (lambda fraction, desc: None)
@@ -228,7 +231,7 @@ def analyze(loaded: LoadedModel, image: Image.Image, long_side: int, dtype: str 
             deadline.check()
         report((index + 1) / layers, f"layer {index + 1}/{layers}")
 
-    record = AttentionRecord(loaded.model.encoder.layers, geometry.patch_size, on_layer, store)
+    record = AttentionRecord(loaded.model.encoder.layers, geometry.patch_size, on_layer, store, keep_outputs)
     report(0.0, f"running the model at {geometry.input_h}×{geometry.input_w}")
     output = loaded.model(pixels.to(loaded.device, torch_dtype), output_hidden_states=True,
                           interpolate_pos_encoding=True, observer=record)

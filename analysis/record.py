@@ -4,8 +4,9 @@ Any row or column of any head is rebuilt from these exactly: the layer's queries
 input through `layer.query_key` (the function the forward itself used, O(N·D²)), and row i of a head is
 exp(scale · q_i · Kᵀ − lse_i), O(N·D) once the projections exist.
 
-Where they fit KEEP_OUTPUTS_BYTES, each layer's heads' outputs O (the fused kernel's result) are kept as well, so
-that the relevance sweep backpropagates through the attention without recomputing its forward.
+Asked to (`keep_outputs`, for an explanation that follows) and where they fit KEEP_OUTPUTS_BYTES, each layer's
+heads' outputs O (the fused kernel's result) are kept as well, so that the relevance sweep backpropagates through the
+attention without recomputing its forward.
 """
 from __future__ import annotations
 
@@ -18,9 +19,11 @@ import torch
 from torch import nn
 
 BLOCK_ELEMENTS = 1 << 21  # one head's attention probabilities held at once when sweeping a layer: 8 MB
-# Every layer's heads' outputs O, layers × N × D elements, are kept when they fit this: the relevance sweep then skips
-# its recomputed attention forward (~10 % of a map). The default model in fp32: 12 × 5329 × 384 × 4 bytes = 98 MB at
-# 1022 px (kept), 393 MB at 2044 px (not: the record stays as small as its layers' inputs there).
+# Every layer's heads' outputs O, layers × N × D elements, are kept, where asked, when they fit this: the relevance
+# sweep then skips its recomputed attention forward (~10 % of a map). Only analyses made for an explanation ask (the
+# /relevance and /faithfulness endpoints, the CLI's --explain): the page's stay at their inputs and log-sum-exps.
+# The default model in fp32: 12 × 5329 × 384 × 4 bytes = 98 MB at 1022 px (kept), 393 MB at 2044 px (not: the record
+# stays as small as its layers' inputs there).
 KEEP_OUTPUTS_BYTES = 128 << 20
 FUSIONS = ("mean", "max", "min")
 _SERIALS = itertools.count()  # names a record in the layer cache (an id() could be reused by a later record)
@@ -106,13 +109,15 @@ class AttentionRecord:
     hidden_states[l] is layer l's input (the embeddings for l = 0) and hidden_states[-1] the last layer's output.
     The record holds the encoder layers that ran, so queries and keys are rebuilt with the forward's own weights
     and dtype; layers rebuilt with `keep=True` go to `store` (none: nothing is kept), keyed ("layer", serial, index).
-    outputs[l] is layer l's heads' outputs (heads, N, head_dim), in the model's dtype, when every layer's fit
-    KEEP_OUTPUTS_BYTES (a record given no layers keeps none); otherwise outputs is empty.
+    outputs[l] is layer l's heads' outputs (heads, N, head_dim), in the model's dtype, when `keep_outputs` asks and
+    every layer's fit KEEP_OUTPUTS_BYTES (a record given no layers keeps none); otherwise outputs is empty.
     """
 
     def __init__(self, layers: Sequence[nn.Module] | None, patch_size: int,
-                 on_layer: Callable[[int, LayerAttention], None] | None = None, store: LayerStore | None = None):
+                 on_layer: Callable[[int, LayerAttention], None] | None = None, store: LayerStore | None = None,
+                 keep_outputs: bool = False):
         self.layers = layers
+        self.keep_outputs = keep_outputs
         self.patch_size = patch_size  # pixels of the model input per patch side, for distances in pixels
         self.on_layer = on_layer  # sees each layer's attention (the forward's own q, k) while it exists
         self.lse: list[torch.Tensor] = []
@@ -138,8 +143,9 @@ class AttentionRecord:
             self.on_layer(layer, LayerAttention(query[0], key[0], lse[0], scale))
 
     def observe_output(self, layer: int, out: torch.Tensor) -> None:
-        """Keeps the kernel's own output (no copy) when every layer's fit KEEP_OUTPUTS_BYTES."""
-        if self.layers is not None and len(self.layers) * out[0].numel() * out.element_size() <= KEEP_OUTPUTS_BYTES:
+        """Keeps the kernel's own output (no copy) when asked to and every layer's fit KEEP_OUTPUTS_BYTES."""
+        if (self.keep_outputs and self.layers is not None
+                and len(self.layers) * out[0].numel() * out.element_size() <= KEEP_OUTPUTS_BYTES):
             self.outputs.append(out[0])
 
     def observe_pooling(self, probs: torch.Tensor) -> None:

@@ -30,10 +30,10 @@ from measure import PeakMeter  # noqa: E402  (after the path: it imports the ana
 IMAGE = ROOT / "assets" / "astronaut.png"
 VARIANTS = {
     "a": "plain forward, fused attention",
-    "r": "ours from the image: analyze (as the page's upload: head statistics left for their first use), then relevance"
-         " of the default target ('top'); grad_rollout shares its sweep",
-    "t": "ours on an image analysed already (the page's Explain tab after the upload): relevance of 'top', grad_rollout"
-         " sharing its sweep",
+    "r": "ours from the image, as /relevance: analyze (head statistics left for their first use, the attention outputs"
+         " kept), then relevance of the default target ('top'); grad_rollout shares its sweep",
+    "t": "ours on an image analysed already (the page's Explain tab after the upload, whose analysis keeps no attention"
+         " outputs): relevance of 'top', grad_rollout sharing its sweep",
     "s": "ours, another target on the same analysis ('embedding'): one more sweep, the forward record reused",
     "d": "dense: eager attentions with retained gradients, backward, R = Π (I + Ā) on full N×N matrices",
 }
@@ -76,7 +76,8 @@ def run_variant(variant: str, size: int) -> dict:
         with torch.inference_mode():
             loaded.model(pixels, interpolate_pos_encoding=True)
     elif variant == "r":
-        analysis = analyze(loaded, image, size, statistics=False)  # as the page's upload: head statistics on first use
+        analysis = analyze(loaded, image, size, statistics=False, keep_outputs=True)  # as /relevance: head statistics
+        # on first use, the attention outputs kept for the sweep
         explain(loaded, analysis, "top", "relevance")
         explain(loaded, analysis, "top", "grad_rollout")
     elif variant == "t":

@@ -83,6 +83,7 @@ def score_image(loaded, path: Path, resolution: int, targets: list[str],
         for target in targets:
             started = time.perf_counter()
             analysis = analyze(loaded, image, resolution, statistics=False)  # fresh, as the page's: no map cached
+            # (nor the attention outputs that /faithfulness's own analysis keeps for the maps' sweep)
             analysed = time.perf_counter()
             resolved = resolve(loaded, analysis, target)
             for name in offered_maps(analysis):  # computed here only to time them apart; `faithfulness` reuses them

@@ -128,7 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     for path in tqdm(paths, desc="images", unit="image"):
         try:
             scene = drawing.Scene.of(load_image(path, lambda message, name=path.name: tqdm.write(f"{name}: {message}")))
-            analysis = analyze(loaded, scene.image, resolution, original_size=scene.original_size)
+            analysis = analyze(loaded, scene.image, resolution, original_size=scene.original_size,
+                               keep_outputs=bool(args.explain or args.faithfulness))
             head = head_choice(args.head, analysis.num_heads, FUSIONS)
             layers = [layer_index(layer, analysis.num_layers) for layer in (args.layers or [-1])]
             folder = args.out / exports.safe_stem(path.stem)

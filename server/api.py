@@ -156,7 +156,7 @@ class Api:
         pixel X,Y, "region" for the saliency decoder's predicted region, "text:PROMPT" for an image-text model's
         similarity with the prompt): the map of `method` ("relevance", "grad_rollout", "rollout", "attention") over
         the image, and its numbers on the patch grid."""
-        s = open_upload(self.workspace, image, resolution, model)
+        s = open_upload(self.workspace, image, resolution, model, explain=method in ("relevance", "grad_rollout"))
         c = Controls.parse(s.analysis, {"target": target, "method": method, "discard": discard_ratio})
         overlay, e = handlers.explanation(self.workspace, s, c, False)
         out = {"target": str(e.target), "method": e.method, "explained": e.description, "discard_ratio": c.discard,
@@ -174,7 +174,7 @@ class Api:
         tokens ("drop") or blacking their pixels ("pixels"). The dict: "fractions" (0, 0.1, … 0.9 of the patches
         removed), per map under "maps" the scores "positive" and "negative" at each fraction and their trapezoidal
         areas "positive_auc" (lower is better) and "negative_auc" (higher is better), "score" in words, "verdict"."""
-        s = open_upload(self.workspace, image, resolution, model)
+        s = open_upload(self.workspace, image, resolution, model, explain=True)
         c = Controls.parse(s.analysis, {"target": target, "removal": removal})
         plot, result = handlers.perturbation(self.workspace, s, c)
         return write_png(self.workspace, plot, "faithfulness"), {**result.to_dict(),

@@ -80,11 +80,12 @@ class Subject:
 
 
 def open_upload(ws: Workspace, image: Any, resolution: Any, model: Any = "default", dtype: Any = "float32",
-                progress: Callable[[float, str], None] | None = None) -> Subject:
-    """Checks an upload and the analysis settings; the (cached or new) analysis."""
+                progress: Callable[[float, str], None] | None = None, explain: bool = False) -> Subject:
+    """Checks an upload and the analysis settings; the (cached or new) analysis, which keeps its attention
+    outputs too when it is made to `explain` an output (see `analyze`'s keep_outputs)."""
     source, scene = ws.upload(image, "image", warn)
     key = ws.key(scene, check_resolution(resolution), model_name(model), precision(ws, dtype))
-    return Subject(key, source, scene, ws.analysis(key, source, progress))
+    return Subject(key, source, scene, ws.analysis(key, source, progress, keep_outputs=explain))
 
 
 def open_view(ws: Workspace, view: View) -> Subject:

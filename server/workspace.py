@@ -87,20 +87,23 @@ class Workspace:
     def key(self, scene: Scene, resolution: int, model: str = DEFAULT, dtype: str = "float32") -> AnalysisKey:
         return AnalysisKey(self.models.check(model), scene.digest, resolution, dtype)
 
-    def analysis(self, key: AnalysisKey, source: str, progress: Progress | None = None) -> Analysis:
-        """The analysis for `key`, computed once (concurrent identical requests wait for it), then cached."""
+    def analysis(self, key: AnalysisKey, source: str, progress: Progress | None = None,
+                 keep_outputs: bool = False) -> Analysis:
+        """The analysis for `key`, computed once (concurrent identical requests wait for it), then cached;
+        `keep_outputs` for an explanation that follows (see `analyze`; a cached analysis is used as it is)."""
         def compute() -> Analysis:
             scene = self.scene(source, digest=key.digest)
             loaded = self.models.get(key.model, key.dtype)
             with self._device:
-                analysis = self._analyze(loaded, scene, key, progress)
+                analysis = self._analyze(loaded, scene, key, progress, keep_outputs)
             self.models.get(key.model, key.dtype)  # used last but for the analysis: not the first to go for room
             return analysis
         analysis = self.cache.get_or_compute(("analysis", key), compute)
         self.cache.get(("model", key.model, key.dtype))  # an analysis in use keeps its model recent
         return analysis
 
-    def _analyze(self, loaded: LoadedModel, scene: Scene, key: AnalysisKey, progress: Progress | None) -> Analysis:
+    def _analyze(self, loaded: LoadedModel, scene: Scene, key: AnalysisKey, progress: Progress | None,
+                 keep_outputs: bool) -> Analysis:
         """The class-token maps first; statistics on first use. On ZeroGPU the forward runs on a lent GPU (no
         progress bar crosses to its process) and rows are rebuilt here, on the CPU, with the same weights."""
         if on_zero_gpu():
@@ -108,7 +111,8 @@ class Workspace:
             analysis.record = analysis.record.moved("cpu", loaded.model.encoder.layers, self.cache)
             return analysis
         return analyze(loaded, scene.image, key.resolution, key.dtype, progress=progress,
-                       original_size=scene.original_size, store=self.cache, statistics=False, limits=self.limits)
+                       original_size=scene.original_size, store=self.cache, statistics=False, limits=self.limits,
+                       keep_outputs=keep_outputs)
 
     def device_slot(self) -> threading.BoundedSemaphore:
         """The device semaphore that every analysis holds (`with ws.device_slot(): ...`): the atlas of an uploaded

@@ -228,9 +228,8 @@ def test_an_analysis_keeps_layer_inputs_and_lse_and_counts_what_it_derives(case)
     assert analysis.record.layers is loaded.model.encoder.layers  # the module that ran, never a cast copy
     assert len(analysis.hidden_states) == layers + 1 and analysis.hidden_states[0].shape == (n, d)
     inputs_and_lse = (layers + 1) * n * d * 4 + layers * heads * n * 4
-    outputs = layers * n * d * 4  # the heads' outputs: 15 KB, within KEEP_OUTPUTS_BYTES
     small = analysis.cls_attention.nbytes + analysis.token_norms.nbytes + analysis.statistics.nbytes + layers * d * 4
-    assert analysis.nbytes == inputs_and_lse + outputs + small
+    assert analysis.record.outputs == [] and analysis.nbytes == inputs_and_lse + small  # outputs kept only if asked
     before = analysis.nbytes
     analysis.rollout_map("min", 0.25)
     assert analysis.nbytes == before + n * 4
@@ -242,10 +241,9 @@ def test_heads_outputs_are_kept_only_within_their_budget(case, monkeypatch, budg
     from analysis import record
     loaded, kept = case[0], budget == 3 * 41 * 32 * 4
     image = random_image(45, 70)
-    monkeypatch.setattr(record, "KEEP_OUTPUTS_BYTES", 0)
-    without = analyze(loaded, image, long_side=64)
     monkeypatch.setattr(record, "KEEP_OUTPUTS_BYTES", budget)
-    analysis = analyze(loaded, image, long_side=64)
+    without = analyze(loaded, image, long_side=64)  # not asked for
+    analysis = analyze(loaded, image, long_side=64, keep_outputs=True)
     outputs = analysis.record.outputs
     assert without.record.outputs == [] and len(outputs) == (3 if kept else 0)
     assert analysis.nbytes == without.nbytes + (3 * 41 * 32 * 4 if kept else 0)

@@ -71,6 +71,17 @@ def test_predict_and_relevance_of_a_classifier(workspace, upload, classifier):
     assert Image.open(png.path).size == (70, 45)  # drawn over the original image
 
 
+def test_only_an_analysis_made_to_explain_keeps_the_attention_outputs(workspace, upload):
+    """/relevance's analysis keeps every layer's attention output for its sweep; the page's upload and the other
+    endpoints' analyses keep none (their kept bytes stay at the layers' inputs and log-sum-exps)."""
+    api = Api(workspace)
+    explained, plain = upload(random_image(45, 70, seed=11)), upload(random_image(45, 70, seed=12))
+    api.relevance(explained, "embedding", "relevance", 224)
+    api.cls_attention(plain, resolution=224)
+    assert len(open_upload(workspace, explained, 224).analysis.record.outputs) == 3
+    assert open_upload(workspace, plain, 224).analysis.record.outputs == []
+
+
 def test_a_patch_target_is_the_pixel_of_the_original_image(workspace, upload):
     api, image = Api(workspace), upload(random_image(45, 70))
     _, out = api.relevance(image, "patch:69,0", "grad_rollout", 224)

@@ -66,7 +66,7 @@ def assert_maps(loaded, analysis, target, references, discard_ratio=0.0):
 def setup(loaded, size, long_side):
     image = random_image(*size, seed=long_side)
     pixels, _ = loaded.preprocessing(image, long_side)
-    return analyze(loaded, image, long_side), pixels
+    return analyze(loaded, image, long_side, keep_outputs=True), pixels  # kept where the budget allows
 
 
 @pytest.fixture(params=["kept", "recomputed"])
@@ -279,7 +279,7 @@ def test_kept_outputs_give_the_recomputed_maps_without_an_attention_forward(monk
     maps = {}
     for budget in (0, 1 << 40):
         monkeypatch.setattr(record, "KEEP_OUTPUTS_BYTES", budget)
-        analysis = analyze(loaded, image, 64, dtype=name)
+        analysis = analyze(loaded, image, 64, dtype=name, keep_outputs=True)
         n, layers = analysis.record.num_tokens, analysis.num_layers
         assert [o.shape for o in analysis.record.outputs] == ([(4, n, 8)] * layers if budget else [])
         assert all(o.dtype == dtype for o in analysis.record.outputs)
@@ -295,7 +295,7 @@ def test_kept_outputs_give_the_recomputed_maps_without_an_attention_forward(monk
 def test_a_wrong_kept_output_fails_loudly(monkeypatch):
     monkeypatch.setattr(record, "KEEP_OUTPUTS_BYTES", 1 << 40)
     loaded = tiny_loaded(seed=10)
-    analysis = analyze(loaded, random_image(32, 32), 32)
+    analysis = analyze(loaded, random_image(32, 32), 32, keep_outputs=True)
     analysis.record.outputs[1] = analysis.record.outputs[1] * 1.5
     with pytest.raises(RuntimeError, match="layer 1 recomputed from its kept input differs"):
         explain(loaded, analysis, "embedding")
