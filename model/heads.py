@@ -160,7 +160,6 @@ class _InStrips(torch.autograd.Function):
         return grid.grad, None
 
 
-
 class PartialDecoder:
     """A SaliencyDecoder's logits exact at the `wanted` pixels (2^n·grid_h, 2^n·grid_w) only, for grids of one size
     some of whose cells are zero (a perturbation test's dropped tokens): each stage computes only the outputs that
