@@ -35,8 +35,8 @@ Components = dict[str, gr.components.Component | gr.State | gr.Tabs]  # the page
 ASSETS = Path(__file__).resolve().parent / "assets"
 EXAMPLES = [str(ASSETS / name) for name in ("chelsea.png", "astronaut.png", "coffee.png", "rocket.jpg")]
 # How often Gradio's queue looks for a free worker while none is free or nothing waits: its default, every 1 ms,
-# costs 6–8 % of a core while idle and slows a running analysis by about 6 % on a 2-core CPU (measured in one
-# process with the app launched); 10 ms adds at most that to an event's start.
+# keeps the idle server above 4 % of a core (tests/test_served_app.py), taken from the analyses on a 2-core CPU;
+# 10 ms adds at most that to an event's start.
 QUEUE_POLL_S = 0.01
 INTRO = """# vit-inspect
 See what each **head** of each **layer** of a vision transformer attends to, at any resolution. The model runs
