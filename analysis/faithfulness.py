@@ -45,7 +45,7 @@ from model.heads import PartialDecoder
 
 from .engine import Analysis
 from .relevance import (CLASS, EMBEDDING, METHODS, PATCH, REGION, TEXT, Target, TargetError, explain,
-                        predicted_region, resolve)
+                        predicted_region, predicted_saliency, resolve)
 from .text import similarity
 
 FRACTIONS = tuple(i / 10 for i in range(10))  # 0, 0.1, …, 0.9 of the removable patches
@@ -140,12 +140,12 @@ class Score:
         last = analysis.record.hidden_states[-1].unsqueeze(0)
         self.reference = self._feature(last, None) if target.kind in (EMBEDDING, PATCH) else None
         self.region = self.decoding = None
-        if target.kind == REGION:
-            grid, _ = self._grid(last, None)
+        if target.kind == REGION:  # the region of the decoder's own (cached) prediction
             g = self.geometry
-            self.region = predicted_region(self.head(grid, (g.input_h, g.input_w))[0])
-            self.decoding = PartialDecoder(self.head, g.grid_h, g.grid_w, read_by(self.region, grid.shape[-2:],
-                                                                                   self.head.num_stages))
+            saliency = torch.from_numpy(predicted_saliency(loaded, analysis)).to(last.device)
+            self.region = predicted_region(saliency)
+            self.decoding = PartialDecoder(self.head, g.grid_h, g.grid_w,
+                                           read_by(self.region, (g.grid_h, g.grid_w), self.head.num_stages))
 
     @property
     def prefix_rows(self) -> int | None:

@@ -194,7 +194,7 @@ class PartialDecoder:
 
     def _one(self, grid: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
         computed = self._computed(zero)
-        x = F.pad(grid.permute(1, 2, 0), (0, 0, 1, 1, 1, 1))  # (H + 2, W + 2, D): the input with its zero border
+        x = _bordered(grid)  # (H + 2, W + 2, D)
         for i, anchors in enumerate(computed):
             if anchors.float().mean() >= self.DENSE_SHARE:
                 inner = x[1:-1, 1:-1].permute(2, 0, 1).unsqueeze(0).contiguous(memory_format=torch.channels_last)
