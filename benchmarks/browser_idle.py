@@ -12,8 +12,7 @@ import argparse
 import os
 import time
 
-from first_map import CHROMIUM_ARGS
-from serving import start_app
+from serving import chromium_page, start_app
 
 STATIC = "data:text/html,<h1>static</h1>"
 ANIMATION_LOOP = "data:text/html,<h1>loop</h1><script>function f() { requestAnimationFrame(f) }; f()</script>"
@@ -60,12 +59,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=10.0)
     args = parser.parse_args()
-    from playwright.sync_api import sync_playwright
     app, url = start_app()
     try:
-        with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
-            page = browser.new_page(viewport={"width": 1280, "height": 900})
+        with chromium_page(1280, 900) as page:
             page.add_init_script(COUNT_FRAMES)
             rows = []
             for name, address in (("static page", STATIC), ("requestAnimationFrame loop", ANIMATION_LOOP),
@@ -78,7 +74,6 @@ def main() -> None:
                 rows.append((name, *idle(args.seconds, app.pid),
                              (page.evaluate("window.__frames") - frames) / args.seconds))
             caller = page.evaluate("window.__caller") or ""
-            browser.close()
     finally:
         app.kill()
     print(f"{args.seconds:.0f} s idle per page, 1-minute load {os.getloadavg()[0]:.1f} at the end\n")

@@ -13,10 +13,8 @@ import argparse
 import statistics
 import time
 
-from serving import start_app
+from serving import chromium_page, start_app
 
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync"]
 # Resolves with the milliseconds from the next input event (key or pointer press, its own timestamp) to the moment
 # the <img> inside `selector` shows a new src that has finished loading (NaN after ten minutes without one).
 NEW_IMAGE = """([selector, old]) => { let start = null;
@@ -93,12 +91,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--url", help="measure an app that is already running instead of starting one")
     args = parser.parse_args()
-    from playwright.sync_api import sync_playwright
     app, url = (None, args.url) if args.url else start_app()
     try:
-        with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
-            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        with chromium_page() as page:
             started = time.perf_counter()
             page.goto(url)
             page.wait_for_selector("#cls-view img", timeout=120_000)
@@ -111,7 +106,6 @@ def main() -> None:
                     print(f"| {size} | {name} | {statistics.median(times):.0f} | {min(times):.0f}–{max(times):.0f} | "
                           f"{len(times)} |", flush=True)
                 print(f"| {size} | (analysis after Enter: {seconds:.1f} s) | | | |", flush=True)
-            browser.close()
     finally:
         if app is not None:
             app.kill()

@@ -18,10 +18,8 @@ import statistics
 import time
 from pathlib import Path
 
-from serving import ROOT, start_app
+from serving import ROOT, chromium_page, start_app
 
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync"]
 PHOTOS = [ROOT / "assets" / name for name in ("astronaut.png", "coffee.png", "rocket.jpg")]
 # Resolves with the milliseconds from the file input's change to the moment the <img> in #cls-view shows a new
 # src that has loaded, and the status line then.
@@ -76,19 +74,15 @@ def upload_times(page, photo: Path) -> tuple[float, str]:
 
 
 def browser_waits(sizes: list[int], photos: list[Path]) -> dict[int, list[tuple[float, str]]]:
-    from playwright.sync_api import sync_playwright
     app, url = start_app()
     try:
-        with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
-            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        with chromium_page() as page:
             page.goto(url)
             page.wait_for_selector("#cls-view img", timeout=120_000)
             waits = {}
             for size in sizes:
                 set_resolution(page, size)
                 waits[size] = [upload_times(page, photo) for photo in photos]
-            browser.close()
             return waits
     finally:
         app.kill()

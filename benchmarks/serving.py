@@ -1,5 +1,5 @@
-"""Starting the app (`python app.py`) in a process of its own on a free port, for the benchmarks that measure it
-as a visitor meets it."""
+"""Starting the app (`python app.py`) in a process of its own on a free port, and a headless Chromium page, for the
+benchmarks that measure it as a visitor meets it."""
 from __future__ import annotations
 
 import os
@@ -8,10 +8,14 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 START_TIMEOUT_S = 300
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync"]
 
 
 def free_port() -> int:
@@ -37,3 +41,15 @@ def start_app(**env: str) -> tuple[subprocess.Popen, str]:
             time.sleep(0.5)
     app.kill()
     raise RuntimeError(f"the app did not start (exit status {app.poll()})")
+
+
+@contextmanager
+def chromium_page(width: int = 1400, height: int = 1000) -> Iterator:
+    """A page of Debian's headless Chromium driven by Playwright, the browser closed on leaving."""
+    from playwright.sync_api import sync_playwright
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
+        try:
+            yield browser.new_page(viewport={"width": width, "height": height})
+        finally:
+            browser.close()
