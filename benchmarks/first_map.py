@@ -4,9 +4,12 @@ image, in one run.
 Starts `python app.py` on a free port, opens the page in headless Chromium (Debian's, driven by Playwright), and for
 each resolution uploads each photo (none analysed before) and times, in the browser, from the file input's change to
 the moment the class-token map of that photo has loaded; the median over the photos is the wait. Then, in this
-process with the app stopped, the default model's plain forward (fused attention, nothing returned) on the same
-photos at the same resolution, best of three, and the image's preprocessing (resize + normalise) apart. Prints a
-table of both and their ratio.
+process with the app stopped, on the same photos at the same resolution, best of three each: the default model's
+plain forward (fused attention, nothing returned), the analysis alone (`analyze` as the page's event calls it) and
+the image's preprocessing (resize + normalise). Prints a table of them beside the status line's analysis time (the
+analysis inside the served page's event) and the ratio of the wait to the forward: the wait less the served analysis
+is the round trip (upload, queue, the map's delivery); the served analysis less the analysis alone is what the
+server loses beside the browser on the same cores.
 
     python benchmarks/first_map.py                          # 518 and 1022 px, astronaut, coffee, rocket
     python benchmarks/first_map.py --sizes 518 --photos assets/coffee.png
@@ -14,6 +17,7 @@ table of both and their ratio.
 from __future__ import annotations
 
 import argparse
+import re
 import statistics
 import time
 from pathlib import Path
@@ -73,6 +77,12 @@ def upload_times(page, photo: Path) -> tuple[float, str]:
     return ms / 1000, status
 
 
+def served_seconds(status: str) -> float:
+    """The analysis's seconds from the status line ("… · analysed in 1.23 s"); NaN where it gives none."""
+    found = re.search(r"analysed in ([0-9.]+) s", status)
+    return float(found.group(1)) if found else float("nan")
+
+
 def browser_waits(sizes: list[int], photos: list[Path]) -> dict[int, list[tuple[float, str]]]:
     app, url = start_app()
     try:
@@ -89,29 +99,33 @@ def browser_waits(sizes: list[int], photos: list[Path]) -> dict[int, list[tuple[
         app.wait()
 
 
-def forward_times(sizes: list[int], photos: list[Path]) -> dict[int, list[tuple[float, float]]]:
-    """Per size and photo: the best of three plain forwards, and of three preprocessings, in seconds."""
+def forward_times(sizes: list[int], photos: list[Path]) -> dict[int, list[tuple[float, float, float]]]:
+    """Per size and photo: the best of three plain forwards, analyses alone and preprocessings, in seconds."""
     import sys
 
     import torch
     sys.path.insert(0, str(ROOT))
+    from analysis import analyze
     from model import load_image, load_model
     loaded = load_model(None, device="cpu")
     out = {}
-    with torch.inference_mode():
-        for size in sizes:
-            out[size] = []
-            for photo in photos:
-                image = load_image(photo)
-                prep, fwd = [], []
-                for _ in range(3):
+    for size in sizes:
+        out[size] = []
+        for photo in photos:
+            image = load_image(photo)
+            prep, fwd, alone = [], [], []
+            for _ in range(3):
+                with torch.inference_mode():
                     started = time.perf_counter()
                     pixels, _ = loaded.preprocessing(image, size)
                     prep.append(time.perf_counter() - started)
                     started = time.perf_counter()
                     loaded.model(pixels, interpolate_pos_encoding=True)
                     fwd.append(time.perf_counter() - started)
-                out[size].append((min(fwd), min(prep)))
+                started = time.perf_counter()
+                analyze(loaded, image, size, statistics=False)  # as the page's event runs it (server.workspace)
+                alone.append(time.perf_counter() - started)
+            out[size].append((min(fwd), min(alone), min(prep)))
     return out
 
 
@@ -122,18 +136,22 @@ def main() -> None:
     args = parser.parse_args()
     waits = browser_waits(args.sizes, args.photos)
     forwards = forward_times(args.sizes, args.photos)
-    print("| px | photo | upload → first map (s) | plain forward (s) | preprocessing (s) | status line |")
+    print("| px | photo | upload → first map (s) | served analysis (s) | analysis alone (s) | plain forward (s) | "
+          "preprocessing (s) |")
+    print("|---|---|---|---|---|---|---|")
+    for size in args.sizes:
+        for photo, (wait, status), (forward, alone, prep) in zip(args.photos, waits[size], forwards[size]):
+            print(f"| {size} | {photo.name} | {wait:.2f} | {served_seconds(status):.2f} | {alone:.2f} | "
+                  f"{forward:.2f} | {prep:.3f} |")
+    print("\n| px | median wait (s) | median served analysis (s) | median analysis alone (s) | median forward (s) | "
+          "ratio |")
     print("|---|---|---|---|---|---|")
     for size in args.sizes:
-        for photo, (wait, status), (forward, prep) in zip(args.photos, waits[size], forwards[size]):
-            print(f"| {size} | {photo.name} | {wait:.2f} | {forward:.2f} | {prep:.3f} | "
-                  f"{status.split(' · ')[-1].strip()} |")
-    print("\n| px | median wait (s) | median forward (s) | ratio |")
-    print("|---|---|---|---|")
-    for size in args.sizes:
         wait = statistics.median(w for w, _ in waits[size])
-        forward = statistics.median(f for f, _ in forwards[size])
-        print(f"| {size} | {wait:.2f} | {forward:.2f} | {wait / forward:.2f}× |")
+        served = statistics.median(served_seconds(s) for _, s in waits[size])
+        alone = statistics.median(a for _, a, _ in forwards[size])
+        forward = statistics.median(f for f, _, _ in forwards[size])
+        print(f"| {size} | {wait:.2f} | {served:.2f} | {alone:.2f} | {forward:.2f} | {wait / forward:.2f}× |")
 
 
 if __name__ == "__main__":
