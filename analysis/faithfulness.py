@@ -20,6 +20,8 @@ saliency decoder the mean predicted saliency inside its own region (the region f
 prediction; under drop the decoder reads zeros where tokens left). The decoder computes only the logits the region's
 pixels read, and of those only the ones that may differ from its output on an all-zero grid (model.heads
 .PartialDecoder): positive perturbation removes the region's own tokens first, and what reads only zeros is known.
+The last layer, in turn, computes only the rows that the decoder's computed outputs read (`Score.rows`), as it does
+the class token alone for a target that reads nothing else.
 
 A random order has no direction: RANDOM_SEEDS orders give one set of curves, their mean serves both positive and
 negative, their standard deviation is the spread. Orders that coincide (two maps ranking the patches alike) run once.
@@ -147,17 +149,27 @@ class Score:
             self.decoding = PartialDecoder(self.head, g.grid_h, g.grid_w,
                                            read_by(self.region, (g.grid_h, g.grid_w), self.head.num_stages))
 
-    @property
-    def prefix_rows(self) -> int | None:
-        """How many leading (prefix) tokens of the last layer's output the score reads, when it reads nothing else."""
+    def rows(self, kept: torch.Tensor | None, batch: int) -> torch.Tensor | None:
+        """The rows of the last layer's output (B, R) that the score reads, as indices into the perturbed sequences
+        (the kept patches (B, K) in grid order, or None: every patch at its place), padded with each one's first;
+        None: every row. The class token (and distillation token) where that is all a target reads; for the
+        decoder's region, the kept patches its computed first-stage outputs read (see PartialDecoder.read_cells)."""
         config = self.model.config
-        if config.pooling_head or not config.class_token:
+        if config.pooling_head or (not config.class_token and self.target.kind != REGION):
             return None
         if self.target.kind in (EMBEDDING, TEXT):  # the class token's final feature (projected, for TEXT)
-            return 1
+            return torch.zeros(batch, 1, dtype=torch.long)
         if self.target.kind == CLASS and self.head.readout in (READ_CLASS, READ_CLASS_AND_DISTILLATION):
-            return 1 + (self.head.readout == READ_CLASS_AND_DISTILLATION)
-        return None
+            return torch.arange(1 + (self.head.readout == READ_CLASS_AND_DISTILLATION)).expand(batch, -1)
+        if self.target.kind != REGION:
+            return None
+        g, device = self.geometry, self.decoding.wanted.device
+        cells = torch.arange(g.grid_h * g.grid_w, device=device).expand(batch, -1) if kept is None else kept.to(device)
+        zero = torch.ones(batch, g.grid_h * g.grid_w, dtype=torch.bool, device=device).scatter(1, cells, False)
+        read = [self.decoding.read_cells(z.view(g.grid_h, g.grid_w)).flatten()[c] for z, c in zip(zero, cells)]
+        places = [self.num_prefix + r.nonzero()[:, 0] for r in read]  # each a (read,) row index
+        width = max(1, *(len(r) for r in places))
+        return torch.stack([F.pad(r, (0, width - len(r)), value=int(r[0]) if len(r) else 0) for r in places])
 
     def __call__(self, x: torch.Tensor, kept: torch.Tensor | None) -> torch.Tensor:
         kind = self.target.kind
@@ -214,30 +226,39 @@ def read_by(region: torch.Tensor, grid_size: tuple[int, int], stages: int) -> to
     return (grad[0, 0] != 0).to(region.device)
 
 
-def run_layers(loaded: LoadedModel, x: torch.Tensor, rows: int | None = None) -> torch.Tensor:
-    """The encoder on embedded (pre-normed) tokens x (B, n, D) → the last layer's output (B, n, D), or only its
-    first `rows` tokens (B, rows, D): the last layer's queries, residual and MLP then run for those rows alone."""
+def run_layers(loaded: LoadedModel, x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """The encoder on embedded (pre-normed) tokens x (B, n, D) → the last layer's output (B, n, D); with `rows`
+    (B, R) token indices, the last layer's queries, residual and MLP run for those rows alone and the other rows are
+    left zero."""
     layers = loaded.model.encoder.layers
-    for layer in layers[:-1] if rows else layers:
+    for layer in layers[:-1] if rows is not None else layers:
         x = layer(x)[0]
-    return leading_rows(layers[-1], x, rows) if rows else x
+    if rows is None:
+        return x
+    picked = rows.to(x.device).unsqueeze(-1).expand(-1, -1, x.shape[-1])
+    return torch.zeros_like(x).scatter_(1, picked, selected_rows(layers[-1], x, picked))
 
 
-def leading_rows(layer: nn.Module, x: torch.Tensor, rows: int) -> torch.Tensor:
-    """An encoder layer's output for the first `rows` tokens of its input x (B, n, D), attending over all n."""
+def selected_rows(layer: nn.Module, x: torch.Tensor, picked: torch.Tensor) -> torch.Tensor:
+    """An encoder layer's output (B, R, D) for the rows `picked` (B, R, D: indices along the sequence, repeated over
+    the features) of its input x (B, n, D), attending over all n."""
     attn, batch, dim = layer.self_attn, len(x), x.shape[-1]
     normed = layer.layer_norm1(x)
-    query = attn._split_heads(attn.q_proj(normed[:, :rows]))  # (B, heads, rows, head_dim)
+    query = attn._split_heads(attn.q_proj(normed.gather(1, picked)))  # (B, heads, R, head_dim)
     key, value = attn._split_heads(attn.k_proj(normed)), attn._split_heads(attn.v_proj(normed))
     heads = F.scaled_dot_product_attention(query, key, value, scale=attn.scale)
-    y = x[:, :rows] + attn.out_proj(heads.transpose(1, 2).reshape(batch, rows, dim))
+    y = x.gather(1, picked) + attn.out_proj(heads.transpose(1, 2).reshape(batch, -1, dim))
     return y + layer.mlp(layer.layer_norm2(y))
 
 
+Rows = Callable[[torch.Tensor | None, int], torch.Tensor | None]  # (kept patches or None, batch) → rows (Score.rows)
+
+
 def dropped(loaded: LoadedModel, analysis: Analysis, removed: torch.Tensor,
-            rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The last layer's output with the `removed` patches (B, k) dropped from the sequence, and the kept patches
-    (B, K) in grid order. The tokens are the forward's own embeddings: each keeps its position embedding."""
+            rows: Rows | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The last layer's output with the `removed` patches (B, k) dropped from the sequence (with `rows`, only the
+    rows it gives for the kept patches), and the kept patches (B, K) in grid order. The tokens are the forward's own
+    embeddings: each keeps its position embedding."""
     embedded = analysis.record.hidden_states[0]  # (N, D), after the pre-norm: per token, so dropping commutes
     patches = analysis.geometry.grid_h * analysis.geometry.grid_w
     keep = torch.ones(len(removed), patches, dtype=torch.bool, device=removed.device)
@@ -245,11 +266,12 @@ def dropped(loaded: LoadedModel, analysis: Analysis, removed: torch.Tensor,
     kept = keep.nonzero()[:, 1].view(len(removed), -1)  # (B, K), ascending
     prefix = torch.arange(analysis.num_prefix_tokens, device=kept.device).expand(len(removed), -1)
     tokens = torch.cat([prefix, analysis.num_prefix_tokens + kept], dim=1)
-    return run_layers(loaded, embedded[tokens.to(embedded.device)], rows), kept
+    selected = rows(kept, len(removed)) if rows is not None else None
+    return run_layers(loaded, embedded[tokens.to(embedded.device)], selected), kept
 
 
 def blacked(loaded: LoadedModel, analysis: Analysis, pixels: torch.Tensor, removed: torch.Tensor,
-            rows: int | None = None) -> torch.Tensor:
+            rows: Rows | None = None) -> torch.Tensor:
     """The last layer's output for the image (1, 3, H, W, normalised) with the `removed` patches (B, k) black."""
     g = analysis.geometry
     mask = torch.zeros(len(removed), g.grid_h * g.grid_w, dtype=torch.bool)
@@ -260,7 +282,7 @@ def blacked(loaded: LoadedModel, analysis: Analysis, pixels: torch.Tensor, remov
     batch = torch.where(mask, black, pixels.cpu().float()).to(loaded.device, next(loaded.model.parameters()).dtype)
     model = loaded.model
     embedded = model.pre_layrnorm(model.embeddings(batch, interpolate_pos_encoding=True))
-    return run_layers(loaded, embedded, rows)
+    return run_layers(loaded, embedded, rows(None, len(removed)) if rows is not None else None)
 
 
 @torch.inference_mode()
@@ -380,9 +402,9 @@ def _scores(loaded: LoadedModel, analysis: Analysis, score: Score, removal: str,
     for done, (i, k, start, per_batch) in enumerate(work):
         chunk = stacked[start:start + per_batch, :k]
         if removal == "drop":
-            x, kept = dropped(loaded, analysis, chunk, score.prefix_rows)
+            x, kept = dropped(loaded, analysis, chunk, score.rows)
         else:
-            x, kept = blacked(loaded, analysis, pixels, chunk, score.prefix_rows), None
+            x, kept = blacked(loaded, analysis, pixels, chunk, score.rows), None
         out[start:start + len(chunk), i - 1] = score(x, kept).cpu().numpy()
         if progress is not None:
             progress((done + 1) / len(work))

@@ -211,6 +211,12 @@ class PartialDecoder:
                 x = self.zero_logits if i == last else self.zero_run[i]
         return x[1:-1, 1:-1]
 
+    def read_cells(self, zero: torch.Tensor) -> torch.Tensor:
+        """The grid cells (grid_h, grid_w) that the first stage's computed outputs read, for a grid whose `zero`
+        cells are zero: the decoder's result at the wanted pixels depends on these cells alone."""
+        anchors = self._computed(zero)[0]  # (grid_h + 1, grid_w + 1): anchor a reads cells a − 1 and a
+        return anchors[:-1, :-1] | anchors[:-1, 1:] | anchors[1:, :-1] | anchors[1:, 1:]
+
     def _computed(self, zero: torch.Tensor) -> list[torch.Tensor]:
         """Per stage, the anchors (H_in + 1, W_in + 1) to compute: those giving a wanted output that may differ from
         the zero run's. Unchanged outputs bottom-up, then what the wanted pixels read top-down."""

@@ -8,7 +8,7 @@ import torch
 import transformers as tf
 
 from analysis import analyze
-from analysis.faithfulness import (FRACTIONS, RANDOM, Curve, area, faithfulness, perturbation_curves,
+from analysis.faithfulness import (FRACTIONS, RANDOM, Curve, area, faithfulness, perturbation_curves, run_layers,
                                    random_orders, removal_orders)
 from analysis.relevance import TargetError
 from model import load_model
@@ -139,12 +139,14 @@ def test_dropping_keeps_the_prefix_and_the_position_embeddings(dinov2, target):
 
 
 @pytest.mark.parametrize("removal", ["drop", "pixels"])
+@pytest.mark.parametrize("dense_share", [2.0, 0.0])
 @torch.no_grad()
-def test_region_curves_against_the_whole_decoder(monkeypatch, removal):
+def test_region_curves_against_the_whole_decoder(monkeypatch, removal, dense_share):
     """The saliency decoder's target: the tower's final patch tokens (dropped ones zero) through the untiled decoder,
     the mean saliency inside the region fixed from the unperturbed prediction (≥ 0.5, else the top 20 %). The
-    decoder computes only what the region reads (its dense path is left out here: test_heads covers it)."""
-    monkeypatch.setattr(PartialDecoder, "DENSE_SHARE", 2.0)
+    decoder computes only what the region reads (with its dense stages or without), the last layer only the rows
+    that reads (here all: test_heads checks the cells it reads, test_selected_rows_of_the_last_layer the rows)."""
+    monkeypatch.setattr(PartialDecoder, "DENSE_SHARE", dense_share)
     loaded = tiny_loaded(seed=7, patch_size=12, image_size=36)  # the logits (8 × the grid) resized to 2/3
     loaded.head = trained_decoder(seed=8, widths=(32, 8, 8, 4))
     analysis, pixels = setup(loaded, seed=9)
@@ -180,6 +182,20 @@ def test_region_curves_against_the_whole_decoder(monkeypatch, removal):
     maps = some_maps(analysis, seed=4)
     result = perturbation_curves(loaded, analysis, "region", removal, maps, pixels)
     assert_curves(result, maps, np.arange(g.grid_h * g.grid_w), score_of)
+
+
+@torch.no_grad()
+def test_selected_rows_of_the_last_layer():
+    """The last layer run for chosen rows only (per sequence, padded by repeats) gives the full run's rows there, and
+    zeros elsewhere."""
+    loaded = tiny_loaded(seed=3)
+    x = torch.randn(3, 11, 32, generator=torch.Generator().manual_seed(3))
+    rows = torch.tensor([[0, 4, 9, 9], [2, 3, 5, 7], [10, 10, 10, 10]])
+    whole, chosen = run_layers(loaded, x), run_layers(loaded, x, rows)
+    for b, picked in enumerate(rows.tolist()):
+        others = sorted(set(range(11)) - set(picked))
+        assert (chosen[b, picked] - whole[b, picked]).abs().max() <= TOL * whole.abs().max()
+        assert not chosen[b, others].any()
 
 
 def linear_readout(pixels_exact: bool):

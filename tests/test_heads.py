@@ -154,3 +154,27 @@ def test_partial_decoder_is_exact_where_wanted(monkeypatch, grid_h, grid_w, dens
     everything_zero = torch.ones(grid_h, grid_w, dtype=torch.bool)
     assert not any(anchors.any() for anchors in heads.PartialDecoder(decoder, grid_h, grid_w, wanted)
                    ._computed(everything_zero))
+
+
+@pytest.mark.parametrize("dense_share", [0.75, 2.0])
+@torch.no_grad()
+def test_partial_decoder_reads_only_its_read_cells(monkeypatch, dense_share):
+    """Whatever the cells outside `read_cells` hold (the faithfulness test leaves the last layer's rows there
+    uncomputed), the wanted logits are the untiled decoder's on the true grid; the cells read are fewer than all."""
+    monkeypatch.setattr(heads.PartialDecoder, "DENSE_SHARE", dense_share)
+    grid_h, grid_w = 12, 20
+    decoder = trained_decoder(seed=5)
+    generator = torch.Generator().manual_seed(6)
+    wanted = torch.zeros(8 * grid_h, 8 * grid_w, dtype=torch.bool)
+    wanted[10:30, 40:90] = True  # a compact region
+    partial = heads.PartialDecoder(decoder, grid_h, grid_w, wanted)
+    for zero_share in (0.0, 0.5):
+        zero = torch.rand(2, grid_h, grid_w, generator=generator) < zero_share
+        grid = torch.randn(2, 16, grid_h, grid_w, generator=generator) * ~zero.unsqueeze(1)
+        read = torch.stack([partial.read_cells(z) for z in zero])
+        assert read.sum(dim=(1, 2)).max() < grid_h * grid_w / 2
+        garbage = torch.randn(grid.shape, generator=generator) * 100
+        spoiled = torch.where((read | zero).unsqueeze(1), grid, garbage)
+        whole = untiled_logits(decoder, grid)
+        error = (partial(spoiled, zero) - whole)[..., wanted].abs()
+        assert error.max() <= TOL * whole.abs().max(), zero_share
