@@ -173,8 +173,7 @@ class PartialDecoder:
     with a (4·C_in, 4·C_out) weight, over the anchors wanted alone. Where most anchors are wanted the stage runs the
     dense transposed convolution instead (oneDNN's, faster than the product at full size)."""
 
-    DENSE_SHARE = 0.9  # at or above this share of a stage's anchors computed, the dense convolution runs (at 80 % the
-    # two took as long, at 100 % the dense one was 1.2–1.4× faster: the default decoder, 12 grids of 25 × 37)
+    DENSE_SHARE = 0.75  # at or above this share of a stage's anchors computed, the dense convolution runs
 
     @torch.no_grad()
     def __init__(self, decoder: SaliencyDecoder, grid_h: int, grid_w: int, wanted: torch.Tensor):
