@@ -31,7 +31,7 @@ VIEW_OUTPUTS = ("main", "patch", "grid", "patch_caption", "second", "rollout", "
 ANALYSIS_OUTPUTS = ("view", "status", "summary", "layer", "head", "resolution", "target", "flow", "flow_note",
                     "flow_button", "gif", "gif_file", "export_files", "prompts_box", *VIEW_OUTPUTS)
 CLICKED = "patch"  # the target choice that stands for the clicked patch's feature
-FAITHFULNESS_FORWARDS = "50 to 85"  # the curves' cost in plain forwards (benchmarks/faithfulness.py, README)
+FAITHFULNESS_FORWARDS = "40 to 85"  # the curves' cost in plain forwards (benchmarks/faithfulness.py, README)
 
 
 def as_outputs(values: dict[str, Any], names: tuple[str, ...]) -> tuple:
