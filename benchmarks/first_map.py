@@ -152,7 +152,18 @@ def main() -> None:
         alone = statistics.median(a for _, a, _ in forwards[size])
         forward = statistics.median(f for f, _, _ in forwards[size])
         print(f"| {size} | {wait:.2f} | {served:.2f} | {alone:.2f} | {forward:.2f} | {wait / forward:.2f}× |")
-
+    print("\nWhere the wait goes, per photo (lowest–highest): the round trip (wait − served analysis), the analysis "
+          "alone against the forward, the served analysis against the analysis alone.\n")
+    print("| px | round trip (s) | analysis alone ÷ forward | served ÷ alone |")
+    print("|---|---|---|---|")
+    for size in args.sizes:
+        trips, engine, beside = [], [], []
+        for (wait, status), (forward, alone, _) in zip(waits[size], forwards[size]):
+            trips.append(wait - served_seconds(status))
+            engine.append(alone / forward)
+            beside.append(served_seconds(status) / alone)
+        print(f"| {size} | {min(trips):.2f}–{max(trips):.2f} | {min(engine):.2f}–{max(engine):.2f}× | "
+              f"{min(beside):.2f}–{max(beside):.2f}× |")
 
 if __name__ == "__main__":
     main()
