@@ -165,8 +165,8 @@ class Score:
             return None
         g, device = self.geometry, self.decoding.wanted.device
         cells = torch.arange(g.grid_h * g.grid_w, device=device).expand(batch, -1) if kept is None else kept.to(device)
-        zero = torch.ones(batch, g.grid_h * g.grid_w, dtype=torch.bool, device=device).scatter(1, cells, False)
-        read = [self.decoding.read_cells(z.view(g.grid_h, g.grid_w)).flatten()[c] for z, c in zip(zero, cells)]
+        zero = self._zero_cells(kept, batch, device)
+        read = [self.decoding.read_cells(z).flatten()[c] for z, c in zip(zero, cells)]
         places = [self.num_prefix + r.nonzero()[:, 0] for r in read]  # each a (read,) row index
         width = max(1, *(len(r) for r in places))
         return torch.stack([F.pad(r, (0, width - len(r)), value=int(r[0]) if len(r) else 0) for r in places])
@@ -206,13 +206,19 @@ class Score:
         dropped patches (B, grid_h, grid_w)."""
         g = self.geometry
         tokens = self.model.post_layernorm(x[:, self.num_prefix:])  # (B, K, D)
-        zero = torch.zeros(len(x), g.grid_h * g.grid_w, dtype=torch.bool, device=x.device)
         if kept is not None:  # the dropped patches' places read zeros
             full = tokens.new_zeros(len(x), g.grid_h * g.grid_w, tokens.shape[-1])
             tokens = full.scatter(1, kept.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]), tokens)
-            zero = torch.ones_like(zero).scatter(1, kept, False)
         grid = tokens.transpose(1, 2).reshape(len(x), -1, g.grid_h, g.grid_w)
-        return grid, zero.view(-1, g.grid_h, g.grid_w)
+        return grid, self._zero_cells(kept, len(x), x.device)
+
+    def _zero_cells(self, kept: torch.Tensor | None, batch: int, device: torch.device) -> torch.Tensor:
+        """(B, grid_h, grid_w): the cells that dropped patches leave zero (none when `kept` is None)."""
+        g = self.geometry
+        if kept is None:
+            return torch.zeros(batch, g.grid_h, g.grid_w, dtype=torch.bool, device=device)
+        dropped = torch.ones(batch, g.grid_h * g.grid_w, dtype=torch.bool, device=device)
+        return dropped.scatter(1, kept.to(device), False).view(batch, g.grid_h, g.grid_w)
 
 
 def read_by(region: torch.Tensor, grid_size: tuple[int, int], stages: int) -> torch.Tensor:
