@@ -99,11 +99,12 @@ def test_the_command_line_scores_the_maps(tmp_path, classifier):
     assert (tmp_path / "out" / "cat" / "faithfulness.png").is_file()
 
 
-# A narrow tower at 3,026 tokens (a 55 × 55 grid): a batch of perturbed sequences (BATCH_TOKENS in all) through
-# eager attention would hold heads × N² probabilities per sequence, 5 · 4 · 3026² · 4 bytes = 699 MB for one layer.
-LAYERS, WIDTH, HEADS, GRID = 4, 64, 4, 55
+# A narrow tower at 6,401 tokens (an 80 × 80 grid): a batch of perturbed sequences (BATCH_TOKENS in all, at least
+# one sequence) through eager attention would hold heads × N² probabilities per sequence, 4 · 6401² · 4 bytes =
+# 625 MB for one layer.
+LAYERS, WIDTH, HEADS, GRID = 4, 64, 4, 80
 TOKENS = 1 + GRID * GRID
-DENSE_MB = BATCH_TOKENS // TOKENS * HEADS * TOKENS ** 2 * 4 / 2**20
+DENSE_MB = max(1, BATCH_TOKENS // TOKENS) * HEADS * TOKENS ** 2 * 4 / 2**20
 CHILD = f"""
 import json, sys
 from pathlib import Path
