@@ -32,7 +32,7 @@ from explorer.drawing import Style
 from explorer.inputs import (ORDERS, UserError, check_resolution, choice, head_choice, model_name, server_folder,
                              uploaded_file, whole)
 
-from .handlers import STAT_COLUMNS, guarded, shown_number, user_message, warn
+from .handlers import STAT_COLUMNS, guarded, paced, shown_number, user_message, warn
 from .workspace import Workspace
 
 DATASET_OUTPUTS = ("dataset", "dataset_status", "dataset_layer", "dataset_head", "dataset_figure", "dataset_chart",
@@ -270,7 +270,7 @@ class DatasetEvents:
         if value is None:
             return as_outputs({}, DATASET_OUTPUTS)
         return self._opened(lambda: open_zip(self.workspace, value, model, resolution,
-                                             lambda f, desc: progress(f, desc=desc)), statistic, order)
+                                             paced(progress)), statistic, order)
 
     def _opened(self, open_view: Callable[[], DatasetView], statistic: Any, order: Any) -> tuple:
         """The view just opened, at its last layer's first head; a failure is a message, the controls stay usable."""

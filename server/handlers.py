@@ -7,6 +7,8 @@ import dataclasses
 import functools
 import html
 import logging
+import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -38,6 +40,10 @@ METHOD_LABELS = {"relevance": "relevance (Chefer et al. 2021b)", "grad_rollout":
                  "rollout": "attention rollout", "attention": "last layer's attention"}
 FLOW_SECONDS_AT_LIMIT = 81.0  # bench_analysis.py --flow 336: 12 layers, 577 tokens, 2-core CPU; ∝ layers × N³
 Progress = Callable[[float], None]
+# A page event's progress bar is sent at most this often: each message costs the visitor's page 10–50 ms of its main
+# thread (Gradio updates the loading state of every output of the event, 38 for an analysis), which on a machine
+# shared with the server is taken from the model (a 518 px analysis sent 14, one a layer).
+PROGRESS_EVERY_S = 0.5
 
 
 def user_message(err: Exception) -> str:
@@ -63,6 +69,21 @@ def guarded(fn: Callable) -> Callable:
         except Exception as err:
             raise gr.Error(html.escape(user_message(err), quote=False), print_exception=False) from None
     return wrapper
+
+
+def paced(progress: Callable[..., Any], desc: str | None = None, every: float = PROGRESS_EVERY_S,
+          clock: Callable[[], float] = time.monotonic) -> Callable[..., None]:
+    """`progress` (a gr.Progress) called as report(fraction[, desc]), passed on at most once every `every` seconds:
+    the first call at once, the calls in between dropped (the bar shows the latest sent)."""
+    sent = -math.inf
+
+    def report(fraction: float, text: str | None = desc) -> None:
+        nonlocal sent
+        now = clock()
+        if now - sent >= every:
+            sent = now
+            progress(fraction, desc=text)
+    return report
 
 
 def warn(message: str) -> None:

@@ -18,7 +18,7 @@ from explorer.inputs import (ANIMATIONS, FIELDS, Controls, choice, click_positio
                              head_choice, number, resolution_limits, text)
 
 from . import handlers
-from .handlers import Subject, guarded, open_upload, open_view, user_message, warn
+from .handlers import Subject, guarded, open_upload, open_view, paced, user_message, warn
 from .workspace import View, Workspace
 
 TAB_LABELS = {"cls": "Class token", "explain": "Explain", "rollout": "Rollout", "heads": "Heads",
@@ -105,7 +105,7 @@ class Page:
         if image is None:
             return as_outputs({**cleared, "status": "Upload an image, or pick an example."}, ANALYSIS_OUTPUTS)
         try:
-            s = open_upload(self.workspace, image, res, model, dtype, lambda f, desc: progress(f, desc=desc))
+            s = open_upload(self.workspace, image, res, model, dtype, paced(progress))
             reset = {"layer": -1, "head": "mean", "target": "top"}  # what belonged to the last image or model
             first = Controls.parse(s.analysis, {**dict(zip(FIELDS, values)), **reset})
             predicted = handlers.prediction(self.workspace, s, saliency=False)
@@ -242,7 +242,7 @@ class Page:
             raise gr.Error("Analyse an image first.", print_exception=False)
         s = open_view(self.workspace, view)
         shown = self._faithfulness_view(s, controls(s, values, view),
-                                        lambda f: progress(f, desc="maps, then perturbed passes"))
+                                        paced(progress, "maps, then perturbed passes"))
         return shown["faithfulness_plot"], shown["faithfulness_caption"]
 
     @staticmethod
@@ -297,13 +297,13 @@ class Page:
         s = open_view(self.workspace, view)
         c = controls(s, values, view)
         if tab == "rollout":
-            s.analysis.rollout_map(c.fusion, c.discard, progress=lambda f: progress(f, desc="rollout"))
+            s.analysis.rollout_map(c.fusion, c.discard, progress=paced(progress, "rollout"))
         elif tab == "heads":
-            handlers.statistics(s, c.stat_mode, lambda f: progress(f, desc="head statistics"))
+            handlers.statistics(s, c.stat_mode, paced(progress, "head statistics"))
         else:
-            handlers.explanation_strip(self.workspace, s, c, lambda f: progress(f, desc="backward, layer by layer"))
+            handlers.explanation_strip(self.workspace, s, c, paced(progress, "backward, layer by layer"))
             if c.prompts and self._has_text(s):
-                handlers.prompt_strip(self.workspace, s, c, lambda f: progress(f, desc="one backward per prompt"))
+                handlers.prompt_strip(self.workspace, s, c, paced(progress, "one backward per prompt"))
 
     @guarded
     def flow(self, view: View | None, *values: Any, progress: gr.Progress = gr.Progress()) -> Any:
@@ -311,7 +311,7 @@ class Page:
             return gr.skip()
         s = open_view(self.workspace, view)
         image = handlers.flow(self.workspace, s, controls(s, values, view), True,
-                              lambda f: progress(f, desc="max-flow per token"))
+                              paced(progress, "max-flow per token"))
         return gr.update(visible=True, value=image)
 
     @guarded
@@ -320,7 +320,7 @@ class Page:
             raise gr.Error("Analyse an image first.", print_exception=False)
         s = open_view(self.workspace, view)
         gif = handlers.animation(self.workspace, s, controls(s, values, view), choice(mode, "animation", ANIMATIONS),
-                                 lambda f: progress(f, desc="frames")).path
+                                 paced(progress, "frames")).path
         return gif, gif
 
     @guarded

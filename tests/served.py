@@ -48,6 +48,7 @@ class Result:
     data: list | None = None
     error: str | None = None
     warnings: list[str] = field(default_factory=list)
+    progress: list[dict] = field(default_factory=list)  # the progress messages, as sent
 
 
 class RawClient:
@@ -88,6 +89,8 @@ class RawClient:
                 if not line.startswith("data:"):
                     continue
                 message = json.loads(line[5:])
+                if message.get("msg") == "progress":
+                    result.progress.append(message)
                 if message.get("msg") == "log" and message.get("level") == "warning":
                     result.warnings.append(message.get("log", ""))
                 if message.get("msg") == "process_completed":

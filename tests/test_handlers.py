@@ -16,7 +16,7 @@ from explorer.cache import ByteCache
 from explorer.inputs import DEFAULTS, FIELDS, UserError, head_choice, layer_index, number, uploaded_file
 from server.api import Api
 from server.model_store import PUBLIC_REFUSAL, ModelStore
-from server.handlers import open_upload
+from server.handlers import open_upload, paced
 from server.page import ANALYSIS_OUTPUTS, VIEW_OUTPUTS, Page
 from server.settings import Settings
 from server.workspace import View
@@ -166,6 +166,19 @@ def test_inputs_refuse_hostile_values():
         with pytest.raises(UserError, match="image: send an image file as an upload"):
             uploaded_file({"path": path, "meta": {"_type": "gradio.FileData"}}, "image", roots)
         assert time.perf_counter() - start < 0.1  # refused before realpath, which took ~8 s for the first one
+
+
+def test_paced_progress_passes_the_first_call_then_one_an_interval():
+    sent, now = [], [0.0]
+    report = paced(lambda fraction, desc=None: sent.append((fraction, desc)), "rollout", every=0.5,
+                   clock=lambda: now[0])
+    for step in range(10):  # a burst within the interval: only its first call goes through
+        now[0] = step * 0.04
+        report(step / 10)
+    for when, fraction, desc in ((0.5, 0.95, None), (0.7, 0.97, "other"), (1.0, 1.0, "other")):
+        now[0] = when
+        report(fraction) if desc is None else report(fraction, desc)
+    assert sent == [(0.0, "rollout"), (0.95, "rollout"), (1.0, "other")]
 
 
 class Item:

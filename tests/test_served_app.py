@@ -1,5 +1,6 @@
 """The served app through gradio_client: every named endpoint, and clear errors for bad input."""
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -7,7 +8,9 @@ import pytest
 from gradio_client import Client, handle_file
 from PIL import Image
 
-from tests.served import served_app
+from explorer.inputs import DEFAULTS, FIELDS
+from server.handlers import PROGRESS_EVERY_S
+from tests.served import RawClient, served_app
 
 pytestmark = pytest.mark.slow  # starts the app, a browser or a fresh process, or runs the default model
 
@@ -117,10 +120,22 @@ def test_attention_flow_small_and_too_large(client):
         client.predict(handle_file(CAT), "mean", RES + 200, api_name="/attention_flow")
 
 
+def test_the_page_sends_an_analysis_progress_paced(client):
+    """Each progress message costs the visitor's page 10–50 ms (Gradio updates every output's loading state): the
+    analysis reports each layer (14 calls), and the page's event sends at most one a PROGRESS_EVERY_S."""
+    raw = RawClient(client.src)
+    page_event = [raw.upload(CAT), 350, "default", "float32", *(DEFAULTS[name] for name in FIELDS)]  # 350: not cached
+    started = time.perf_counter()
+    result = raw.call("analyze", page_event)
+    seconds = time.perf_counter() - started
+    assert result.success and "analysed in" in result.data[1]
+    sent = len(result.progress)
+    assert 1 <= sent <= 1 + seconds / PROGRESS_EVERY_S and sent < 14, (sent, seconds)  # 14: unpaced
+
+
 def test_an_idle_server_leaves_the_cpu_alone(client):
     """Gradio's queue looks for work every 1 ms by default, which fails this bound; the app's QUEUE_POLL_S makes it
     10 ms: the whole process idles under 4 % of a core."""
-    import time
     time.sleep(1)  # the client's own start-up requests are answered
     cpu, wall = time.process_time(), time.perf_counter()
     time.sleep(3)
