@@ -70,6 +70,7 @@ def upload_times(page, photo: Path) -> tuple[float, str]:
     """Seconds from choosing `photo` in the image input to its first map shown, and the status line."""
     time.sleep(4)  # the previous photo's other views are drawn after its first map: let them finish
     remove_image(page)
+    time.sleep(1)  # and the removal's own redraw, which follows its analysis: the upload starts on an idle page
     old = page.evaluate("document.querySelector('#cls-view img')?.getAttribute('src') ?? null")
     page.evaluate(FIRST_MAP, [old])
     page.locator("#image-input input[type=file]").set_input_files(str(photo))
