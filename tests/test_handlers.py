@@ -175,9 +175,11 @@ def test_paced_progress_passes_the_first_call_then_one_an_interval():
     for step in range(10):  # a burst within the interval: only its first call goes through
         now[0] = step * 0.04
         report(step / 10)
-    for when, fraction, desc in ((0.5, 0.95, None), (0.7, 0.97, "other"), (1.0, 1.0, "other")):
+    now[0] = 0.5
+    report(0.95)
+    for when, fraction in ((0.7, 0.97), (1.0, 1.0)):
         now[0] = when
-        report(fraction) if desc is None else report(fraction, desc)
+        report(fraction, "other")
     assert sent == [(0.0, "rollout"), (0.95, "rollout"), (1.0, "other")]
 
 
