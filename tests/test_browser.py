@@ -186,8 +186,9 @@ def test_an_example_click_analyses_and_clears_what_belonged_to_the_last_image(pa
     page.get_by_role("tab", name="Class token").click()
     page.locator("#examples .gallery-item").nth(1).click()  # astronaut.png, 512 × 512
     wait_for_status(page, "grid 37×37")
-    assert page.locator("#gif img").count() == 0 and page.locator("#rollout-view img").count() == 0
     page.wait_for_selector("#cls-view img")
+    page.wait_for_selector("#gif img", state="detached", timeout=10_000)  # cleared once the analysis has answered
+    assert page.locator("#rollout-view img").count() == 0
 
 
 def test_the_last_of_two_quick_example_clicks_wins(page):

@@ -17,7 +17,7 @@ from explorer.inputs import DEFAULTS, FIELDS, UserError, head_choice, layer_inde
 from server.api import Api
 from server.model_store import PUBLIC_REFUSAL, ModelStore
 from server.handlers import open_upload, paced
-from server.page import ANALYSIS_OUTPUTS, VIEW_OUTPUTS, Page
+from server.page import ANALYSIS_OUTPUTS, STALE_OUTPUTS, VIEW_OUTPUTS, Page
 from server.settings import Settings
 from server.workspace import View
 from tests.helpers import random_image, tiny_loaded
@@ -58,9 +58,12 @@ def test_analyze_then_render_each_tab(workspace, upload):
     view = out["view"]
     assert isinstance(view, View) and "grid 18×28" in out["status"] and "analysed in" in out["status"]
     assert out["main"].width <= 640  # the class-token map comes with the analysis, at page size
-    cleared = [out[name] is None or out[name] == gr.update(value=None, visible=False)
-               for name in VIEW_OUTPUTS if name != "main"]
-    assert all(cleared)  # everything else drawn from a previous image is cleared
+    stale = dict(zip(STALE_OUTPUTS, page.clear_stale()))  # what follows every analysis
+    after = {**stale, **out}
+    cleared = [after[name] is None or after[name] == gr.update(value=None, visible=False)
+               for name in (*VIEW_OUTPUTS, "flow", "gif", "gif_file", "export_files") if name != "main"]
+    assert all(cleared)  # everything else drawn from a previous image is cleared, by one or the other
+    assert not set(stale) & set(out)  # and what the analysis sends is not cleared after it
     drawn = {"cls": {"main", "patch", "grid", "patch_caption"}, "rollout": {"rollout", "rollout_caption"},
              "heads": {"atlas", "chart", "scatter", "table"},
              "hidden": {"norms", "pca", "similarity", "hidden_caption"}}
