@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +28,7 @@ from server.gpu import on_zero_gpu
 from server.guard import EventShape, RequestGuard
 from server.handlers import METHOD_LABELS, STAT_COLUMNS, faithfulness_definition, stat_definitions
 from server.model_store import DEFAULT, WELL_KNOWN
-from server.page import ANALYSIS_OUTPUTS, CLEAR_STALE_JS, STALE_OUTPUTS, TAB_LABELS, VIEW_OUTPUTS, Page
+from server.page import ANALYSIS_OUTPUTS, STALE_OUTPUTS, TAB_LABELS, VIEW_OUTPUTS, Page
 from server.settings import MB, Settings
 from server.workspace import Workspace
 
@@ -327,20 +326,18 @@ def _wire(demo: gr.Blocks, c: Components, page: Page, dataset: DatasetEvents) ->
     prepare = dict(fn=page.prepare_tab, inputs=[view, tab, *controls], outputs=None, **model)
     analyze = dict(fn=page.analyze, inputs=[c["image_in"], c["resolution"], c["model_key"], c["dtype"], *controls],
                    outputs=[c[n] for n in ANALYSIS_OUTPUTS], show_progress_on=[c["status"]], **model)
-    clear = dict(fn=None, inputs=None, outputs=[c[n] for n in STALE_OUTPUTS], js=CLEAR_STALE_JS, queue=False,
-                 show_progress="hidden")  # in the browser, as the analysis starts: the last image's views go
+    stale = dict(fn=page.clear_stale, inputs=None, outputs=[c[n] for n in STALE_OUTPUTS], queue=False,
+                 show_progress="hidden", **private)
 
-    def analyse_on(on: Callable[..., Any]) -> None:
-        """On the trigger that `on` registers events for: what belonged to the last image cleared, the image
-        analysed, then the visible tab prepared and drawn."""
-        on(**clear)
-        on(**analyze).then(**prepare).then(**render)
+    def analysed(event: Any) -> None:
+        """After an analysis: what belonged to the last image cleared, then the visible tab prepared and drawn."""
+        event.then(**stale).then(**prepare).then(**render)
 
-    analyse_on(partial(gr.on, [demo.load, c["image_in"].change, c["resolution"].release, c["apply_resolution"].click],
-                       trigger_mode="always_last"))  # a new image while one runs is not lost
+    analysed(gr.on([demo.load, c["image_in"].change, c["resolution"].release, c["apply_resolution"].click],
+                   **analyze, trigger_mode="always_last"))  # a new image while one runs is not lost
     loaded = c["load_button"].click(page.switch_model, [c["model_choice"], c["model_custom"]],
                                     [c["model_key"], c["model_status"]], **model)
-    analyse_on(loaded.success)
+    analysed(loaded.success(**analyze))
     c["tab_bar"].select(page.select_tab, None, tab, queue=False, **private).then(**prepare).then(**render)
     redraws = ("layer", "head", "direction", "cmap", "smooth", "normalize", "mass_on", "statistic", "atlas_shared",
                "opacity", "mass", "removal")
@@ -359,10 +356,10 @@ def _wire(demo: gr.Blocks, c: Components, page: Page, dataset: DatasetEvents) ->
                             **model)
     c["anim_button"].click(page.animate, [view, c["anim_mode"], *controls], [c["gif"], c["gif_file"]], **model)
     c["export_button"].click(page.download, [view, tab, *controls], c["export_files"], **model)
-    _wire_dataset(c, dataset, analyse_on)
+    _wire_dataset(c, dataset, analyze, analysed)
 
 
-def _wire_dataset(c: Components, dataset: DatasetEvents, analyse_on: Callable[[Callable[..., Any]], None]) -> None:
+def _wire_dataset(c: Components, dataset: DatasetEvents, analyze: dict, analysed: Callable[[Any], None]) -> None:
     """The Dataset view's events: opening in the "model" group (a zip is analysed there), redraws in "render"; a
     clicked image goes to the single-image input and through the analysis as an upload would."""
     private = {"api_visibility": "private", "preprocess": False}
@@ -383,8 +380,8 @@ def _wire_dataset(c: Components, dataset: DatasetEvents, analyse_on: Callable[[C
     c["dataset_table"].select(dataset.select_row, state, [c["dataset_layer"], c["dataset_head"]],
                               concurrency_id="render", **private)
     for end, handler in (("dataset_lowest", dataset.open_lowest), ("dataset_highest", dataset.open_highest)):
-        analyse_on(c[end].select(handler, state, [c["image_in"], c["page_tabs"]], concurrency_id="render",
-                                 **private).success)
+        analysed(c[end].select(handler, state, [c["image_in"], c["page_tabs"]], concurrency_id="render",
+                               **private).success(**analyze))
 
 
 def _view(label: str, elem_id: str, min_width: int = 240, visible: bool = True) -> gr.Image:

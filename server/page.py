@@ -2,11 +2,11 @@
 handlers (`server.handlers`), and their results into the page's components.
 
 Events return {output name: value}; `as_outputs` orders them as the page's components (`VIEW_OUTPUTS`,
-`ANALYSIS_OUTPUTS`) and leaves every other output as it is. Controls arrive in the order of `inputs.FIELDS`."""
+`ANALYSIS_OUTPUTS`, `STALE_OUTPUTS`) and leaves every other output as it is. Controls arrive in the order of
+`inputs.FIELDS`."""
 from __future__ import annotations
 
 import html
-import json
 from dataclasses import replace
 from typing import Any
 
@@ -31,14 +31,11 @@ VIEW_OUTPUTS = ("main", "patch", "grid", "patch_caption", "second", "rollout", "
                 "zero_shot", "prompt_strip")
 ANALYSIS_OUTPUTS = ("view", "status", "summary", "layer", "head", "resolution", "target", "flow_note", "flow_button",
                     "prompts_box", "main", "second")
-# What belonged to the last image or model, cleared in the browser as an analysis starts (`CLEAR_STALE_JS`): each
-# output of a running event, and each output holding a value, costs Gradio's client a copy of its state at every
-# status message, on the same two cores as the model where the browser runs beside the app.
+# What belonged to the last image, cleared by `clear_stale` once the analysis has answered: each output of a running
+# event costs Gradio's client a copy of its state at every status message, and the browser shares the CPU with the
+# model when both run on one machine (a 518 px first map came ~10 % sooner with these outputs moved out).
 STALE_OUTPUTS = ("flow", "gif", "gif_file", "export_files",
                  *(name for name in VIEW_OUTPUTS if name not in ANALYSIS_OUTPUTS))
-_HIDDEN = {"__type__": "update", "value": None, "visible": False}  # gr.update(value=None, visible=False), as sent
-# The browser-side event (no request) that empties STALE_OUTPUTS, hiding the flow map and the downloads.
-CLEAR_STALE_JS = f"() => {json.dumps([_HIDDEN if n in ('flow', 'export_files') else None for n in STALE_OUTPUTS])}"
 CLICKED = "patch"  # the target choice that stands for the clicked patch's feature
 FAITHFULNESS_FORWARDS = "40 to 85"  # the curves' cost in plain forwards (benchmarks/faithfulness.py, README)
 
@@ -105,8 +102,7 @@ class Page:
     def analyze(self, image: Any, res: Any, model: Any, dtype: Any, *values: Any,
                 progress: gr.Progress = gr.Progress()) -> tuple:
         """A new image, resolution or model: analyse it and show its class-token map at once (last layer, heads fused
-        by mean, in the visitor's style); the rest of the visible tab follows in `render` (the other views were
-        emptied as the analysis started, `CLEAR_STALE_JS`)."""
+        by mean, in the visitor's style); `clear_stale` follows, then the rest of the visible tab in `render`."""
         cleared = {name: None for name in ANALYSIS_OUTPUTS if name not in ("layer", "head", "resolution")}
         cleared |= {name: gr.update(value=None, visible=False) for name in ("flow_button", "second")}
         cleared["prompts_box"] = gr.update(visible=False)  # a layout block: shown again for an image-text model
@@ -139,6 +135,14 @@ class Page:
                                     value=s.key.resolution),
             "flow_note": note, "flow_button": gr.update(visible=offered),
         }, ANALYSIS_OUTPUTS)
+
+    @staticmethod
+    def clear_stale() -> tuple:
+        """Clears what an analysis leaves from the last image or model (`STALE_OUTPUTS`); it follows every analysis,
+        and the tab's `render` then draws the visible views anew."""
+        hidden = gr.update(value=None, visible=False)
+        return as_outputs({name: hidden if name in ("flow", "export_files") else None for name in STALE_OUTPUTS},
+                          STALE_OUTPUTS)
 
     def _has_text(self, s: Subject) -> bool:
         return self.workspace.models.get(s.key.model, s.key.dtype).text is not None

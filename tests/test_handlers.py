@@ -1,6 +1,5 @@
 """The page's and the API's handlers called directly, and what they stand on: the workspace, the cache, the model
 store (public mode, a copy per precision) and the checks on every field."""
-import json
 import math
 import threading
 import time
@@ -18,7 +17,7 @@ from explorer.inputs import DEFAULTS, FIELDS, UserError, head_choice, layer_inde
 from server.api import Api
 from server.model_store import PUBLIC_REFUSAL, ModelStore
 from server.handlers import open_upload, paced
-from server.page import ANALYSIS_OUTPUTS, CLEAR_STALE_JS, STALE_OUTPUTS, VIEW_OUTPUTS, Page
+from server.page import ANALYSIS_OUTPUTS, STALE_OUTPUTS, VIEW_OUTPUTS, Page
 from server.settings import Settings
 from server.workspace import View
 from tests.helpers import random_image, tiny_loaded
@@ -59,12 +58,12 @@ def test_analyze_then_render_each_tab(workspace, upload):
     view = out["view"]
     assert isinstance(view, View) and "grid 18×28" in out["status"] and "analysed in" in out["status"]
     assert out["main"].width <= 640  # the class-token map comes with the analysis, at page size
-    cleared = [out[name] is None or out[name] == gr.update(value=None, visible=False)
-               for name in ANALYSIS_OUTPUTS if name in VIEW_OUTPUTS and name != "main"]
-    assert all(cleared)  # the views it sends besides the map are cleared, the others as it starts:
-    stale = dict(zip(STALE_OUTPUTS, json.loads(CLEAR_STALE_JS.removeprefix("() => "))))
-    assert set(VIEW_OUTPUTS) <= set(ANALYSIS_OUTPUTS) | set(stale) and not set(stale) & set(ANALYSIS_OUTPUTS)
-    assert all(value is None or value == gr.update(value=None, visible=False) for value in stale.values())
+    stale = dict(zip(STALE_OUTPUTS, page.clear_stale()))  # what follows every analysis
+    after = {**stale, **out}
+    cleared = [after[name] is None or after[name] == gr.update(value=None, visible=False)
+               for name in (*VIEW_OUTPUTS, "flow", "gif", "gif_file", "export_files") if name != "main"]
+    assert all(cleared)  # everything else drawn from a previous image is cleared, by one or the other
+    assert not set(stale) & set(out)  # and what the analysis sends is not cleared after it
     drawn = {"cls": {"main", "patch", "grid", "patch_caption"}, "rollout": {"rollout", "rollout_caption"},
              "heads": {"atlas", "chart", "scatter", "table"},
              "hidden": {"norms", "pca", "similarity", "hidden_caption"}}

@@ -17,7 +17,7 @@ from server.api import Api
 from server.files import FileStore
 from server.guard import BAD_PATH, BUSY, NOT_A_FILE, REMOTE, TOO_DEEP
 from server.guard import FOREIGN as FOREIGN_FILE
-from server.page import ANALYSIS_OUTPUTS
+from server.page import ANALYSIS_OUTPUTS, STALE_OUTPUTS, VIEW_OUTPUTS
 from tests.helpers import tiny_loaded
 from tests.served import RawClient, served_app
 
@@ -97,9 +97,11 @@ def test_the_page_answers_a_bad_upload_with_a_message_and_clears_its_views(clien
     result = client.call("analyze", page_analyze(client, client.upload(fake)))
     assert result.success and "Could not analyse this image" in result.data[1]
     assert result.warnings == ["The file is not a readable image (it may be corrupt or of an unsupported format)."]
-    views = dict(zip(ANALYSIS_OUTPUTS, result.data))  # the other views were emptied in the browser as it started
-    assert views["main"] is None and views["second"]["value"] is None and views["view"] is None  # nothing from
-    # this file, nor from the last image
+    cleared = client.call("clear_stale", [])  # what the page runs after every analysis
+    assert cleared.success
+    views = {**dict(zip(STALE_OUTPUTS, cleared.data)), **dict(zip(ANALYSIS_OUTPUTS, result.data))}
+    drawn = [name for name in VIEW_OUTPUTS if name != "table" and (views[name] or {}).get("value", views[name])]
+    assert drawn == [] and views["view"] is None  # nothing from this file, nor from the last image
 
 
 def test_remote_urls_are_never_fetched(client):
