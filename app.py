@@ -10,9 +10,9 @@ import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import gradio as gr
+from gradio.events import Dependency
 from starlette.middleware import Middleware
 
 import visualizer
@@ -329,7 +329,7 @@ def _wire(demo: gr.Blocks, c: Components, page: Page, dataset: DatasetEvents) ->
     stale = dict(fn=page.clear_stale, inputs=None, outputs=[c[n] for n in STALE_OUTPUTS], queue=False,
                  show_progress="hidden", **private)
 
-    def analysed(event: Any) -> None:
+    def analysed(event: Dependency) -> None:
         """After an analysis: what belonged to the last image cleared, then the visible tab prepared and drawn."""
         event.then(**stale).then(**prepare).then(**render)
 
@@ -359,7 +359,8 @@ def _wire(demo: gr.Blocks, c: Components, page: Page, dataset: DatasetEvents) ->
     _wire_dataset(c, dataset, analyze, analysed)
 
 
-def _wire_dataset(c: Components, dataset: DatasetEvents, analyze: dict, analysed: Callable[[Any], None]) -> None:
+def _wire_dataset(c: Components, dataset: DatasetEvents, analyze: dict,
+                  analysed: Callable[[Dependency], None]) -> None:
     """The Dataset view's events: opening in the "model" group (a zip is analysed there), redraws in "render"; a
     clicked image goes to the single-image input and through the analysis as an upload would."""
     private = {"api_visibility": "private", "preprocess": False}
