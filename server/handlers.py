@@ -41,8 +41,8 @@ METHOD_LABELS = {"relevance": "relevance (Chefer et al. 2021b)", "grad_rollout":
 FLOW_SECONDS_AT_LIMIT = 81.0  # bench_analysis.py --flow 336: 12 layers, 577 tokens, 2-core CPU; ∝ layers × N³
 Progress = Callable[[float], None]
 # A page event's progress bar is sent at most this often: each message costs the visitor's page 10–50 ms of its main
-# thread (Gradio updates the loading state of every output of the event, 38 for an analysis), which on a machine
-# shared with the server is taken from the model (a 518 px analysis sent 14, one a layer).
+# thread (Gradio's client updates the loading state of every component that has ever been an event's output), which
+# on a machine shared with the server is taken from the model (a 518 px analysis sent 14, one a layer).
 PROGRESS_EVERY_S = 0.5
 
 
