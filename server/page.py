@@ -37,7 +37,8 @@ ANALYSIS_OUTPUTS = ("view", "status", "summary", "layer", "head", "resolution", 
 STALE_OUTPUTS = ("flow", "gif", "gif_file", "export_files",
                  *(name for name in VIEW_OUTPUTS if name not in ANALYSIS_OUTPUTS))
 CLICKED = "patch"  # the target choice that stands for the clicked patch's feature
-FAITHFULNESS_FORWARDS = "40 to 85"  # the curves' cost in plain forwards (benchmarks/faithfulness.py, README)
+# The curves' cost in plain forwards, per removal, at 518 px on a 2-core CPU (benchmarks/faithfulness.py, README)
+FAITHFULNESS_FORWARDS = {"drop": "40 to 70", "pixels": "110 to 130"}
 
 
 def as_outputs(values: dict[str, Any], names: tuple[str, ...]) -> tuple:
@@ -240,7 +241,7 @@ class Page:
             return {"faithfulness_plot": gr.update(value=None, visible=False),
                     "faithfulness_caption": f"Score every map for target `{html.escape(str(result.target))}` by "
                                             "perturbation: about "
-                                            f"{FAITHFULNESS_FORWARDS} forward passes of the model."}
+                                            f"{FAITHFULNESS_FORWARDS[c.removal]} forward passes of the model."}
         selected = c.layer != s.analysis.num_layers - 1 and f"attention_layer_{c.layer}" not in result.curves
         missing = f" Press the button again to add layer {c.layer}'s attention." if selected else ""
         return {"faithfulness_plot": gr.update(value=plot, visible=True),

@@ -68,6 +68,9 @@ def test_the_explain_tab_scores_on_request_then_redraws_from_the_cache(workspace
     view, chosen = out["view"], controls(target="class:2", removal="pixels")
     before = dict(zip(VIEW_OUTPUTS, page.render(view, "explain", *chosen)))
     assert before["faithfulness_plot"]["visible"] is False and "Score every map" in before["faithfulness_caption"]
+    assert "110 to 130 forward passes" in before["faithfulness_caption"]  # the full sequence every pass
+    dropping = dict(zip(VIEW_OUTPUTS, page.render(view, "explain", *controls(target="class:2", removal="drop"))))
+    assert "40 to 70 forward passes" in dropping["faithfulness_caption"]
     plot, caption = page.score_maps(view, *chosen)
     assert isinstance(plot["value"], Image.Image) and plot["visible"] is True
     assert "Most faithful" in caption and "`class:2`" in caption
