@@ -33,7 +33,7 @@ from server.settings import MB, Settings
 from server.workspace import Workspace
 
 logger = logging.getLogger("vit-inspect")
-Components = dict[str, gr.components.Component | gr.State | gr.Tabs | gr.helpers.Examples]  # the page's parts by name
+Components = dict[str, gr.components.Component | gr.State | gr.Tabs]  # the page's parts by name
 ASSETS = Path(__file__).resolve().parent / "assets"
 EXAMPLES = [str(ASSETS / name) for name in ("chelsea.png", "astronaut.png", "coffee.png", "rocket.jpg")]
 # How often Gradio's queue looks for a free worker while none is free or nothing waits: its default, every 1 ms,
@@ -130,8 +130,8 @@ def build_demo(loaded: LoadedModel | None = None, device: str | None = None, wor
 def _input_column(c: Components) -> None:
     c["image_in"] = gr.Image(EXAMPLES[0], label="Image (upload, paste or webcam)", type="filepath",
                              sources=["upload", "clipboard", "webcam"], height=240, elem_id="image-input")
-    c["examples"] = gr.Examples(EXAMPLES, inputs=[c["image_in"]], elem_id="examples",
-                                label="Examples (public domain / CC0): click to analyse")
+    gr.Examples(EXAMPLES, inputs=[c["image_in"]], label="Examples (public domain / CC0): click to analyse",
+                elem_id="examples")
     c["status"] = gr.Markdown(elem_id="status")
     c["apply_resolution"] = gr.Button("Apply resolution", visible="hidden", elem_id="resolution-apply")
 
@@ -333,12 +333,8 @@ def _wire(demo: gr.Blocks, c: Components, page: Page, dataset: DatasetEvents) ->
         """After an analysis: what belonged to the last image cleared, then the visible tab prepared and drawn."""
         event.then(**stale).then(**prepare).then(**render)
 
-    # The image's `input` (an upload, a paste, the webcam, its clear button), not its `change`: Gradio fires `change`
-    # twice when an upload replaces the image shown, and again when an event sets it (an example's or a dataset's
-    # click, each followed by the analysis itself); every `change` ran the analysis's whole chain.
-    new_image = [demo.load, c["image_in"].input, c["resolution"].release, c["apply_resolution"].click]
-    analysed(gr.on(new_image, **analyze, trigger_mode="always_last"))  # a new image while one runs is not lost
-    analysed(c["examples"].load_input_event.then(**analyze, trigger_mode="always_last"))
+    analysed(gr.on([demo.load, c["image_in"].change, c["resolution"].release, c["apply_resolution"].click],
+                   **analyze, trigger_mode="always_last"))  # a new image while one runs is not lost
     loaded = c["load_button"].click(page.switch_model, [c["model_choice"], c["model_custom"]],
                                     [c["model_key"], c["model_status"]], **model)
     analysed(loaded.success(**analyze))
