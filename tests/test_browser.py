@@ -217,6 +217,7 @@ def test_a_file_that_is_not_an_image_gets_a_plain_message_and_the_page_keeps_wor
     junk.write_bytes(b"this is not an image")
     page.get_by_role("tab", name="Class token").click()
     page.locator("#image-input button[aria-label='Remove Image']").click()
+    wait_for_status(page, "Upload an image")  # the clear button empties the page
     page.locator("#image-input input[type=file]").set_input_files(str(junk))
     wait_for_status(page, "Could not analyse this image")
     text = page.locator("body").inner_text()
@@ -236,7 +237,8 @@ def test_every_tab_opens_on_a_phone(site):
     phone.wait_for_selector("#cls-view img", timeout=60_000)
     assert not any(more.is_visible() for more in phone.locator("[aria-label='More tabs']").all())  # both tab bars
     for name, shown in (("Explain", "#explain-view img"), ("Rollout", "#rollout-view img"), ("Heads", "#atlas img"),
-                        ("Hidden states", "#norm-view img"), ("GIF", "text=Make GIF"), ("Class token", "#cls-view img")):
+                        ("Hidden states", "#norm-view img"), ("GIF", "text=Make GIF"),
+                        ("Class token", "#cls-view img")):
         phone.get_by_role("tab", name=name).click()
         phone.wait_for_selector(shown, timeout=60_000)
     slider = phone.locator("#layer input[type=range]")
