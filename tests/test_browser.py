@@ -242,9 +242,11 @@ def test_every_tab_opens_on_a_phone(site):
         phone.get_by_role("tab", name=name).click()
         phone.wait_for_selector(shown, timeout=60_000)
     slider = phone.locator("#layer input[type=range]")
+    before = src(phone, "#cls-view")
     slider.focus()
     phone.keyboard.press("ArrowLeft")
     phone.wait_for_function("document.querySelector('#layer input[type=number]').value === '10'")
+    wait_for_change(phone, "#cls-view", before)  # the map redrawn for layer 10
     phone.screenshot(path=str(SCREENSHOTS / "phone.png"), full_page=True)
     phone.close()
 
