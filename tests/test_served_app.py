@@ -137,6 +137,10 @@ def test_an_idle_server_leaves_the_cpu_alone(client):
     """Gradio's queue looks for work every 1 ms by default, which fails this bound; the app's QUEUE_POLL_S makes it
     10 ms: the whole process idles under 4 % of a core."""
     time.sleep(1)  # the client's own start-up requests are answered
-    cpu, wall = time.process_time(), time.perf_counter()
-    time.sleep(3)
-    assert (time.process_time() - cpu) / (time.perf_counter() - wall) < 0.04
+    shares = []
+    for _ in range(3):
+        cpu, wall = time.process_time(), time.perf_counter()
+        time.sleep(2)
+        shares.append((time.process_time() - cpu) / (time.perf_counter() - wall))
+    assert sorted(shares)[1] < 0.04, shares  # the median window: one burst of the process's other threads (a CI run
+    # once measured 4.3 % over a single 3 s window) does not decide; a 1 ms poll exceeds the bound in every window
