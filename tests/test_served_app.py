@@ -1,5 +1,6 @@
 """The served app through gradio_client: every named endpoint, and clear errors for bad input."""
 import json
+import statistics
 import time
 from pathlib import Path
 
@@ -142,5 +143,6 @@ def test_an_idle_server_leaves_the_cpu_alone(client):
         cpu, wall = time.process_time(), time.perf_counter()
         time.sleep(2)
         shares.append((time.process_time() - cpu) / (time.perf_counter() - wall))
-    assert sorted(shares)[1] < 0.04, shares  # the median window: one burst of the process's other threads (a CI run
-    # once measured 4.3 % over a single 3 s window) does not decide; a 1 ms poll exceeds the bound in every window
+    # The median window: one burst of the process's other threads (a CI run once measured 4.3 % in a single 3 s
+    # window) does not decide; with Gradio's 1 ms poll the median measured 9.1 %.
+    assert statistics.median(shares) < 0.04, shares
