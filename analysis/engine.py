@@ -16,7 +16,7 @@ from model import ImageGeometry, LoadedModel
 from . import hidden
 from .budget import ComputeLimits, Deadline, check_cost
 from .flow import attention_flow
-from .memory import release_free_memory
+from .memory import release_free_memory, trims_between_layers
 from .record import AttentionRecord, LayerAttention, LayerStore, fuse_heads
 from .rollout import rollout
 from .stats import DEFAULT_STAT_QUERIES, HeadStatistics, head_statistics, layer_statistics, stat_query_rows
@@ -217,31 +217,39 @@ def analyze(loaded: LoadedModel, image: Image.Image, long_side: int, dtype: str 
         geometry = dataclasses.replace(geometry, orig_w=original_size[0], orig_h=original_size[1])
     rows = stat_query_rows(num_prefix, geometry.grid_h * geometry.grid_w, max_stat_queries).to(loaded.device)
     distillation = slice(int(config.class_token), int(config.class_token) + 1)  # the token after the class token
-    cls_rows, distillation_rows, per_layer = [], [], []
+    kept: dict[str, torch.Tensor] = {}  # every layer's rows in one buffer, allocated at the first (see record.py)
+    per_layer = []
+    trim = trims_between_layers(num_prefix + geometry.grid_h * geometry.grid_w, config.intermediate_size,
+                                torch_dtype.itemsize)
 
     def on_layer(index: int, attention: LayerAttention) -> None:
-        cls_rows.append(summary_rows(attention, summary))
+        if index == 0:
+            shape = (layers, attention.num_heads, attention.num_tokens)
+            kept["cls"] = attention.key.new_empty(shape)
+            if summary.distillation:
+                kept["distillation"] = attention.key.new_empty(shape)
+        kept["cls"][index].copy_(summary_rows(attention, summary))
         if summary.distillation:
-            distillation_rows.append(attention.probs(distillation)[:, 0])
+            kept["distillation"][index].copy_(attention.probs(distillation)[:, 0])
         if statistics:
             per_layer.append(layer_statistics(attention, rows, num_prefix, geometry.grid_w, geometry.patch_size,
-                                              cls_rows[-1], summary.class_token))
-        release_free_memory()
+                                              kept["cls"][index], summary.class_token))
+        if trim:
+            release_free_memory()
         if deadline is not None:
             deadline.check()
         report((index + 1) / layers, f"layer {index + 1}/{layers}")
 
     record = AttentionRecord(loaded.model.encoder.layers, geometry.patch_size, on_layer, store, keep_outputs)
     report(0.0, f"running the model at {geometry.input_h}×{geometry.input_w}")
-    output = loaded.model(pixels.to(loaded.device, torch_dtype), output_hidden_states=True,
-                          interpolate_pos_encoding=True, observer=record)
-    record.keep([h[0] for h in output.hidden_states])  # the forward's own tensors: no copy
+    output = loaded.model(pixels.to(loaded.device, torch_dtype), interpolate_pos_encoding=True, observer=record)
     record.on_layer = None  # the closure would keep the per-layer tensors alive
     del output
+    release_free_memory()  # the forward's working memory (see analysis.memory)
     report(1.0, "done")
-    analysis = Analysis(loaded.name, geometry, num_prefix, record, torch.stack(cls_rows).cpu().numpy(),
+    analysis = Analysis(loaded.name, geometry, num_prefix, record, kept["cls"].cpu().numpy(),
                         hidden.token_norms(record.hidden_states).cpu().numpy(), summary,
-                        torch.stack(distillation_rows).cpu().numpy() if distillation_rows else None,
+                        kept["distillation"].cpu().numpy() if summary.distillation else None,
                         dtype=str(torch_dtype).removeprefix("torch."), stat_queries=max_stat_queries)
     if statistics:
         analysis._derived[("statistics", len(rows))] = HeadStatistics.stack(per_layer, len(rows))

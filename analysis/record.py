@@ -7,6 +7,12 @@ exp(scale · q_i · Kᵀ − lse_i), O(N·D) once the projections exist.
 Asked to (`keep_outputs`, for an explanation that follows) and where they fit KEEP_OUTPUTS_BYTES, each layer's
 heads' outputs O (the fused kernel's result) are kept as well, so that the relevance sweep backpropagates through the
 attention without recomputing its forward.
+
+What is kept is copied, layer by layer, into buffers of all the layers allocated at the first layer, not held as
+the forward's own tensors: those would lie among each layer's short-lived buffers, and the holes they leave are too
+small for the next layer's, so the heap would grow by about a layer's working memory per layer (460 MB resident at
+1022 px for 105 MB kept). With nothing kept among them, each layer reuses the last one's freed memory, and the
+forward needs no trimming between layers (`analysis.memory`), whose pages would then be faulted in again.
 """
 from __future__ import annotations
 
@@ -132,32 +138,42 @@ class AttentionRecord:
             serial = self.serial
             weakref.finalize(self, store.drop, lambda key: key[:2] == ("layer", serial))
 
+    def observe_hidden(self, index: int, x: torch.Tensor) -> None:
+        """Copies layer `index`'s input x (1, N, D) (index = layers: the last layer's output) into the buffer of them
+        all, allocated at the embeddings (index 0)."""
+        if x.shape[0] != 1:
+            raise ValueError("the analysis records one image at a time")
+        if index == 0:
+            self._hidden = x.new_empty((len(self.layers) + 1, *x.shape[1:]))
+        self._hidden[index].copy_(x[0])
+        if index == len(self.layers):
+            self.hidden_states = tuple(self._hidden.unbind(0))
+
     def observe_layer(self, layer: int, query: torch.Tensor, key: torch.Tensor, lse: torch.Tensor,
                       scale: float) -> None:
         if query.shape[0] != 1:
             raise ValueError("the analysis records one image at a time")
-        self.lse.append(lse[0].float().clone())  # its own storage: a kernel's lse may be a view of a padded one
+        if layer == 0:
+            self._lse = torch.empty((len(self.layers), *lse.shape[1:]), device=lse.device)
+            self._first_queries = torch.empty((len(self.layers), query.shape[1], query.shape[3]), device=query.device)
+        self.lse.append(self._lse[layer].copy_(lse[0]))  # a copy: a kernel's lse may be a view of a padded one
         self.scales.append(scale)
-        self.first_queries.append(query[0, :, 0].float().clone())
+        self.first_queries.append(self._first_queries[layer].copy_(query[0, :, 0]))
         if self.on_layer is not None:
             self.on_layer(layer, LayerAttention(query[0], key[0], lse[0], scale))
 
     def observe_output(self, layer: int, out: torch.Tensor) -> None:
-        """Keeps the kernel's own output (no copy) when asked to and every layer's fit KEEP_OUTPUTS_BYTES."""
+        """Keeps a copy of the kernel's output when asked to and every layer's fit KEEP_OUTPUTS_BYTES."""
         if (self.keep_outputs and self.layers is not None
                 and len(self.layers) * out[0].numel() * out.element_size() <= KEEP_OUTPUTS_BYTES):
-            self.outputs.append(out[0])
+            if layer == 0:
+                self._outputs = out.new_empty((len(self.layers), *out.shape[1:]))
+            self.outputs.append(self._outputs[layer].copy_(out[0]))
 
     def observe_pooling(self, probs: torch.Tensor) -> None:
         if probs.shape[0] != 1:
             raise ValueError("the analysis records one image at a time")
         self.pooling = probs[0].float()
-
-    def keep(self, hidden_states: Sequence[torch.Tensor]) -> None:
-        """Takes the forward's hidden states, (N, D) each: layers + 1 of them."""
-        if len(hidden_states) != len(self.lse) + 1:
-            raise ValueError(f"expected {len(self.lse) + 1} hidden states, got {len(hidden_states)}")
-        self.hidden_states = tuple(hidden_states)
 
     def moved(self, device: "str | torch.device", layers: Sequence[nn.Module] | None,
               store: LayerStore | None = None) -> "AttentionRecord":

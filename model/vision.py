@@ -27,6 +27,10 @@ class AttentionObserver(Protocol):
     def observe_pooling(self, probs: torch.Tensor) -> None:
         """An attention-pooling head's probe attention over every token: (B, heads, N) (SigLIP); optional."""
 
+    def observe_hidden(self, index: int, x: torch.Tensor) -> None:
+        """Layer `index`'s input (B, N, D) (index = layers: the last layer's output) while the forward holds it;
+        optional."""
+
 
 def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                        scale: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -284,12 +288,17 @@ class IdeficsVisionTransformer(nn.Module):
         x = self.pre_layrnorm(self.embeddings(pixel_values, interpolate_pos_encoding))  # (B, N, D)
         hidden_states = [x] if output_hidden_states else None
         attentions = [] if output_attentions else None
-        for layer in self.encoder.layers:
+        observe_hidden = getattr(observer, "observe_hidden", None)
+        for index, layer in enumerate(self.encoder.layers):
+            if observe_hidden is not None:
+                observe_hidden(index, x)
             x, weights = layer(x, output_attentions, observer)
             if hidden_states is not None:
                 hidden_states.append(x)
             if attentions is not None:
                 attentions.append(weights)
+        if observe_hidden is not None:
+            observe_hidden(len(self.encoder.layers), x)
         last_hidden_state, pooled = self.pool(x, observer)
         output = VisionOutput(last_hidden_state, pooled, tuple(hidden_states) if hidden_states is not None else None,
                               tuple(attentions) if attentions is not None else None)
