@@ -16,7 +16,7 @@ from model import ImageGeometry, LoadedModel
 from . import hidden
 from .budget import ComputeLimits, Deadline, check_cost
 from .flow import attention_flow
-from .memory import release_free_memory, trims_between_layers
+from .memory import release_free_memory
 from .record import AttentionRecord, LayerAttention, LayerStore, fuse_heads
 from .rollout import rollout
 from .stats import DEFAULT_STAT_QUERIES, HeadStatistics, head_statistics, layer_statistics, stat_query_rows
@@ -219,8 +219,6 @@ def analyze(loaded: LoadedModel, image: Image.Image, long_side: int, dtype: str 
     distillation = slice(int(config.class_token), int(config.class_token) + 1)  # the token after the class token
     kept: dict[str, torch.Tensor] = {}  # every layer's rows in one buffer, allocated at the first (see record.py)
     per_layer = []
-    trim = trims_between_layers(num_prefix + geometry.grid_h * geometry.grid_w, config.intermediate_size,
-                                torch_dtype.itemsize)
 
     def on_layer(index: int, attention: LayerAttention) -> None:
         if index == 0:
@@ -234,8 +232,7 @@ def analyze(loaded: LoadedModel, image: Image.Image, long_side: int, dtype: str 
         if statistics:
             per_layer.append(layer_statistics(attention, rows, num_prefix, geometry.grid_w, geometry.patch_size,
                                               kept["cls"][index], summary.class_token))
-        if trim:
-            release_free_memory()
+        record.release_between_layers()
         if deadline is not None:
             deadline.check()
         report((index + 1) / layers, f"layer {index + 1}/{layers}")

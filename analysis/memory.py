@@ -1,9 +1,10 @@
 """Freed heap memory handed back to the operating system (glibc's malloc_trim).
 
-A forward's layers free their short-lived buffers as they go. Handed back after every layer, the next layer faults
-the same pages in again; left resident, the next layer reuses them, but the process then holds more at its peak.
-The analysis's forward hands its working memory back after every layer only where a layer's is large
-(`trims_between_layers`), and otherwise once, at the end.
+A forward's layers, and the sweeps over them (statistics, rollout, relevance), free their short-lived buffers as they
+go. Handed back after every layer, the next layer faults the same pages in again (and the trim itself walks the
+heap); left resident, the next layer reuses them, but the process then holds more at its peak. Each hands its
+working memory back after every layer only where a layer's is large (`trims_between_layers`); the analysis's forward
+otherwise once, at the end.
 """
 from __future__ import annotations
 
@@ -20,9 +21,11 @@ def _malloc_trim():
 
 
 _MALLOC_TRIM = _malloc_trim()
-# Above this many bytes of one layer's MLP activations (tokens × MLP width), a forward trims after every layer. The
-# default model at 1022 px (32 MB) trims: 40 MB less at its peak, 5–10 % longer. At 518 px (8 MB) it does not: 11 MB
-# more at its peak, and the analysis about 8 % sooner.
+# Above this many bytes of one layer's MLP activations (tokens × MLP width), a sweep trims after every layer. The
+# default model at 1022 px (32 MB) does: the analysis peaks 40 MB lower and takes 5–10 % longer, the relevance sweep
+# peaks 34 MB lower in the same time. At 518 px (8 MB) it does not: the analysis takes about 10 % less (11–25 MB
+# more at its peak), the relevance sweep 1.8 s instead of 2.5 s (15–20 MB more), the head statistics 0.20 s
+# instead of 0.27 s (one-off measurements on this project's 2-core CPU).
 TRIM_LAYERS_ABOVE_BYTES = 16 << 20
 
 

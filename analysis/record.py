@@ -24,6 +24,8 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from .memory import release_free_memory, trims_between_layers
+
 BLOCK_ELEMENTS = 1 << 21  # one head's attention probabilities held at once when sweeping a layer: 8 MB
 # Every layer's heads' outputs O, layers × N × D elements, are kept, where asked, when they fit this: the relevance
 # sweep then skips its recomputed attention forward (~10 % of a map). Only analyses made for an explanation ask (the
@@ -203,6 +205,17 @@ class AttentionRecord:
     @property
     def num_tokens(self) -> int:
         return self.lse[0].shape[1]
+
+    @property
+    def trims_between_layers(self) -> bool:
+        """Whether a sweep over the layers hands freed memory back after each one (see `analysis.memory`)."""
+        mlp = self.layers[0].mlp.fc1  # its weights are in the forward's dtype: the analysis never casts the model
+        return trims_between_layers(self.num_tokens, mlp.out_features, mlp.weight.element_size())
+
+    def release_between_layers(self) -> None:
+        """After a layer of a sweep: freed memory handed back where the layers' working memory is large."""
+        if self.trims_between_layers:
+            release_free_memory()
 
     @property
     def nbytes(self) -> int:

@@ -33,7 +33,6 @@ from model import LoadedModel
 from model.heads import ClassifierHead, SaliencyDecoder
 
 from .engine import Analysis
-from .memory import release_free_memory
 from .record import AttentionRecord, LayerAttention
 from .rollout import kth_smallest
 from .text import FAMILIES, similarity
@@ -330,13 +329,13 @@ def sweep(record: AttentionRecord, objective: Callable, discard_ratio: float = 0
     with torch.inference_mode(False), torch.enable_grad():
         last = record.hidden_states[-1].unsqueeze(0).clone().requires_grad_()
         grad, relevance, rollout = objective(last)
-        release_free_memory()
+        record.release_between_layers()
         for step, index in enumerate(range(record.num_layers - 1, -1, -1)):
             layer, layer_input = record.layers[index], record.hidden_states[index].unsqueeze(0).clone()
             mid, heads, query, key, value = attention_forward(layer, layer_input.requires_grad_(index > 0),
                                                               kept_output(record, index))
             mlp_gradient(layer, mid[0], record.hidden_states[index + 1], grad[0], index)  # grad: now ∂y/∂mid
-            release_free_memory()  # the MLP's parts leave heap holes that the attention's larger gradients do not fit
+            record.release_between_layers()  # the MLP's parts leave holes the attention's gradients do not fit
             wanted = (heads, layer_input) if index > 0 else (heads,)
             grads = torch.autograd.grad(mid, wanted, grad)
             attention = LayerAttention(query.detach()[0], key.detach()[0], record.lse[index], record.scales[index])
@@ -344,7 +343,7 @@ def sweep(record: AttentionRecord, objective: Callable, discard_ratio: float = 0
                                            rollout, discard_ratio)
             grad = grads[1] if index > 0 else None
             del mid, heads, query, key, value, grads, attention
-            release_free_memory()
+            record.release_between_layers()
             if progress is not None:
                 progress((step + 1) / record.num_layers)
     return relevance, rollout

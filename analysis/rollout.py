@@ -5,7 +5,6 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from .memory import release_free_memory
 from .record import AttentionRecord, LayerAttention
 
 HIGH_BITS = 15  # the k-th smallest value is found from two histograms of the float's bit pattern
@@ -40,7 +39,7 @@ def rollout(record: AttentionRecord, fusion: str = "mean", discard_ratio: float 
         threshold = discard_threshold(attention, fusion, discard_ratio)
         weights = _propagate(attention, fusion, threshold, weights)
         del attention  # freed before the next layer is rebuilt
-        release_free_memory()
+        record.release_between_layers()
         if progress is not None:
             progress((step + 1) / (last + 1))
     return weights

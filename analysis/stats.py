@@ -7,7 +7,6 @@ from dataclasses import dataclass, fields
 import numpy as np
 import torch
 
-from .memory import release_free_memory
 from .record import AttentionRecord, LayerAttention
 
 DEFAULT_STAT_QUERIES = 512  # patch queries averaged per layer (evenly spread); every one when there are fewer
@@ -120,7 +119,7 @@ def head_statistics(record: AttentionRecord, num_prefix: int, grid_w: int,
         summary_row = None if summary_rows is None else summary_rows[layer].to(record.device)
         layers.append(layer_statistics(record.layer(layer), rows, num_prefix, grid_w, record.patch_size, summary_row,
                                        class_token))
-        release_free_memory()
+        record.release_between_layers()
         if progress is not None:
             progress((layer + 1) / record.num_layers)
     return HeadStatistics.stack(layers, len(rows))
