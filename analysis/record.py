@@ -12,7 +12,7 @@ What is kept is copied, layer by layer, into buffers of all the layers allocated
 the forward's own tensors: those would lie among each layer's short-lived buffers, and the holes they leave are too
 small for the next layer's, so the heap would grow by about a layer's working memory per layer (460 MB resident at
 1022 px for 105 MB kept). With nothing kept among them, each layer reuses the last one's freed memory, and the
-forward needs no trimming between layers (`analysis.memory`), whose pages would then be faulted in again.
+forward trims between layers only where a layer's working memory is large (`analysis.memory`).
 """
 from __future__ import annotations
 
@@ -156,8 +156,9 @@ class AttentionRecord:
         if query.shape[0] != 1:
             raise ValueError("the analysis records one image at a time")
         if layer == 0:
-            self._lse = torch.empty((len(self.layers), *lse.shape[1:]), device=lse.device)
-            self._first_queries = torch.empty((len(self.layers), query.shape[1], query.shape[3]), device=query.device)
+            self._lse = torch.empty((len(self.layers), *lse.shape[1:]), dtype=torch.float32, device=lse.device)
+            self._first_queries = torch.empty((len(self.layers), query.shape[1], query.shape[3]), dtype=torch.float32,
+                                              device=query.device)
         self.lse.append(self._lse[layer].copy_(lse[0]))  # a copy: a kernel's lse may be a view of a padded one
         self.scales.append(scale)
         self.first_queries.append(self._first_queries[layer].copy_(query[0, :, 0]))

@@ -222,11 +222,16 @@ def test_rebuilt_layers_give_every_row_and_column_of_the_dense_attention(case):
 
 
 def test_an_analysis_keeps_layer_inputs_and_lse_and_counts_what_it_derives(case):
-    loaded = case[0]
-    analysis = analyze(loaded, random_image(45, 70), long_side=64)
+    loaded, image = case[0], random_image(45, 70)
+    analysis = analyze(loaded, image, long_side=64)
     layers, heads, n, d = 3, 4, 41, 32
     assert analysis.record.layers is loaded.model.encoder.layers  # the module that ran, never a cast copy
     assert len(analysis.hidden_states) == layers + 1 and analysis.hidden_states[0].shape == (n, d)
+    with torch.inference_mode():  # the copies the record keeps are the forward's hidden states, bit for bit
+        forward = loaded.model(loaded.preprocessing(image, 64)[0], output_hidden_states=True,
+                               interpolate_pos_encoding=True)
+    for kept, expected in zip(analysis.hidden_states, forward.hidden_states, strict=True):
+        assert torch.equal(kept, expected[0])
     inputs_and_lse = (layers + 1) * n * d * 4 + layers * heads * n * 4
     small = analysis.cls_attention.nbytes + analysis.token_norms.nbytes + analysis.statistics.nbytes + layers * d * 4
     assert analysis.record.outputs == [] and analysis.nbytes == inputs_and_lse + small  # outputs kept only if asked
