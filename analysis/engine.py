@@ -217,21 +217,19 @@ def analyze(loaded: LoadedModel, image: Image.Image, long_side: int, dtype: str 
         geometry = dataclasses.replace(geometry, orig_w=original_size[0], orig_h=original_size[1])
     rows = stat_query_rows(num_prefix, geometry.grid_h * geometry.grid_w, max_stat_queries).to(loaded.device)
     distillation = slice(int(config.class_token), int(config.class_token) + 1)  # the token after the class token
-    kept: dict[str, torch.Tensor] = {}  # every layer's rows in one buffer, allocated at the first (see record.py)
+    # every layer's rows in one buffer, allocated before the forward (see record.py)
+    shape = (layers, config.num_attention_heads, num_prefix + geometry.grid_h * geometry.grid_w)
+    cls_rows = torch.empty(shape, device=loaded.device)
+    distillation_rows = torch.empty(shape, device=loaded.device) if summary.distillation else None
     per_layer = []
 
     def on_layer(index: int, attention: LayerAttention) -> None:
-        if index == 0:
-            shape = (layers, attention.num_heads, attention.num_tokens)
-            kept["cls"] = attention.key.new_empty(shape)
-            if summary.distillation:
-                kept["distillation"] = attention.key.new_empty(shape)
-        kept["cls"][index].copy_(summary_rows(attention, summary))
-        if summary.distillation:
-            kept["distillation"][index].copy_(attention.probs(distillation)[:, 0])
+        cls_rows[index].copy_(summary_rows(attention, summary))
+        if distillation_rows is not None:
+            distillation_rows[index].copy_(attention.probs(distillation)[:, 0])
         if statistics:
             per_layer.append(layer_statistics(attention, rows, num_prefix, geometry.grid_w, geometry.patch_size,
-                                              kept["cls"][index], summary.class_token))
+                                              cls_rows[index], summary.class_token))
         record.release_between_layers()
         if deadline is not None:
             deadline.check()
@@ -244,9 +242,9 @@ def analyze(loaded: LoadedModel, image: Image.Image, long_side: int, dtype: str 
     del output
     release_free_memory()  # the forward's working memory (see analysis.memory)
     report(1.0, "done")
-    analysis = Analysis(loaded.name, geometry, num_prefix, record, kept["cls"].cpu().numpy(),
+    analysis = Analysis(loaded.name, geometry, num_prefix, record, cls_rows.cpu().numpy(),
                         hidden.token_norms(record.hidden_states).cpu().numpy(), summary,
-                        kept["distillation"].cpu().numpy() if summary.distillation else None,
+                        distillation_rows.cpu().numpy() if distillation_rows is not None else None,
                         dtype=str(torch_dtype).removeprefix("torch."), stat_queries=max_stat_queries)
     if statistics:
         analysis._derived[("statistics", len(rows))] = HeadStatistics.stack(per_layer, len(rows))

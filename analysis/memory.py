@@ -21,11 +21,12 @@ def _malloc_trim():
 
 
 _MALLOC_TRIM = _malloc_trim()
-# Above this many bytes of one layer's MLP activations (tokens × MLP width), a sweep trims after every layer. The
-# default model at 1022 px (32 MB) does: the analysis peaks 40 MB lower and takes 5–10 % longer, the relevance sweep
-# peaks 34 MB lower in the same time. At 518 px (8 MB) it does not: the analysis takes about 10 % less (11–25 MB
-# more at its peak), the relevance sweep 1.8 s instead of 2.5 s (15–20 MB more), the head statistics 0.20 s
-# instead of 0.27 s (one-off measurements on this project's 2-core CPU).
+# Above this many bytes of one layer's MLP activations (tokens × MLP width), a sweep trims after every layer: the
+# default model at 1022 px (32 MB) does, at 518 px (8 MB) it does not. At 518 px that took the analysis with its
+# statistics from 1.21 to 1.12 s and one more relevance sweep from 4.16 to 2.82 s, their peaks from 92 to 89 MB and
+# from 94 to 102 MB (benchmarks/bench_analysis.py and bench_relevance.py, the code before and after, one after the
+# other). At 1022 px a version that never trimmed peaked at 308 MB with rollout (bench_analysis.py's (c)), 28.4×
+# below eager attention, short of the README's 30× target.
 TRIM_LAYERS_ABOVE_BYTES = 16 << 20
 
 

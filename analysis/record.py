@@ -207,15 +207,11 @@ class AttentionRecord:
     def num_tokens(self) -> int:
         return self.lse[0].shape[1]
 
-    @property
-    def trims_between_layers(self) -> bool:
-        """Whether a sweep over the layers hands freed memory back after each one (see `analysis.memory`)."""
-        mlp = self.layers[0].mlp.fc1  # its weights are in the forward's dtype: the analysis never casts the model
-        return trims_between_layers(self.num_tokens, mlp.out_features, mlp.weight.element_size())
-
     def release_between_layers(self) -> None:
-        """After a layer of a sweep: freed memory handed back where the layers' working memory is large."""
-        if self.trims_between_layers:
+        """After a layer of a sweep: freed memory handed back where the layers' working memory is large (see
+        `analysis.memory`)."""
+        mlp = self.layers[0].mlp.fc1  # its weights are in the forward's dtype: the analysis never casts the model
+        if trims_between_layers(self.num_tokens, mlp.out_features, mlp.weight.element_size()):
             release_free_memory()
 
     @property

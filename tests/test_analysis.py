@@ -380,3 +380,20 @@ def test_half_precision_rows_are_rebuilt_with_the_models_own_weights(dtype, devi
         for head in range(4):  # the class token's row, rebuilt, against the one taken during the forward
             np.testing.assert_allclose(analysis.query_map(0, layer, head), analysis.cls_map(layer, head), atol=1e-3)
         np.testing.assert_allclose(analysis.cls_maps(layer), dense[:, 0, 1:].reshape(4, 5, 8).numpy(), atol=0.1)
+
+
+@pytest.mark.parametrize("large", [False, True])
+def test_sweeps_trim_after_every_layer_only_where_a_layers_working_memory_is_large(case, monkeypatch, large):
+    """Above TRIM_LAYERS_ABOVE_BYTES of one layer's MLP activations the forward and the sweeps hand freed memory back
+    after every layer; below it the forward does so once, at its end, and the sweeps not at all."""
+    from analysis import engine, memory, record
+    loaded = case[0]
+    activations = 41 * loaded.model.config.intermediate_size * 4  # 41 tokens at long side 64, fp32
+    monkeypatch.setattr(memory, "TRIM_LAYERS_ABOVE_BYTES", activations - 1 if large else activations)
+    trims = {"record": 0, "engine": 0}
+    for module, name in ((record, "record"), (engine, "engine")):
+        monkeypatch.setattr(module, "release_free_memory", lambda name=name: trims.__setitem__(name, trims[name] + 1))
+    analysis = analyze(loaded, random_image(45, 70), long_side=64, statistics=False)
+    assert trims == {"record": 3 if large else 0, "engine": 1}  # 3 layers, then the forward's end
+    analysis.rollout_map()
+    assert trims["record"] == (6 if large else 0)
