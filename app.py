@@ -29,6 +29,7 @@ from server.guard import EventShape, RequestGuard
 from server.handlers import METHOD_LABELS, STAT_COLUMNS, faithfulness_definition, stat_definitions
 from server.model_store import DEFAULT, WELL_KNOWN
 from server.page import ANALYSIS_OUTPUTS, STALE_OUTPUTS, TAB_LABELS, VIEW_OUTPUTS, Page
+from server.page_script import PageScript
 from server.settings import MB, Settings
 from server.workspace import Workspace
 
@@ -73,14 +74,15 @@ def workspace_for(loaded: LoadedModel | None, device: str | None = None, setting
 
 
 def launch_options(demo: gr.Blocks, workspace: Workspace) -> dict:
-    """What `launch()` needs besides host and port: upload cap, request guard, page script and style."""
+    """What `launch()` needs besides host and port: upload cap, request guard, page scripts and style."""
     file_inputs = {index: [i for i, block in enumerate(fn.inputs) if isinstance(block, (gr.Image, gr.File))]
                    for index, fn in demo.fns.items()}
     shapes = {index: EventShape(len(fn.inputs), _examples(fn.inputs), any(event == "select" for _, event in fn.targets))
               for index, fn in demo.fns.items()}
     guard = Middleware(RequestGuard, roots=[gr.utils.get_upload_folder(), ASSETS], file_inputs=file_inputs,
                        shapes=shapes, files=workspace.files)
-    return dict(max_file_size=workspace.settings.max_file_size, app_kwargs={"middleware": [guard]},
+    middleware = [guard, Middleware(PageScript)]  # PageScript: the status trackers' timers (server.page_script)
+    return dict(max_file_size=workspace.settings.max_file_size, app_kwargs={"middleware": middleware},
                 js=ENTER_APPLIES_RESOLUTION, css=CSS, show_error=False, allowed_paths=[], footer_links=["api"])
 
 

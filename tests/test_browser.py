@@ -230,6 +230,24 @@ def test_a_file_that_is_not_an_image_gets_a_plain_message_and_the_page_keeps_wor
     page.wait_for_selector("#cls-view img")
 
 
+def test_the_idle_page_asks_for_no_animation_frames(site):
+    """Gradio's status trackers left a timer asking for a frame 60 times a second (server.page_script); counted here
+    beneath the page's own script, which runs the trackers' timers on a timer instead. After an event, the spinner
+    that its progress bar replaced finishes its animation for up to ~4 s: the count starts after that."""
+    url, browser = site
+    tab = browser.new_page(viewport={"width": 1400, "height": 1000})
+    tab.add_init_script("""window.__frames = 0; { const request = window.requestAnimationFrame.bind(window);
+        window.requestAnimationFrame = (callback) => { window.__frames++; return request(callback); }; }""")
+    tab.goto(url)
+    tab.wait_for_selector("#head-grid img", timeout=60_000)
+    time.sleep(6)  # the arrival's views drawn, the spinners' last animations over
+    before = tab.evaluate("window.__frames")
+    time.sleep(3)
+    frames_per_second = (tab.evaluate("window.__frames") - before) / 3
+    tab.close()
+    assert frames_per_second < 5, frames_per_second  # 60 without the page's script
+
+
 def test_every_tab_opens_on_a_phone(site):
     url, browser = site
     phone = browser.new_page(viewport={"width": 390, "height": 844})
