@@ -327,7 +327,8 @@ def _wire(demo: gr.Blocks, c: Components, page: Page, dataset: DatasetEvents) ->
                   show_progress="hidden", concurrency_id="render", concurrency_limit=2, **private)
     prepare = dict(fn=page.prepare_tab, inputs=[view, tab, *controls], outputs=None, **model)
     analyze = dict(fn=page.analyze, inputs=[c["image_in"], c["resolution"], c["model_key"], c["dtype"], *controls],
-                   outputs=[c[n] for n in ANALYSIS_OUTPUTS], show_progress_on=[c["status"]], **model)
+                   outputs=[c[n] for n in ANALYSIS_OUTPUTS], show_progress_on=[c["status"]],
+                   show_progress="minimal", **model)  # the status's timer and progress text, without Gradio's spinner
     stale = dict(fn=page.clear_stale, inputs=None, outputs=[c[n] for n in STALE_OUTPUTS], queue=False,
                  show_progress="hidden", **private)
 
