@@ -62,6 +62,18 @@ ENTER_APPLIES_RESOLUTION = """() => {
   });
 }"""
 
+# Run in the browser before the request that follows an analysis: resolves once the first map it sent has loaded (at
+# once if it is in a hidden tab, after 2 s at most), so the browser fetches and shows that map before it handles the
+# rest of the tab's events.
+AFTER_FIRST_MAP = """() => new Promise((resolve) => setTimeout(() => {  // after the outputs' DOM updates
+  const img = document.querySelector('#cls-view img');
+  if (!img || !img.checkVisibility() || (img.complete && img.naturalWidth)) return resolve([]);
+  const done = () => resolve([]);
+  img.addEventListener('load', done, {once: true});
+  img.addEventListener('error', done, {once: true});
+  setTimeout(done, 2000);
+}, 0))"""
+
 
 def workspace_for(loaded: LoadedModel | None, device: str | None = None, settings: Settings | None = None) -> Workspace:
     """The shared workspace; `loaded` replaces the embedded default model (tests pass a tiny one)."""
@@ -329,8 +341,8 @@ def _wire(demo: gr.Blocks, c: Components, page: Page, dataset: DatasetEvents) ->
     analyze = dict(fn=page.analyze, inputs=[c["image_in"], c["resolution"], c["model_key"], c["dtype"], *controls],
                    outputs=[c[n] for n in ANALYSIS_OUTPUTS], show_progress_on=[c["status"]],
                    show_progress="minimal", **model)  # the status's timer and progress text, without Gradio's spinner
-    stale = dict(fn=page.clear_stale, inputs=None, outputs=[c[n] for n in STALE_OUTPUTS], queue=False,
-                 show_progress="hidden", **private)
+    stale = dict(fn=page.clear_stale, js=AFTER_FIRST_MAP, inputs=None, outputs=[c[n] for n in STALE_OUTPUTS],
+                 queue=False, show_progress="hidden", **private)
 
     def analysed(event: Dependency) -> None:
         """After an analysis: what belonged to the last image cleared, then the visible tab prepared and drawn."""
@@ -344,13 +356,15 @@ def _wire(demo: gr.Blocks, c: Components, page: Page, dataset: DatasetEvents) ->
     c["tab_bar"].select(page.select_tab, None, tab, queue=False, **private).then(**prepare).then(**render)
     redraws = ("layer", "head", "direction", "cmap", "smooth", "normalize", "mass_on", "statistic", "atlas_shared",
                "opacity", "mass", "removal")
-    gr.on([c[n].change for n in redraws], trigger_mode="always_last", **render)
-    gr.on([c[n].change for n in ("fusion", "discard", "stat_mode", "target", "method")], trigger_mode="always_last",
+    # A visitor's input redraws; what the server sets (an analysis's layer, head and target, new prompts' target, a
+    # pick in the atlas or the table) is followed by its own redraw, not by a second one from a change event.
+    gr.on([c[n].input for n in redraws], trigger_mode="always_last", **render)
+    gr.on([c[n].input for n in ("fusion", "discard", "stat_mode", "target", "method")], trigger_mode="always_last",
           **prepare).then(**render)
     for clickable in ("main", "patch", "similarity", "explanation"):  # a new patch may need a new explanation
         c[clickable].select(page.click, view, view, concurrency_id="render", **private).then(**prepare).then(**render)
     for selectable, handler in (("atlas", page.select_in_atlas), ("table", page.select_in_table)):
-        c[selectable].select(handler, view, [c["layer"], c["head"]], concurrency_id="render", **private)
+        c[selectable].select(handler, view, [c["layer"], c["head"]], concurrency_id="render", **private).then(**render)
     prompted = [c["prompt_button"].click, c["template"].submit, c["template"].blur, c["labels"].blur]  # new prompts'
     gr.on(prompted, page.set_prompts, [view, *controls], c["target"], trigger_mode="always_last",  # maps: in the
           **model).then(**prepare).then(**render)  # model's slot, before any redraw needs them
