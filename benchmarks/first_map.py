@@ -96,16 +96,16 @@ def browser_waits(sizes: list[int], photos: list[Path], timed: Callable[[Path, i
         with chromium_page() as page:
             page.goto(url)
             page.wait_for_selector("#cls-view img", timeout=120_000)
-            waits, beside, cached = {}, {}, {}
+            waits, forwards, cached = {}, {}, {}
             for size in sizes:
                 set_resolution(page, size)
-                waits[size], beside[size] = [], []
+                waits[size], forwards[size] = [], []
                 for photo in photos:
                     waits[size].append(upload_times(page, photo))
                     time.sleep(4)  # its other views drawn: the page and the app idle again
-                    beside[size].append(timed(photo, size))
+                    forwards[size].append(timed(photo, size))
                 cached[size] = [upload_times(page, photo)[0] for photo in photos]
-            return waits, cached, beside
+            return waits, cached, forwards
     finally:
         app.kill()
         app.wait()

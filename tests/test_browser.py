@@ -43,6 +43,17 @@ def page(site):
     tab.close()
 
 
+@pytest.fixture
+def arrived(site):
+    """A tab of its own, once the arrival image's views are drawn."""
+    url, browser = site
+    tab = browser.new_page(viewport={"width": 1400, "height": 1000})
+    tab.goto(url)
+    tab.wait_for_selector("#head-grid img", timeout=60_000)
+    yield tab
+    tab.close()
+
+
 def src(page, selector: str) -> str | None:
     found = page.locator(f"{selector} img")
     return found.get_attribute("src") if found.count() else None
@@ -68,6 +79,12 @@ def wait_for_status(page, text: str, timeout: float = 90) -> None:
                                timeout=timeout * 1000)
     except playwright.TimeoutError:
         raise AssertionError(f"the status never said {text!r}; it says {status(page)!r}") from None
+
+
+def remove_image(page) -> None:
+    """Clears the image input, and waits for the page to say so."""
+    page.locator("#image-input button[aria-label='Remove Image']").click()
+    wait_for_status(page, "Upload an image")
 
 
 def click_original_pixel(page, selector: str, x: float, y: float, height: int) -> None:
@@ -216,8 +233,7 @@ def test_a_file_that_is_not_an_image_gets_a_plain_message_and_the_page_keeps_wor
     junk = tmp_path / "holiday.png"
     junk.write_bytes(b"this is not an image")
     page.get_by_role("tab", name="Class token").click()
-    page.locator("#image-input button[aria-label='Remove Image']").click()
-    wait_for_status(page, "Upload an image")  # the clear button empties the page
+    remove_image(page)  # the clear button empties the page
     page.locator("#image-input input[type=file]").set_input_files(str(junk))
     wait_for_status(page, "Could not analyse this image")
     text = page.locator("body").inner_text()
@@ -264,24 +280,19 @@ REQUESTS_AFTER_THE_MAP = """() => { window.__requests = new Promise((resolve) =>
   seen.observe(root, {subtree: true, childList: true, attributes: true}); }); }"""
 
 
-def test_a_new_image_shows_its_map_before_the_page_asks_for_the_rest_and_asks_once(site):
+def test_a_new_image_shows_its_map_before_the_page_asks_for_the_rest_and_asks_once(arrived):
     """After an analysis, the request that clears the last image's views waits for the new map to load, and the tab
     is prepared and drawn once: the controls the analysis resets trigger no second redraw."""
-    url, browser = site
-    tab = browser.new_page(viewport={"width": 1400, "height": 1000})
-    tab.goto(url)
-    tab.wait_for_selector("#head-grid img", timeout=60_000)
+    tab = arrived
     time.sleep(3)
     tab.locator("#layer input[type=range]").focus()
     tab.keyboard.press("ArrowLeft")  # the analysis resets the layer: a change, which must not redraw again
-    tab.locator("#image-input button[aria-label='Remove Image']").click()
-    wait_for_status(tab, "Upload an image")
+    remove_image(tab)
     time.sleep(2)  # the removal's own redraw
     tab.evaluate("performance.clearResourceTimings(); performance.setResourceTimingBufferSize(1000)")
     tab.evaluate(REQUESTS_AFTER_THE_MAP)
     tab.locator("#image-input input[type=file]").set_input_files(str(ROOT / "assets" / "coffee.png"))
     result = tab.evaluate("window.__requests")
-    tab.close()
     analysis, *later = sorted(result["requests"], key=lambda r: r[1])
     assert analysis[0] == "join" and analysis[1] < result["map"], result
     assert all(start > result["map"] for _, start in later), result  # nothing else until the map has loaded
@@ -300,22 +311,17 @@ ROLLOUT_AFTER_THE_ANSWER = """() => { window.__drawn = new Promise((resolve) => 
     .observe(document.querySelector('#rollout-view'), {subtree: true, childList: true, attributes: true}); }); }"""
 
 
-def test_a_new_image_in_another_tab_is_drawn_without_waiting_for_the_hidden_first_map(site):
+def test_a_new_image_in_another_tab_is_drawn_without_waiting_for_the_hidden_first_map(arrived):
     """The wait for the first map (app.AFTER_FIRST_MAP) is skipped where the class-token tab is hidden: a hidden
     image never loads, and the tab's views would come 2 s late."""
-    url, browser = site
-    tab = browser.new_page(viewport={"width": 1400, "height": 1000})
-    tab.goto(url)
-    tab.wait_for_selector("#head-grid img", timeout=60_000)
+    tab = arrived
     tab.get_by_role("tab", name="Rollout").click()
     tab.wait_for_selector("#rollout-view img", timeout=60_000)
-    tab.locator("#image-input button[aria-label='Remove Image']").click()
-    wait_for_status(tab, "Upload an image")
+    remove_image(tab)
     time.sleep(2)
     tab.evaluate(ROLLOUT_AFTER_THE_ANSWER)
     tab.locator("#image-input input[type=file]").set_input_files(str(ROOT / "assets" / "rocket.jpg"))
     ms = tab.evaluate("window.__drawn")
-    tab.close()
     assert ms < 1500, ms  # measured 0.8–0.9 s; 2.3 s while the page waited for the hidden map
 
 
