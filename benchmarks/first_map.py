@@ -13,8 +13,13 @@ ratio of the wait to the forward: the wait less the served analysis is the round
 delivery), and each photo uploaded once more, its analysis cached, shows that path with no model work; the served
 analysis less the analysis alone is what the server loses beside the browser on the same cores.
 
+With `--browser idle` Chromium runs only on the cycles the app and this process leave (Linux's SCHED_IDLE, see
+`serving.chromium_page`), as a visitor's browser on a machine of its own takes none of the server's: the wait then
+shows what is left when the browser does not compete for the server's two cores.
+
     python benchmarks/first_map.py                          # 518 and 1022 px, astronaut, coffee, rocket
     python benchmarks/first_map.py --sizes 518 --photos assets/coffee.png
+    python benchmarks/first_map.py --browser idle
 """
 from __future__ import annotations
 
@@ -87,13 +92,15 @@ def served_seconds(status: str) -> float:
     return float(found.group(1)) if found else float("nan")
 
 
-def browser_waits(sizes: list[int], photos: list[Path], timed: Callable[[Path, int], tuple]) -> tuple[
+def browser_waits(sizes: list[int], photos: list[Path], timed: Callable[[Path, int], tuple],
+                  browser: str = "normal") -> tuple[
         dict[int, list[tuple[float, str]]], dict[int, list[float]], dict[int, list[tuple]]]:
     """Per size: each photo's first upload (seconds, status line) and `timed(photo, size)` right after it, then the
-    seconds of each photo's upload once more, its analysis cached: the framework's own path, with no model work."""
+    seconds of each photo's upload once more, its analysis cached: the framework's own path, with no model work.
+    `browser`: Chromium's CPU priority ("normal" or "idle", see `serving.chromium_page`)."""
     app, url = start_app()
     try:
-        with chromium_page() as page:
+        with chromium_page(priority=browser) as page:
             page.goto(url)
             page.wait_for_selector("#cls-view img", timeout=120_000)
             waits, forwards, cached = {}, {}, {}
@@ -144,8 +151,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[518, 1022])
     parser.add_argument("--photos", type=Path, nargs="+", default=PHOTOS)
+    parser.add_argument("--browser", choices=("normal", "idle"), default="normal",
+                        help="Chromium's CPU priority: idle runs it only on the cycles the server leaves")
     args = parser.parse_args()
-    waits, cached, forwards = browser_waits(args.sizes, args.photos, forward_timer())
+    waits, cached, forwards = browser_waits(args.sizes, args.photos, forward_timer(), args.browser)
+    print(f"Chromium at {args.browser} priority\n")
     print("| px | photo | upload → first map (s) | served analysis (s) | analysis alone (s) | plain forward (s) | "
           "preprocessing (s) |")
     print("|---|---|---|---|---|---|---|")
