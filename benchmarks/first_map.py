@@ -11,7 +11,8 @@ wait and its forward see the machine at the same speed (this machine's forward m
 Prints a table of them beside the status line's analysis time (the analysis inside the served page's event) and the
 ratio of the wait to the forward: the wait less the served analysis is the round trip (upload, queue, the map's
 delivery), and each photo uploaded once more, its analysis cached, shows that path with no model work; the served
-analysis less the analysis alone is what the server loses beside the browser on the same cores.
+analysis (one, after the page idled) against the analysis alone (the best of three in a row) is what the server loses
+beside the browser on the same cores and what a first analysis after idling costs more than a warm one.
 
 With `--browser idle` Chromium runs only on the cycles the app and this process leave (Linux's SCHED_IDLE, see
 `serving.chromium_page`), as a visitor's browser on a machine of its own takes none of the server's: the wait then

@@ -51,7 +51,7 @@ def chromium_page(width: int = 1400, height: int = 1000, priority: str = "normal
 
     priority "idle": Chromium runs only on the cycles the app and this process leave (SCHED_IDLE), as a visitor's
     browser on a machine of its own takes none of the server's. At "normal", run as root, Chromium raises its display
-    and IO threads to nice -8, above the app's threads (nice 0), and preempts the model whenever it has work."""
+    and IO threads to nice -8, above the app's threads (nice 0), and is run before the model when both are ready."""
     from playwright.sync_api import sync_playwright
     with sync_playwright() as p:
         with tempfile.TemporaryDirectory() as folder:
