@@ -6,6 +6,7 @@ in `model`.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Callable
@@ -114,8 +115,9 @@ def build_demo(loaded: LoadedModel | None = None, device: str | None = None, wor
     page.warm(EXAMPLES[0], DEFAULT_RESOLUTION)  # the arrival image, analysed once and kept
     with gr.Blocks(title="vit-inspect", delete_cache=(600, workspace.settings.file_age_s)) as demo:
         gr.Markdown(INTRO)
-        c: Components = {"view": gr.State(None), "tab": gr.State("cls"), "model_key": gr.State(DEFAULT),
-                         "dataset": gr.State(None)}
+        c: Components = {"view": gr.State(None), "model_key": gr.State(DEFAULT), "dataset": gr.State(None),
+                         # the open view tab, set in the browser as a tab is clicked (see _wire)
+                         "tab": gr.Textbox("cls", visible="hidden", elem_id="open-tab")}
         with gr.Tabs(elem_id="page-tabs") as c["page_tabs"]:
             with gr.Tab("One image", id="image", elem_id="image-tab"):
                 with gr.Row(equal_height=False):
@@ -166,12 +168,12 @@ def _controls(c: Components, patch_size: int, num_layers: int, num_heads: int) -
 
 
 def _tabs(c: Components) -> None:
-    with gr.Tabs() as c["tab_bar"]:
-        with gr.Tab(TAB_LABELS["cls"], id="cls"):
+    with gr.Tabs():
+        with gr.Tab(TAB_LABELS["cls"], id="cls") as c["cls_tab"]:
             _class_token_tab(c)
-        with gr.Tab(TAB_LABELS["explain"], id="explain"):
+        with gr.Tab(TAB_LABELS["explain"], id="explain") as c["explain_tab"]:
             _explain_tab(c)
-        with gr.Tab(TAB_LABELS["rollout"], id="rollout"):
+        with gr.Tab(TAB_LABELS["rollout"], id="rollout") as c["rollout_tab"]:
             with gr.Row():
                 c["fusion"] = gr.Radio(list(FUSIONS), value="mean", label="Head fusion", elem_id="rollout-fusion")
                 c["discard"] = gr.Slider(0, 0.95, 0, step=0.05, label="Discard ratio", elem_id="rollout-discard",
@@ -181,15 +183,15 @@ def _tabs(c: Components) -> None:
             c["flow_note"] = gr.Markdown(elem_id="flow-note")
             c["flow_button"] = gr.Button("Compute attention flow", visible=False, elem_id="flow-button")
             c["flow"] = _view("Attention flow", "flow-view", visible=False)
-        with gr.Tab(TAB_LABELS["heads"], id="heads"):
+        with gr.Tab(TAB_LABELS["heads"], id="heads") as c["heads_tab"]:
             _heads_tab(c)
-        with gr.Tab(TAB_LABELS["hidden"], id="hidden"):
+        with gr.Tab(TAB_LABELS["hidden"], id="hidden") as c["hidden_tab"]:
             c["hidden_caption"] = gr.Markdown(elem_id="hidden-caption")
             with gr.Row():
                 c["norms"] = _view("Token norms", "norm-view")
                 c["pca"] = _view("PCA → RGB", "pca-view")
                 c["similarity"] = _view("Similarity to the clicked patch", "similarity-view")
-        with gr.Tab(TAB_LABELS["animation"], id="animation"):
+        with gr.Tab(TAB_LABELS["animation"], id="animation") as c["animation_tab"]:
             shown = ("class-token map of the head", "rollout up to each layer")
             c["anim_mode"] = gr.Radio(list(zip(shown, ANIMATIONS)), value="cls", label="Animate through the layers")
             c["anim_button"] = gr.Button("Make GIF")
@@ -330,41 +332,51 @@ def _settings(c: Components, workspace: Workspace) -> None:
 
 
 def _wire(demo: gr.Blocks, c: Components, page: Page, dataset: DatasetEvents) -> None:
-    """Every event of the page: analyses and slow work in the "model" concurrency group, redraws in "render"."""
+    """Every event of the page: analyses and slow work in the "model" concurrency group, redraws in "render".
+
+    Gradio's default trigger mode ("once") drops an event whose previous run is still pending, and that holds for the
+    steps of a chain too: a second tab or map click while the first one's redraw runs would change the state but never
+    draw it. So the steps that read the state when they start (an analysis, a tab's preparation, a redraw) run
+    "always_last", and the events that carry what was clicked (which Gradio re-sends from the first event when it
+    defers) run "multiple", one at a time in the "pick" group so that the last click wins. The open tab is set in the
+    browser, in click order."""
     view, tab = c["view"], c["tab"]
     controls = [c[name] for name in FIELDS]
     private = {"api_visibility": "private", "preprocess": False}
     model = dict(concurrency_id="model", **private)
+    last, each = {"trigger_mode": "always_last"}, {"trigger_mode": "multiple"}
+    pick = dict(concurrency_id="pick", concurrency_limit=1, **each, **private)
     render = dict(fn=page.render, inputs=[view, tab, *controls], outputs=[c[n] for n in VIEW_OUTPUTS],
-                  show_progress="hidden", concurrency_id="render", concurrency_limit=2, **private)
-    prepare = dict(fn=page.prepare_tab, inputs=[view, tab, *controls], outputs=None, **model)
+                  show_progress="hidden", concurrency_id="render", concurrency_limit=2, **last, **private)
+    prepare = dict(fn=page.prepare_tab, inputs=[view, tab, *controls], outputs=None, **last, **model)
     analyze = dict(fn=page.analyze, inputs=[c["image_in"], c["resolution"], c["model_key"], c["dtype"], *controls],
                    outputs=[c[n] for n in ANALYSIS_OUTPUTS], show_progress_on=[c["status"]],
-                   show_progress="minimal", **model)  # the status's timer and progress text, without Gradio's spinner
+                   show_progress="minimal", **last, **model)  # the status's timer and progress, without a spinner
     stale = dict(fn=page.clear_stale, js=AFTER_FIRST_MAP, inputs=None, outputs=[c[n] for n in STALE_OUTPUTS],
-                 queue=False, show_progress="hidden", **private)
+                 queue=False, show_progress="hidden", **last, **private)
 
     def analysed(event: Dependency) -> None:
         """After an analysis: what belonged to the last image cleared, then the visible tab prepared and drawn."""
         event.then(**stale).then(**prepare).then(**render)
 
     analysed(gr.on([demo.load, c["image_in"].change, c["resolution"].release, c["apply_resolution"].click],
-                   **analyze, trigger_mode="always_last"))  # a new image while one runs is not lost
+                   **analyze))  # a new image while one runs is not lost
     loaded = c["load_button"].click(page.switch_model, [c["model_choice"], c["model_custom"]],
                                     [c["model_key"], c["model_status"]], **model)
     analysed(loaded.success(**analyze))
-    c["tab_bar"].select(page.select_tab, None, tab, queue=False, **private).then(**prepare).then(**render)
+    for name in TAB_LABELS:
+        c[f"{name}_tab"].select(None, None, tab, js=f"() => {json.dumps(name)}", queue=False, **each,
+                                **private).then(**prepare).then(**render)
     redraws = ("layer", "head", "direction", "cmap", "smooth", "normalize", "mass_on", "statistic", "atlas_shared",
                "opacity", "mass", "removal")
     # A visitor's input redraws; what the server sets (an analysis's layer, head and target, new prompts' target, a
     # pick in the atlas or the table) is followed by its own redraw, not by a second one from a change event.
-    gr.on([c[n].input for n in redraws], trigger_mode="always_last", **render)
-    gr.on([c[n].input for n in ("fusion", "discard", "stat_mode", "target", "method")], trigger_mode="always_last",
-          **prepare).then(**render)
+    gr.on([c[n].input for n in redraws], **render)
+    gr.on([c[n].input for n in ("fusion", "discard", "stat_mode", "target", "method")], **prepare).then(**render)
     for clickable in ("main", "patch", "similarity", "explanation"):  # a new patch may need a new explanation
-        c[clickable].select(page.click, view, view, concurrency_id="render", **private).then(**prepare).then(**render)
+        c[clickable].select(page.click, view, view, **pick).then(**prepare).then(**render)
     for selectable, handler in (("atlas", page.select_in_atlas), ("table", page.select_in_table)):
-        c[selectable].select(handler, view, [c["layer"], c["head"]], concurrency_id="render", **private).then(**render)
+        c[selectable].select(handler, view, [c["layer"], c["head"]], **pick).then(**render)
     prompted = [c["prompt_button"].click, c["template"].submit, c["template"].blur, c["labels"].blur]  # new prompts'
     gr.on(prompted, page.set_prompts, [view, *controls], c["target"], trigger_mode="always_last",  # maps: in the
           **model).then(**prepare).then(**render)  # model's slot, before any redraw needs them
@@ -378,8 +390,9 @@ def _wire(demo: gr.Blocks, c: Components, page: Page, dataset: DatasetEvents) ->
 
 def _wire_dataset(c: Components, dataset: DatasetEvents, analyze: dict,
                   analysed: Callable[[Dependency], None]) -> None:
-    """The Dataset view's events: opening in the "model" group (a zip is analysed there), redraws in "render"; a
-    clicked image goes to the single-image input and through the analysis as an upload would."""
+    """The Dataset view's events: opening in the "model" group (a zip is analysed there), redraws in "render", picks
+    in "pick" (see _wire); a clicked image goes to the single-image input and through the analysis as an upload
+    would."""
     private = {"api_visibility": "private", "preprocess": False}
     state, outputs = c["dataset"], [c[name] for name in DATASET_OUTPUTS]
     shown = [c[name] for name in ("dataset_statistic", "dataset_order")]
@@ -396,10 +409,10 @@ def _wire_dataset(c: Components, dataset: DatasetEvents, analyze: dict,
     gr.on([c[name].change for name in ("dataset_statistic", "dataset_layer", "dataset_head", "dataset_order")],
           **redraw)
     c["dataset_table"].select(dataset.select_row, state, [c["dataset_layer"], c["dataset_head"]],
-                              concurrency_id="render", **private)
+                              concurrency_id="pick", concurrency_limit=1, trigger_mode="multiple", **private)
     for end, handler in (("dataset_lowest", dataset.open_lowest), ("dataset_highest", dataset.open_highest)):
-        analysed(c[end].select(handler, state, [c["image_in"], c["page_tabs"]], concurrency_id="render",
-                               **private).success(**analyze))
+        analysed(c[end].select(handler, state, [c["image_in"], c["page_tabs"]], concurrency_id="pick",
+                               trigger_mode="multiple", **private).success(**analyze))
 
 
 def _view(label: str, elem_id: str, min_width: int = 240, visible: bool = True) -> gr.Image:

@@ -266,11 +266,6 @@ class Page:
         return drawing.patch_at(s.analysis, x, y)[:2]
 
     @guarded
-    def select_tab(self, evt: gr.SelectData) -> str:
-        """The id of the tab just opened."""
-        by_label = {label: name for name, label in TAB_LABELS.items()}
-        return evt.index if evt.index in TABS else choice(by_label.get(evt.value, evt.value), "tab", TABS)
-
     @guarded
     def click(self, view: View | None, evt: gr.SelectData) -> View:
         """A click on a map drawn on the page's copy of the image (a click on its colour bar is ignored)."""
