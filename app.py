@@ -412,7 +412,7 @@ def _wire_dataset(c: Components, dataset: DatasetEvents, analyze: dict,
                               concurrency_id="pick", concurrency_limit=1, trigger_mode="multiple", **private)
     for end, handler in (("dataset_lowest", dataset.open_lowest), ("dataset_highest", dataset.open_highest)):
         analysed(c[end].select(handler, state, [c["image_in"], c["page_tabs"]], concurrency_id="pick",
-                               trigger_mode="multiple", **private).success(**analyze))
+                               concurrency_limit=1, trigger_mode="multiple", **private).success(**analyze))
 
 
 def _view(label: str, elem_id: str, min_width: int = 240, visible: bool = True) -> gr.Image:
