@@ -385,11 +385,11 @@ def _wire(demo: gr.Blocks, c: Components, page: Page, dataset: DatasetEvents) ->
                             **model)
     c["anim_button"].click(page.animate, [view, c["anim_mode"], *controls], [c["gif"], c["gif_file"]], **model)
     c["export_button"].click(page.download, [view, tab, *controls], c["export_files"], **model)
-    _wire_dataset(c, dataset, analyze, analysed)
+    _wire_dataset(c, dataset, analyze, analysed, pick)
 
 
-def _wire_dataset(c: Components, dataset: DatasetEvents, analyze: dict,
-                  analysed: Callable[[Dependency], None]) -> None:
+def _wire_dataset(c: Components, dataset: DatasetEvents, analyze: dict, analysed: Callable[[Dependency], None],
+                  pick: dict) -> None:
     """The Dataset view's events: opening in the "model" group (a zip is analysed there), redraws in "render", picks
     in "pick" (see _wire); a clicked image goes to the single-image input and through the analysis as an upload
     would."""
@@ -408,11 +408,9 @@ def _wire_dataset(c: Components, dataset: DatasetEvents, analyze: dict,
                             outputs, concurrency_id="model", **private)
     gr.on([c[name].change for name in ("dataset_statistic", "dataset_layer", "dataset_head", "dataset_order")],
           **redraw)
-    c["dataset_table"].select(dataset.select_row, state, [c["dataset_layer"], c["dataset_head"]],
-                              concurrency_id="pick", concurrency_limit=1, trigger_mode="multiple", **private)
+    c["dataset_table"].select(dataset.select_row, state, [c["dataset_layer"], c["dataset_head"]], **pick)
     for end, handler in (("dataset_lowest", dataset.open_lowest), ("dataset_highest", dataset.open_highest)):
-        analysed(c[end].select(handler, state, [c["image_in"], c["page_tabs"]], concurrency_id="pick",
-                               concurrency_limit=1, trigger_mode="multiple", **private).success(**analyze))
+        analysed(c[end].select(handler, state, [c["image_in"], c["page_tabs"]], **pick).success(**analyze))
 
 
 def _view(label: str, elem_id: str, min_width: int = 240, visible: bool = True) -> gr.Image:

@@ -266,7 +266,6 @@ class Page:
         return drawing.patch_at(s.analysis, x, y)[:2]
 
     @guarded
-    @guarded
     def click(self, view: View | None, evt: gr.SelectData) -> View:
         """A click on a map drawn on the page's copy of the image (a click on its colour bar is ignored)."""
         if view is None:
